@@ -1,0 +1,123 @@
+"""The math of Prefix-RFT as small pure functions (spec: shared docs, prefix-rft.md).
+
+Naming: `demo_prefix_*` is the demonstration prefix of a hybrid rollout; the key/value prefix of
+a prefix-tuning adapter is `kv_prefix_*` and lives in core/adapters.py.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+def demo_prefix_low(step: int, decay_steps: int, start: float = 0.95, end: float = 0.05) -> float:
+    """Lower bound of the demonstration-prefix ratio at `step`: cosine from `start` to `end`, then flat."""
+    t = min(max(step, 0), decay_steps)
+    return end + 0.5 * (1.0 + math.cos(math.pi * t / decay_steps)) * (start - end)
+
+
+def demo_prefix_length(ratio: float, demo_len: int) -> int:
+    """Tokens of the demonstration given to a hybrid rollout: floor(ratio * len) in [1, len - 1].
+
+    At least one demonstration token is given and at least one response token is generated.
+    """
+    if demo_len < 2:
+        raise ValueError("a demonstration needs at least 2 tokens to cut a prefix from")
+    return min(max(math.floor(ratio * demo_len), 1), demo_len - 1)
+
+
+def group_advantages(rewards: torch.Tensor, is_hybrid: torch.Tensor, mode: str = "dr_grpo") -> torch.Tensor:
+    """Per-rollout advantages of one prompt's group.
+
+    The baseline is the mean reward of the on-policy rollouts only (hybrids would bias it
+    upward); every rollout, hybrid or not, gets `r - baseline`. `grpo` also divides by the
+    on-policy std (+1e-6); `dr_grpo` does not.
+    """
+    on_policy = rewards[~is_hybrid]
+    if on_policy.numel() == 0:
+        raise ValueError("a group needs at least one on-policy rollout for its baseline")
+    advantages = rewards - on_policy.mean()
+    if mode == "grpo":
+        std = on_policy.std(unbiased=False) if on_policy.numel() > 1 else on_policy.new_zeros(())
+        advantages = advantages / (std + 1e-6)
+    elif mode != "dr_grpo":
+        raise ValueError(f"unknown advantage mode {mode!r}")
+    return advantages
+
+
+def token_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """H = -sum_v p_v log p_v over the last dimension, computed in float32."""
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    return -(log_probs.exp() * log_probs).sum(dim=-1)
+
+
+def entropy_keep_mask(
+    entropy: torch.Tensor, demo_prefix_mask: torch.Tensor, keep_fraction: float = 0.2
+) -> torch.Tensor:
+    """Which tokens keep their advantage under entropy clipping of the demonstration prefix.
+
+    Among all demonstration-prefix tokens of the batch exactly ceil(keep_fraction * n) with the
+    highest entropy are kept (ties broken by position); every token outside the prefix is kept.
+    `topk` instead of `quantile`: quantile refuses tensors over 16.7M elements.
+    """
+    keep = ~demo_prefix_mask
+    n_prefix = int(demo_prefix_mask.sum())
+    if n_prefix == 0:
+        return keep
+    k = math.ceil(keep_fraction * n_prefix)
+    prefix_positions = demo_prefix_mask.flatten().nonzero().squeeze(1)
+    top = torch.topk(entropy.flatten()[prefix_positions].float(), k).indices
+    keep = keep.flatten().clone()
+    keep[prefix_positions[top]] = True
+    return keep.view_as(demo_prefix_mask)
+
+
+def per_token_log_probs(logits: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """log p(token) from logits [..., V] and ids [...], in float32."""
+    logits = logits.float()
+    return logits.gather(-1, token_ids.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+@dataclass
+class PolicyLoss:
+    loss: torch.Tensor  # already divided by the constant normaliser
+    clipped_tokens: torch.Tensor  # how many tokens the clip (or dual clip) bound
+    tokens: torch.Tensor
+
+
+def clipped_policy_loss(
+    log_probs: torch.Tensor,
+    old_log_probs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    normaliser: float,
+    clip_epsilon: float = 0.2,
+    dual_clip: float = 3.0,
+) -> PolicyLoss:
+    """Dual-clip PPO surrogate, summed over valid tokens and divided by a constant.
+
+    Per token: max(-A r, -A clip(r, 1-eps, 1+eps)), and for A < 0 at most -A * dual_clip.
+    The constant (max_completion_tokens * num_sequences, Dr. GRPO) keeps long and short
+    responses from being weighted differently.
+    """
+    ratio = torch.exp(log_probs - old_log_probs)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_epsilon, 1.0 + clip_epsilon)
+    per_token = torch.maximum(unclipped, clipped)
+    dual_bound = -advantages * dual_clip
+    per_token = torch.where(advantages < 0, torch.minimum(per_token, dual_bound), per_token)
+    bound = (clipped > unclipped) | ((advantages < 0) & (per_token == dual_bound) & (dual_bound < unclipped))
+    mask = mask.to(per_token.dtype)
+    return PolicyLoss(
+        loss=(per_token * mask).sum() / normaliser,
+        clipped_tokens=(bound.to(mask.dtype) * mask).sum().detach(),
+        tokens=mask.sum().detach(),
+    )
+
+
+def kl_to_reference(log_probs: torch.Tensor, ref_log_probs: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimate of KL(pi || ref): exp(ref - logp) - (ref - logp) - 1, always >= 0."""
+    delta = ref_log_probs - log_probs
+    return torch.exp(delta) - delta - 1.0

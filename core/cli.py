@@ -1,0 +1,156 @@
+"""`prefix-rft`: train, evaluate and inspect from the command line.
+
+prefix-rft train CONFIG.yaml [--resume DIR] [--set training.steps=20 ...]
+prefix-rft eval CONFIG.yaml [--adapter DIR]
+prefix-rft data validate FILE.jsonl [--model NAME]
+prefix-rft models
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from core.config import ConfigError, load_config
+from core.data import DEFAULT_MAX_LINE_BYTES, iter_byte_lines, length_stats, read_jsonl
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="prefix-rft", description="Prefix-RFT fine-tuning")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="run a training job from a YAML config")
+    train.add_argument("config", type=Path)
+    train.add_argument(
+        "--resume", type=Path, help="checkpoint directory, or an output_dir to resume its latest"
+    )
+    train.add_argument(
+        "--set", action="append", default=[], metavar="FIELD=VALUE", help="override a config field"
+    )
+
+    evaluate = commands.add_parser("eval", help="evaluate the base model or an adapter on the held-out split")
+    evaluate.add_argument("config", type=Path)
+    evaluate.add_argument(
+        "--adapter", type=Path, help="a PEFT adapter directory (default: none, the base model)"
+    )
+    evaluate.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
+
+    data = commands.add_parser("data", help="dataset tools")
+    data_commands = data.add_subparsers(dest="data_command", required=True)
+    validate = data_commands.add_parser("validate", help="check a JSONL dataset line by line")
+    validate.add_argument("file", type=Path)
+    validate.add_argument("--model", help="also report token lengths with this model's tokenizer")
+
+    commands.add_parser("models", help="list the registered base models")
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "train":
+            return _train(args)
+        if args.command == "eval":
+            return _eval(args)
+        if args.command == "data":
+            return _validate(args)
+        if args.command == "models":
+            return _models()
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 1
+
+
+def _overrides(pairs: list[str]) -> dict[str, Any]:
+    overrides = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError([f"--set {pair!r}: expected FIELD=VALUE, e.g. training.steps=20"])
+        key, value = pair.split("=", 1)
+        overrides[key.strip()] = yaml.safe_load(value)
+    return overrides
+
+
+def _quiet_libraries() -> None:
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=UserWarning, module="peft")
+
+
+def _train(args: argparse.Namespace) -> int:
+    config = load_config(args.config, _overrides(args.set))
+    _quiet_libraries()
+    from core.progress import ProgressReporter
+    from core.trainer import Trainer
+
+    print(f"loading {config.model} with a {config.adapter.type} adapter ({config.method}) ...", flush=True)
+    reporter = ProgressReporter(total_steps=config.training.steps)
+    trainer = Trainer(config, callbacks=[reporter])
+    print(
+        f"{len(trainer.train_examples)} training examples "
+        f"({sum(1 for e in trainer.train_examples if e.demo_ids)} with demonstrations), "
+        f"{len(trainer.eval_examples)} held out; output: {config.output_dir}",
+        flush=True,
+    )
+    result = trainer.train(resume_from=args.resume)
+    reporter.close()
+    print(reporter.summary(result))
+    return 0 if not result.stopped else 3
+
+
+def _eval(args: argparse.Namespace) -> int:
+    config = load_config(args.config, _overrides(args.set))
+    _quiet_libraries()
+    from core.trainer import Trainer
+
+    trainer = Trainer(config)
+    if args.adapter is not None:
+        from core.adapters import load_exported_adapter
+
+        load_exported_adapter(trainer.model, args.adapter)
+    metrics = trainer.evaluate()
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def _validate(args: argparse.Namespace) -> int:
+    if not args.file.is_file():
+        print(f"error: no such file: {args.file}", file=sys.stderr)
+        return 2
+    report = read_jsonl(iter_byte_lines(args.file), DEFAULT_MAX_LINE_BYTES)
+    summary = report.summary()
+    if args.model and report.examples:
+        _quiet_libraries()
+        from core.models import load_base_model
+        from core.rollout import encode_example
+
+        _, tokenizer = load_base_model(args.model)
+        encoded = [encode_example(tokenizer, e, tokenizer.eos_token_id) for e in report.examples]
+        summary["prompt_tokens"] = length_stats([len(e.prompt_ids) for e in encoded])
+        summary["demonstration_tokens"] = length_stats([len(e.demo_ids) for e in encoded if e.demo_ids])
+    print(json.dumps(summary, indent=2))
+    return 0 if report.ok else 1
+
+
+def _models() -> int:
+    from core.models import list_models
+
+    for info in list_models():
+        print(f"{info.name:24s} {info.description}")
+    print("(also: any local Hugging Face model directory, or a hub id already in the local cache)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

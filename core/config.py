@@ -1,0 +1,311 @@
+"""Training job configuration: one validated object, loaded from YAML or built in code.
+
+Every field has a default and a one-line description; validation errors name the field and
+what is allowed (`ConfigError`). No torch here: the API validates job specs with these models.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from core.rewards.spec import RewardSpec
+
+Method = Literal["prefix_rft", "rft", "sft", "sft_then_rft"]
+METHODS: tuple[str, ...] = ("prefix_rft", "rft", "sft", "sft_then_rft")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class PrefixAdapterConfig(_Strict):
+    """PEFT prefix tuning: trainable key/value vectors prepended at every layer."""
+
+    type: Literal["prefix"] = "prefix"
+    num_virtual_tokens: int = Field(
+        16, ge=1, le=512, description="Number of key/value prefix slots per layer."
+    )
+    prefix_projection: bool = Field(False, description="Reparameterise the prefix through a two-layer MLP.")
+    init_text: str | None = Field(
+        None,
+        description="Text whose key/value activations initialise the prefix, so a fresh adapter keeps the "
+        "base model's behaviour. Default: the start of the model's chat template.",
+    )
+    learning_rate: float = Field(
+        1e-3, gt=0, description="AdamW learning rate (prefix vectors need a high one)."
+    )
+
+
+class LoraAdapterConfig(_Strict):
+    """PEFT LoRA on the linear layers."""
+
+    type: Literal["lora"] = "lora"
+    r: int = Field(8, ge=1, le=1024, description="LoRA rank.")
+    alpha: float = Field(16.0, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="Module names to adapt, or 'all-linear'."
+    )
+    learning_rate: float = Field(2e-5, gt=0, description="AdamW learning rate.")
+
+
+AdapterConfig = Annotated[PrefixAdapterConfig | LoraAdapterConfig, Field(discriminator="type")]
+
+
+class DataConfig(_Strict):
+    train: Path = Field(description="JSONL file of training examples.")
+    eval: Path | None = Field(
+        None, description="JSONL file of held-out examples; default: carved from train."
+    )
+    eval_size: int = Field(
+        0, ge=0, description="Examples carved out of `train` for evaluation when `eval` is unset."
+    )
+    split_seed: int = Field(0, description="Seed of the held-out split.")
+
+
+class TrainingConfig(_Strict):
+    steps: int = Field(100, ge=1, description="Optimizer steps.")
+    prompts_per_step: int = Field(8, ge=1, description="Prompts (groups) per step (B).")
+    rollouts_per_prompt: int = Field(8, ge=2, description="Rollouts per prompt (N), hybrids included.")
+    hybrid_rollouts_per_prompt: int = Field(
+        1,
+        ge=0,
+        description="Of the N rollouts, how many start from a demonstration prefix (H); prefix_rft only.",
+    )
+    max_completion_tokens: int = Field(
+        256, ge=1, description="Longest response, demonstration prefix included."
+    )
+    max_prompt_tokens: int = Field(1024, ge=1, description="Prompts longer than this are rejected at load.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature of rollouts (and of scoring).")
+    learning_rate: float | None = Field(None, gt=0, description="Overrides the adapter type's default.")
+    lr_scheduler: Literal["constant", "cosine", "linear"] = Field(
+        "constant", description="Learning-rate shape."
+    )
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient-norm clip.")
+    micro_batch_size: int = Field(16, ge=1, description="Sequences per forward/backward; bounds memory.")
+    generation_batch_size: int = Field(64, ge=1, description="Sequences per generate call; bounds memory.")
+    advantage: Literal["dr_grpo", "grpo"] = Field(
+        "dr_grpo", description="dr_grpo: r - mean(on-policy r); grpo: also divided by the group std."
+    )
+    clip_epsilon: float = Field(0.2, gt=0, lt=1, description="PPO ratio clip.")
+    dual_clip: float = Field(3.0, gt=1, description="Dual-clip bound for negative advantages.")
+    entropy_keep_fraction: float = Field(
+        0.2,
+        gt=0,
+        le=1,
+        description="Fraction of highest-entropy demonstration-prefix tokens that keep their advantage.",
+    )
+    kl_beta: float = Field(0.0, ge=0, description="KL penalty to the initial adapter (0 = off).")
+    updates_per_batch: int = Field(1, ge=1, description="Optimizer passes over each rollout batch.")
+    demo_prefix_high: float = Field(
+        0.95, gt=0, lt=1, description="Upper bound of the demonstration-prefix ratio."
+    )
+    demo_prefix_low_start: float = Field(0.95, gt=0, lt=1, description="Lower bound at step 0.")
+    demo_prefix_low_end: float = Field(0.05, ge=0, lt=1, description="Lower bound after the decay.")
+    demo_prefix_decay_steps: int | None = Field(
+        None, ge=1, description="Cosine decay length; default: all steps."
+    )
+    sft_steps: int | None = Field(
+        None, ge=1, description="sft_then_rft: SFT steps before RFT; default: half."
+    )
+    sft_examples_per_step: int | None = Field(
+        None,
+        ge=1,
+        description="SFT batch; default prompts_per_step * rollouts_per_prompt (same sequences per step).",
+    )
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="auto: bfloat16 on CUDA, float32 on CPU."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations (LoRA only).")
+    cache_implementation: Literal["dynamic", "static"] = Field(
+        "dynamic", description="KV cache of generation."
+    )
+    generation_backend: Literal["transformers", "vllm"] = Field("transformers", description="Rollout engine.")
+    samples_per_step: int = Field(
+        4, ge=0, description="Completions with rewards kept per step for inspection."
+    )
+
+    @model_validator(mode="after")
+    def _check_ranges(self) -> TrainingConfig:
+        if self.hybrid_rollouts_per_prompt >= self.rollouts_per_prompt:
+            raise ValueError(
+                "hybrid_rollouts_per_prompt must be smaller than rollouts_per_prompt: the on-policy rollouts "
+                "are the baseline of the group"
+            )
+        if self.demo_prefix_low_end > self.demo_prefix_low_start:
+            raise ValueError("demo_prefix_low_end must not exceed demo_prefix_low_start")
+        if self.demo_prefix_low_start > self.demo_prefix_high:
+            raise ValueError("demo_prefix_low_start must not exceed demo_prefix_high")
+        if self.sft_steps is not None and self.sft_steps >= self.steps:
+            raise ValueError("sft_steps must be smaller than steps (sft_then_rft needs some RFT steps)")
+        return self
+
+
+class EvalConfig(_Strict):
+    every: int = Field(0, ge=0, description="Evaluate every K steps (0: only before and after training).")
+    max_examples: int = Field(200, ge=1, description="Held-out examples scored per evaluation.")
+    batch_size: int = Field(64, ge=1, description="Sequences per greedy generate call.")
+    max_completion_tokens: int | None = Field(
+        None, ge=1, description="Default: training.max_completion_tokens."
+    )
+
+
+class CheckpointConfig(_Strict):
+    every: int = Field(0, ge=0, description="Checkpoint every K steps (0: never).")
+    keep: int = Field(2, ge=1, description="Most recent checkpoints kept on disk.")
+
+
+class TrainConfig(_Strict):
+    model: str = Field(description="Base model: a registry name, a local directory, or a cached hub id.")
+    method: Method = Field("prefix_rft", description="prefix_rft | rft | sft | sft_then_rft.")
+    adapter: AdapterConfig = Field(default_factory=PrefixAdapterConfig)
+    data: DataConfig
+    reward: RewardSpec | None = Field(None, description="Required for every method except sft.")
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    seed: int = Field(0, description="Seed of sampling, data order and initialisation.")
+    output_dir: Path = Field(
+        Path("runs/latest"), description="Where the adapter, metrics and checkpoints go."
+    )
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> TrainConfig:
+        t = self.training
+        if self.method != "sft" and self.reward is None:
+            raise ValueError(f"method {self.method!r} needs a `reward` (only sft trains without one)")
+        if self.adapter.type == "prefix":
+            # Each of these fails late and obscurely inside PEFT/transformers; refuse it up front.
+            if t.gradient_checkpointing:
+                raise ValueError(
+                    "training.gradient_checkpointing is not supported with prefix adapters: transformers drops the "
+                    "key/value prefix when activations are recomputed. Set it to false or use adapter.type: lora"
+                )
+            if t.cache_implementation == "static":
+                raise ValueError(
+                    "training.cache_implementation 'static' does not work with prefix adapters (the prefix is "
+                    "injected into a dynamic cache). Use 'dynamic'"
+                )
+        if t.generation_backend == "vllm":
+            if self.adapter.type == "prefix":
+                raise ValueError(
+                    "training.generation_backend 'vllm' cannot run prefix adapters (vLLM merges or serves only LoRA "
+                    "weights). Use 'transformers'"
+                )
+            raise ValueError(
+                "training.generation_backend 'vllm' is not available in this build. Use 'transformers'"
+            )
+        return self
+
+    @property
+    def learning_rate(self) -> float:
+        return self.training.learning_rate or self.adapter.learning_rate
+
+    @property
+    def sft_steps(self) -> int:
+        """Steps of supervised training at the start of the run."""
+        if self.method == "sft":
+            return self.training.steps
+        if self.method == "sft_then_rft":
+            return self.training.sft_steps or self.training.steps // 2
+        return 0
+
+    @property
+    def hybrid_rollouts_per_prompt(self) -> int:
+        return self.training.hybrid_rollouts_per_prompt if self.method == "prefix_rft" else 0
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased for the person who wrote the config."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid config:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def _field_names(model: type[BaseModel]) -> list[str]:
+    return list(model.model_fields)
+
+
+def _describe(error: dict[str, Any]) -> str:
+    loc = ".".join(str(part) for part in error["loc"] if part not in ("prefix", "lora", "function-after"))
+    message = error["msg"]
+    if error["type"] == "extra_forbidden":
+        known = _known_fields_at(error["loc"][:-1])
+        close = difflib.get_close_matches(str(error["loc"][-1]), known, n=1)
+        message = "unknown field" + (f"; did you mean {close[0]!r}?" if close else "")
+        if known:
+            message += f" (allowed: {', '.join(known)})"
+    return f"{loc}: {message}" if loc else message
+
+
+def _known_fields_at(loc: tuple[Any, ...]) -> list[str]:
+    model: type[BaseModel] = TrainConfig
+    for part in loc:
+        if part == "prefix":
+            model = PrefixAdapterConfig
+            continue
+        if part == "lora":
+            model = LoraAdapterConfig
+            continue
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None) if field else None
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+        else:
+            return []
+    return _field_names(model)
+
+
+def parse_config(raw: Any, base_dir: Path | None = None) -> TrainConfig:
+    """Validate a mapping into a TrainConfig; relative data paths resolve against `base_dir`."""
+    if not isinstance(raw, dict):
+        raise ConfigError([f"the config must be a mapping of fields, got {type(raw).__name__}"])
+    try:
+        config = TrainConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError([_describe(e) for e in exc.errors()]) from None
+    if base_dir is not None:
+        data = config.data
+        data.train = _resolve(data.train, base_dir)
+        if data.eval is not None:
+            data.eval = _resolve(data.eval, base_dir)
+    return config
+
+
+def _resolve(path: Path, base_dir: Path) -> Path:
+    return path if path.is_absolute() else (base_dir / path)
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Read a YAML config; `overrides` are dotted keys (`training.steps`) applied on top."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError([f"config file not found: {path}"]) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{path}: not valid YAML: {exc}"]) from None
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(raw, dotted, value)
+    return parse_config(raw, base_dir=path.parent)
+
+
+def _set_dotted(raw: Any, dotted: str, value: Any) -> None:
+    if not isinstance(raw, dict):
+        raise ConfigError(["the config must be a mapping of fields"])
+    *parents, leaf = dotted.split(".")
+    node = raw
+    for key in parents:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError([f"{dotted}: {key} is not a section"])
+    node[leaf] = value

