@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
 from core.rewards.spec import RewardSpec
 
@@ -27,8 +28,8 @@ class PrefixAdapterConfig(_Strict):
     """PEFT prefix tuning: trainable key/value vectors prepended at every layer."""
 
     type: Literal["prefix"] = "prefix"
-    num_virtual_tokens: int = Field(
-        16, ge=1, le=512, description="Number of key/value prefix slots per layer."
+    num_virtual_tokens: int | None = Field(
+        None, ge=1, le=512, description="Key/value prefix slots per layer; default: the length of init_text."
     )
     prefix_projection: bool = Field(False, description="Reparameterise the prefix through a two-layer MLP.")
     init_text: str | None = Field(
@@ -54,7 +55,15 @@ class LoraAdapterConfig(_Strict):
     learning_rate: float = Field(2e-5, gt=0, description="AdamW learning rate.")
 
 
-AdapterConfig = Annotated[PrefixAdapterConfig | LoraAdapterConfig, Field(discriminator="type")]
+def _adapter_type(value: Any) -> str:
+    """The adapter's `type`, prefix when left out (the default adapter)."""
+    return value.get("type", "prefix") if isinstance(value, dict) else getattr(value, "type", "prefix")
+
+
+AdapterConfig = Annotated[
+    Annotated[PrefixAdapterConfig, Tag("prefix")] | Annotated[LoraAdapterConfig, Tag("lora")],
+    Discriminator(_adapter_type),
+]
 
 
 class DataConfig(_Strict):
@@ -231,38 +240,65 @@ class ConfigError(ValueError):
         super().__init__("invalid config:\n" + "\n".join(f"  - {p}" for p in problems))
 
 
-def _field_names(model: type[BaseModel]) -> list[str]:
-    return list(model.model_fields)
-
-
 def _describe(error: dict[str, Any]) -> str:
-    loc = ".".join(str(part) for part in error["loc"] if part not in ("prefix", "lora", "function-after"))
+    path, model = _walk(error["loc"][:-1] if error["type"] == "extra_forbidden" else error["loc"])
     message = error["msg"]
+    if error["type"] == "union_tag_invalid":
+        path = [*path, "type"]
+        message = f"must be one of {error['ctx']['expected_tags']}, got {error['ctx']['tag']!r}"
     if error["type"] == "extra_forbidden":
-        known = _known_fields_at(error["loc"][:-1])
-        close = difflib.get_close_matches(str(error["loc"][-1]), known, n=1)
+        known = list(model.model_fields) if model else []
+        name = str(error["loc"][-1])
+        path = [*path, name]
+        close = difflib.get_close_matches(name, known, n=1)
         message = "unknown field" + (f"; did you mean {close[0]!r}?" if close else "")
         if known:
             message += f" (allowed: {', '.join(known)})"
+    loc = ".".join(path)
     return f"{loc}: {message}" if loc else message
 
 
-def _known_fields_at(loc: tuple[Any, ...]) -> list[str]:
-    model: type[BaseModel] = TrainConfig
+def _walk(loc: tuple[Any, ...]) -> tuple[list[str], type[BaseModel] | None]:
+    """Follow an error location through the config models.
+
+    Returns the location as the user wrote it (union tags and validator names dropped) and the
+    model found at its end, if any.
+    """
+    path: list[str] = []
+    node: Any = TrainConfig
     for part in loc:
-        if part == "prefix":
-            model = PrefixAdapterConfig
+        if isinstance(node, dict):  # a tagged union: this part is the tag, not a field
+            node = node.get(part)
             continue
-        if part == "lora":
-            model = LoraAdapterConfig
-            continue
-        field = model.model_fields.get(str(part))
-        annotation = getattr(field, "annotation", None) if field else None
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            model = annotation
+        path.append(str(part))
+        if isinstance(node, tuple):  # a list: this part is the index
+            node = _model_of(node[1])
+        elif isinstance(node, type) and issubclass(node, BaseModel) and str(part) in node.model_fields:
+            node = _model_of(node.model_fields[str(part)].annotation)
         else:
-            return []
-    return _field_names(model)
+            node = None
+    return path, node if isinstance(node, type) else None
+
+
+def _model_of(annotation: Any) -> Any:
+    """A model class, a {tag: model} dict for a tagged union, ("list", item) for a list, or None."""
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        return _model_of(get_args(annotation)[0])
+    if origin is list:
+        return ("list", get_args(annotation)[0])
+    if origin in (Union, UnionType):
+        models = [
+            m for m in map(_unwrap, get_args(annotation)) if isinstance(m, type) and issubclass(m, BaseModel)
+        ]
+        if len(models) == 1:
+            return models[0]
+        return {m.model_fields["type"].default: m for m in models}
+    return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+
+
+def _unwrap(annotation: Any) -> Any:
+    return get_args(annotation)[0] if get_origin(annotation) is Annotated else annotation
 
 
 def parse_config(raw: Any, base_dir: Path | None = None) -> TrainConfig:

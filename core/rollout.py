@@ -86,8 +86,11 @@ def sample(
     pad_id: int,
     temperature: float = 1.0,
     greedy: bool = False,
+    sampled_log_probs: list[list[float]] | None = None,
 ) -> list[list[int]]:
     """Continue every input row; returns each row's new tokens, cut after its first stop token.
+
+    If `sampled_log_probs` is a list, it receives each kept token's log-prob under the sampler.
 
     Identical input rows are prefilled once and their KV cache is shared (a group's on-policy
     rollouts start from the same prompt). Sampling is plain softmax(logits / T): no top-k or
@@ -121,13 +124,14 @@ def sample(
     stop = torch.tensor(sorted(stop_ids), device=device)
     done = budget <= 0
     generated: list[torch.Tensor] = []
+    token_log_probs: list[torch.Tensor] = []
     for step in range(max(budgets)):
-        if greedy:
-            token = logits.argmax(-1)
-        else:
-            token = torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1).squeeze(1)
+        log_probs = torch.log_softmax(logits / temperature, dim=-1)
+        token = logits.argmax(-1) if greedy else torch.multinomial(log_probs.exp(), 1).squeeze(1)
         token = torch.where(done, torch.full_like(token, pad_id), token)
         generated.append(token)
+        if sampled_log_probs is not None:
+            token_log_probs.append(log_probs.gather(1, token.unsqueeze(1)).squeeze(1))
         done = done | torch.isin(token, stop) | (budget <= step + 1)
         if bool(done.all()):
             break
@@ -144,7 +148,11 @@ def sample(
         next_position = next_position + 1
 
     tokens = torch.stack(generated, dim=1).tolist() if generated else [[] for _ in inputs]
-    return [_cut(row, stop_ids, limit) for row, limit in zip(tokens, budgets, strict=True)]
+    rows = [_cut(row, stop_ids, limit) for row, limit in zip(tokens, budgets, strict=True)]
+    if sampled_log_probs is not None:
+        values = torch.stack(token_log_probs, dim=1).tolist() if token_log_probs else [[] for _ in inputs]
+        sampled_log_probs.extend(v[: len(r)] for v, r in zip(values, rows, strict=True))
+    return rows
 
 
 def _cut(row: list[int], stop_ids: set[int], limit: int) -> list[int]:

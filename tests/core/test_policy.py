@@ -1,0 +1,232 @@
+"""The prefix-tuning pitfalls (shared docs, prefix-tuning-pitfalls.md), each caught by a test.
+
+All run on a tiny random Llama with GQA and head_dim != hidden / heads.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from peft import PeftModel
+
+from core.adapters import attach_adapter, kv_prefix_init_ids
+from core.config import LoraAdapterConfig, PrefixAdapterConfig
+from core.models import load_base_model
+from core.rollout import left_pad, positions, sample, score_responses, scoring_batch
+
+
+@pytest.fixture
+def base():
+    model, tokenizer = load_base_model("tiny-random")
+    return model, tokenizer
+
+
+def prefix_policy(base, projection: bool = False, n: int = 6, noise: float = 0.0) -> PeftModel:
+    model, tokenizer = base
+    policy = attach_adapter(
+        model, tokenizer, PrefixAdapterConfig(num_virtual_tokens=n, prefix_projection=projection)
+    )
+    if noise:
+        torch.manual_seed(1)
+        with torch.no_grad():
+            for p in policy.parameters():
+                if p.requires_grad:
+                    p.add_(noise * torch.randn_like(p))
+    return policy
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def test_scoring_is_invariant_to_left_padding(base):
+    policy = prefix_policy(base, noise=2.0)
+    tokenizer = base[1]
+    short, long = encode(tokenizer, "ab"), encode(tokenizer, "a much longer prompt")
+    response = encode(tokenizer, "xyz")
+    alone, _ = score_responses(policy, scoring_batch([short], [response], 0, torch.device("cpu")))
+    batched, _ = score_responses(
+        policy, scoring_batch([short, long], [response, response], 0, torch.device("cpu"))
+    )
+    assert torch.allclose(alone[0], batched[0], atol=1e-5)
+
+    # The same forward without position_ids drifts: this is the trap the test guards.
+    batch = scoring_batch([short, long], [response, response], 0, torch.device("cpu"))
+    logits = policy(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    naive = torch.log_softmax(logits[0, -4:-1], -1).gather(-1, batch.response_ids[0, :, None]).squeeze(-1)
+    assert (naive - alone[0]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("adapter", ["prefix", "lora"])
+def test_sampler_and_learner_agree_on_log_probs(base, adapter):
+    tokenizer = base[1]
+    if adapter == "prefix":
+        policy = prefix_policy(base, noise=2.0)
+    else:
+        policy = attach_adapter(base[0], tokenizer, LoraAdapterConfig(r=4))
+    prompts = [encode(tokenizer, "hi"), encode(tokenizer, "a longer prompt here"), encode(tokenizer, "hi")]
+    demo_prefix = encode(tokenizer, "the answer")
+    inputs = [*prompts, prompts[0] + demo_prefix]  # a hybrid row continues a demonstration cut
+    torch.manual_seed(0)
+    sampled: list[list[float]] = []
+    continuations = sample(policy, inputs, 6, stop_ids={2}, pad_id=0, sampled_log_probs=sampled)
+    assert [len(c) for c in continuations] == [len(v) for v in sampled]
+    responses = [*continuations[:3], demo_prefix + continuations[3]]
+    batch = scoring_batch([*prompts, prompts[0]], responses, 0, torch.device("cpu"))
+    scored, _ = score_responses(policy, batch)
+    for row, values in enumerate(sampled):
+        offset = len(demo_prefix) if row == 3 else 0
+        got = scored[row, offset : offset + len(values)]
+        assert torch.allclose(got, torch.tensor(values), atol=1e-4), row
+
+
+def test_token_boundary_of_a_demo_prefix_is_kept_as_ids(base):
+    # A hybrid input is prompt ids + demonstration ids[:L]; re-tokenising the joined text can merge
+    # across the boundary. The trainer never does: the response it scores starts with demo_ids[:L].
+    _, tokenizer = base
+    prompt, demo = encode(tokenizer, "Q: "), encode(tokenizer, "answer")
+    cut = 3
+    joined = prompt + demo[:cut]
+    assert joined[len(prompt) :] == demo[:cut]
+
+
+def test_only_the_prefix_encoder_receives_gradients(base):
+    policy = prefix_policy(base)
+    base_before = {n: p.detach().clone() for n, p in policy.named_parameters() if not p.requires_grad}
+    prefix_before = {n: p.detach().clone() for n, p in policy.named_parameters() if p.requires_grad}
+    assert prefix_before and all("prompt_encoder" in n for n in prefix_before)
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-2)
+    batch = scoring_batch([[5, 6, 7]], [[8, 9, 10]], 0, torch.device("cpu"))
+    log_probs, _ = score_responses(policy, batch)
+    (-log_probs.sum()).backward()
+    optimizer.step()
+    for name, tensor in base_before.items():
+        assert torch.equal(dict(policy.named_parameters())[name], tensor), name
+    changed = [n for n, t in prefix_before.items() if not torch.equal(dict(policy.named_parameters())[n], t)]
+    assert changed
+
+
+def test_kv_prefix_param_count_matches_gqa_shapes(base):
+    model, _ = base
+    config = model.config
+    policy = prefix_policy(base, n=5)
+    trainable = sum(p.numel() for p in policy.parameters() if p.requires_grad)
+    assert config.head_dim != config.hidden_size // config.num_attention_heads  # the case that broke PEFT
+    assert trainable == 5 * config.num_hidden_layers * 2 * config.num_key_value_heads * config.head_dim
+
+
+def test_fresh_prefix_adapter_behaves_like_the_base_model_reading_its_init_text(base):
+    model, tokenizer = base
+    init_ids = kv_prefix_init_ids(tokenizer, None, None)
+    prompt = encode(tokenizer, "<|im_start|>user\nwhat is 2+2?<|im_end|>\n")
+    with torch.no_grad():
+        reference = model(input_ids=torch.tensor([init_ids + prompt])).logits[0, len(init_ids) :]
+    policy = attach_adapter(model, tokenizer, PrefixAdapterConfig())
+    with torch.no_grad():
+        got = policy(
+            input_ids=torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long)
+        ).logits[0]
+    assert torch.allclose(got, reference, atol=1e-4)
+
+
+def test_prefix_projection_initialisation_is_exact(base):
+    model, tokenizer = base
+    plain = attach_adapter(
+        load_base_model("tiny-random")[0], tokenizer, PrefixAdapterConfig(num_virtual_tokens=4)
+    )
+    projected = attach_adapter(
+        model, tokenizer, PrefixAdapterConfig(num_virtual_tokens=4, prefix_projection=True)
+    )
+    ids = torch.tensor([[5, 6, 7, 8]])
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        assert torch.allclose(
+            plain(input_ids=ids, attention_mask=mask).logits,
+            projected(input_ids=ids, attention_mask=mask).logits,
+            atol=1e-5,
+        )
+
+
+def test_zero_initialisation_is_not_neutral(base):
+    # Why the adapter is initialised from real activations: zero keys still take attention mass.
+    from peft import PrefixTuningConfig, get_peft_model
+
+    model, _ = base
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        plain = model(input_ids=ids).logits
+        zero = get_peft_model(model, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+        zero.prompt_encoder["default"].embedding.weight.zero_()
+        shifted = zero(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    assert (plain - shifted).abs().max() > 1e-3
+
+
+def test_disable_adapter_changes_the_output_and_restores_generation(base):
+    policy = prefix_policy(base, noise=2.0)
+    batch = scoring_batch([[5, 6, 7]], [[8, 9, 10]], 0, torch.device("cpu"))
+    with torch.no_grad():
+        with_adapter, _ = score_responses(policy, batch)
+        with policy.disable_adapter():
+            without, _ = score_responses(policy, batch)
+    assert (with_adapter - without).abs().max() > 1e-3  # scoring goes through the adapter
+    before = sample(policy, [[5, 6, 7]], 8, {2}, 0, greedy=True)
+    with policy.disable_adapter():
+        sample(policy, [[5, 6, 7]], 8, {2}, 0, greedy=True)
+    assert sample(policy, [[5, 6, 7]], 8, {2}, 0, greedy=True) == before
+
+
+def test_repeated_calls_use_a_fresh_cache(base):
+    policy = prefix_policy(base, noise=1.0)
+    batch = scoring_batch([[5, 6, 7]], [[8, 9, 10]], 0, torch.device("cpu"))
+    with torch.no_grad():
+        first, _ = score_responses(policy, batch)
+        second, _ = score_responses(policy, batch)
+    assert torch.equal(first, second)
+    torch.manual_seed(3)
+    a = sample(policy, [[5, 6, 7], [9, 9]], 10, {2}, 0)
+    torch.manual_seed(3)
+    b = sample(policy, [[5, 6, 7], [9, 9]], 10, {2}, 0)
+    assert a == b
+
+
+def test_batched_sampling_maps_rows_to_their_prompts(base):
+    policy = prefix_policy(base, noise=1.0)
+    prompts = [[5, 6, 7], [40, 41], [5, 6, 7], [100, 101, 102, 103]]
+    together = sample(policy, prompts, 8, {2}, 0, greedy=True)
+    alone = [sample(policy, [p], 8, {2}, 0, greedy=True)[0] for p in prompts]
+    assert together == alone
+    assert together[0] == together[2]
+
+
+def test_sampling_stops_at_the_first_stop_token_and_respects_per_row_budgets(base):
+    model, _ = base
+    every_token = set(range(model.config.vocab_size))
+    rows = sample(model, [[5, 6], [7]], [4, 1], every_token, 0)
+    assert [len(r) for r in rows] == [1, 1]  # whatever comes first stops the row, and is kept
+    rows = sample(model, [[5, 6], [7]], [3, 1], set(), 0)
+    assert [len(r) for r in rows] == [3, 1]
+    assert sample(model, [[5, 6]], 0, set(), 0) == [[]]
+
+
+def test_padding_helpers():
+    ids, mask = left_pad([[1, 2, 3], [4]], pad_id=0, device=torch.device("cpu"))
+    assert ids.tolist() == [[1, 2, 3], [0, 0, 4]]
+    assert positions(mask).tolist() == [[0, 1, 2], [0, 0, 0]]
+    batch = scoring_batch([[1, 2], [3]], [[7], [8, 9]], 0, torch.device("cpu"))
+    assert batch.input_ids.tolist() == [[1, 2, 7, 0], [0, 3, 8, 9]]
+    assert batch.response_mask.tolist() == [[True, False], [True, True]]
+
+
+def test_bfloat16_base_keeps_the_prefix_in_float32(base):
+    model, tokenizer = load_base_model("tiny-random", dtype=torch.bfloat16)
+    policy = attach_adapter(model, tokenizer, PrefixAdapterConfig(num_virtual_tokens=4))
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    assert all(p.dtype == torch.float32 for p in trainable)
+    batch = scoring_batch([[5, 6, 7]], [[8, 9, 10]], 0, torch.device("cpu"))
+    log_probs, entropy = score_responses(policy, batch, with_entropy=True)
+    loss = -log_probs.sum()
+    loss.backward()
+    assert math.isfinite(loss.item()) and torch.isfinite(entropy).all()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in trainable)
