@@ -179,6 +179,9 @@ def build_tiny_random(seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokeniz
         eos_token_id=2,
         pad_token_id=0,
         tie_word_embeddings=True,
+        # Embeddings large enough that an adapter can move the output distribution far (with
+        # the usual 0.02 the logits of a 64-wide model stay within about +-1.3 whatever it learns).
+        initializer_range=0.15,
     )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

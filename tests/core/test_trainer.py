@@ -1,0 +1,251 @@
+"""The training loop on the tiny model: hybrid rollouts, masks, KL, export, resume, learning."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+
+from core.config import parse_config
+from core.models import load_base_model
+from core.rollout import score_responses, scoring_batch
+from core.trainer import Trainer, TrainerCallback
+
+
+def write_dataset(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def letters(tmp_path) -> Path:
+    """A trivially learnable task: answer with a text that contains the letter 'a'."""
+    rows = [{"prompt": f"write something {i}", "demonstration": "a banana and a llama", "answer": "a"} for i in range(24)]
+    return write_dataset(tmp_path / "letters.jsonl", rows)
+
+
+def make_config(data: Path, out: Path, **overrides):
+    raw = {
+        "model": "tiny-random",
+        "data": {"train": str(data)},
+        "reward": {"graders": [{"type": "contains", "value": "a"}]},
+        "training": {
+            "steps": 2,
+            "prompts_per_step": 2,
+            "rollouts_per_prompt": 4,
+            "max_completion_tokens": 12,
+            "micro_batch_size": 3,
+            "samples_per_step": 2,
+        },
+        "output_dir": str(out),
+        "seed": 7,
+    }
+    for key, value in overrides.items():
+        section, _, field = key.partition("__")
+        if field:
+            raw.setdefault(section, {})[field] = value
+        else:
+            raw[section] = value
+    return parse_config(raw)
+
+
+class Recorder(TrainerCallback):
+    def __init__(self, stop_after: int | None = None):
+        self.steps: list[dict] = []
+        self.evals: list[dict] = []
+        self.stop_after = stop_after
+
+    def on_step(self, metrics):
+        self.steps.append(metrics)
+
+    def on_eval(self, metrics):
+        self.evals.append(metrics)
+
+    def should_stop(self):
+        return self.stop_after is not None and len(self.steps) >= self.stop_after
+
+
+def test_hybrid_rollouts_continue_a_cut_of_the_demonstration(letters, tmp_path):
+    trainer = Trainer(make_config(letters, tmp_path / "run", training__rollouts_per_prompt=4, training__hybrid_rollouts_per_prompt=2))
+    examples = trainer.train_examples[:3]
+    torch.manual_seed(0)
+    import random
+
+    rollouts = trainer.generate_rollouts(examples, 0.3, 0.9, random.Random(0))
+    assert len(rollouts.responses) == 12
+    for row, (group, cut) in enumerate(zip(rollouts.groups, rollouts.demo_prefix_lengths, strict=True)):
+        demo = examples[group].demo_ids
+        k = row % 4
+        if k < 2:  # the first H rollouts of a group are hybrids
+            assert 1 <= cut <= len(demo) - 1
+            assert math.floor(0.3 * len(demo)) <= cut <= max(1, math.floor(0.9 * len(demo)))
+            assert rollouts.responses[row][:cut] == demo[:cut]  # ids, never re-tokenised
+            assert len(rollouts.responses[row]) > cut  # the model wrote at least one token
+        else:
+            assert cut == 0
+        assert len(rollouts.responses[row]) <= 12
+    _, prefix_mask = trainer._token_tensors(rollouts, slice(0, 12))
+    assert prefix_mask.sum(1).tolist() == rollouts.demo_prefix_lengths
+
+
+def test_rft_has_no_hybrids_and_prefix_rft_trains_the_top_fifth_of_prefix_tokens(letters, tmp_path):
+    recorder = Recorder()
+    Trainer(make_config(letters, tmp_path / "rft", method="rft"), [recorder]).train()
+    assert all(m["hybrid_rollouts"] == 0 and m["demo_prefix_tokens_trained"] == 0 for m in recorder.steps)
+
+    recorder = Recorder()
+    trainer = Trainer(make_config(letters, tmp_path / "prefix"), [recorder])
+    captured = {}
+    original = trainer.generate_rollouts
+
+    def spy(*args, **kwargs):
+        captured["rollouts"] = rollouts = original(*args, **kwargs)
+        return rollouts
+
+    trainer.generate_rollouts = spy
+    trainer.train()
+    last = recorder.steps[-1]
+    assert last["hybrid_rollouts"] == 2  # H = 1 per prompt, 2 prompts
+    n_prefix = sum(captured["rollouts"].demo_prefix_lengths)
+    assert last["demo_prefix_tokens_trained"] == math.ceil(0.2 * n_prefix)
+    low, high = trainer.demo_prefix_window(1)
+    assert last["demo_prefix_low"] == pytest.approx(low) and last["demo_prefix_high"] == high
+
+
+def test_step_metrics_cover_the_run(letters, tmp_path):
+    recorder = Recorder()
+    out = tmp_path / "run"
+    Trainer(make_config(letters, out, data__eval_size=4), [recorder]).train()
+    expected = {
+        "loss", "reward_mean", "reward_std", "reward/contains", "accuracy", "demo_prefix_low", "demo_prefix_high",
+        "demo_prefix_ratio_mean", "demo_prefix_tokens_trained", "entropy", "clip_fraction", "response_length",
+        "rollout_tokens_per_s", "step_time_s", "reward_errors", "grad_norm", "lr",
+    }  # fmt: skip
+    assert expected <= set(recorder.steps[0])
+    assert [m["step"] for m in recorder.steps] == [1, 2]
+    assert [e["step"] for e in recorder.evals] == [0, 2]  # before training and at the end
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 4 and {"completion", "reward", "rewards", "prompt"} <= set(samples[0])
+
+
+def test_kl_reference_is_the_initial_adapter(letters, tmp_path):
+    recorder = Recorder()
+    Trainer(make_config(letters, tmp_path / "run", training__kl_beta=0.1, training__steps=2), [recorder]).train()
+    first, second = recorder.steps
+    assert first["kl"] == pytest.approx(0.0, abs=1e-7)  # step 0: policy == reference
+    assert first["clip_fraction"] == 0.0  # and the ratio is exactly 1
+    assert second["kl"] > 0.0
+
+
+@pytest.mark.parametrize(
+    "adapter",
+    [{"type": "prefix"}, {"type": "prefix", "prefix_projection": True, "num_virtual_tokens": 4}, {"type": "lora", "r": 4}],
+)
+def test_exported_adapter_loads_with_plain_peft_and_gives_the_same_logits(letters, tmp_path, adapter):
+    trainer = Trainer(make_config(letters, tmp_path / "run", adapter=adapter, training__learning_rate=0.05))
+    result = trainer.train()
+    assert (result.adapter_dir / "adapter_config.json").is_file()
+    assert (result.adapter_dir / "adapter_model.safetensors").is_file()
+    base, _ = load_base_model("tiny-random")
+    loaded = PeftModel.from_pretrained(base, result.adapter_dir)
+    batch = scoring_batch([[5, 6, 7, 8]], [[9, 10, 11]], 0, torch.device("cpu"))
+    with torch.no_grad():
+        expected, _ = score_responses(trainer.model, batch)
+        got, _ = score_responses(loaded, batch)
+        with loaded.disable_adapter():
+            untrained, _ = score_responses(loaded, batch)
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert (untrained - expected).abs().max() > 1e-4  # the adapter carries the training
+
+
+@pytest.mark.parametrize("method", ["prefix_rft", "sft_then_rft"])
+def test_resume_equals_an_uninterrupted_run(letters, tmp_path, method):
+    overrides = {"method": method, "training__steps": 4, "checkpoint__every": 2, "training__learning_rate": 0.02}
+    straight = Recorder()
+    Trainer(make_config(letters, tmp_path / "straight", **overrides), [straight]).train()
+
+    out = tmp_path / "resumed"
+    first = Recorder(stop_after=2)
+    result = Trainer(make_config(letters, out, **overrides), [first]).train()
+    assert result.stopped and result.steps_done == 2
+    assert (out / "checkpoints" / "step-000002" / "trainer_state.pt").is_file()
+    second = Recorder()
+    Trainer(make_config(letters, out, **overrides), [second]).train(resume_from=out)
+
+    def comparable(m):
+        return {k: v for k, v in m.items() if not k.endswith(("_s", "_per_s"))}
+
+    assert [comparable(m) for m in first.steps + second.steps] == [comparable(m) for m in straight.steps]
+    a = (tmp_path / "straight" / "adapter" / "adapter_model.safetensors").read_bytes()
+    b = (out / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert a == b
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+
+
+def test_seeded_runs_are_reproducible(letters, tmp_path):
+    runs = []
+    for name in ("a", "b"):
+        recorder = Recorder()
+        Trainer(make_config(letters, tmp_path / name), [recorder]).train()
+        runs.append([m["loss"] for m in recorder.steps] + [m["reward_mean"] for m in recorder.steps])
+    assert runs[0] == runs[1]
+
+
+def test_sft_lowers_the_demonstration_loss(letters, tmp_path):
+    recorder = Recorder()
+    config = make_config(
+        letters, tmp_path / "sft", method="sft", adapter={"type": "lora"}, training__steps=8, training__learning_rate=0.05
+    )
+    Trainer(config, [recorder]).train()
+    losses = [m["loss"] for m in recorder.steps]
+    assert all(m["phase"] == "sft" for m in recorder.steps)
+    assert losses[-1] < losses[0] * 0.8
+
+
+def test_sft_then_rft_switches_phase(letters, tmp_path):
+    recorder = Recorder()
+    Trainer(make_config(letters, tmp_path / "run", method="sft_then_rft", training__steps=4), [recorder]).train()
+    assert [m["phase"] for m in recorder.steps] == ["sft", "sft", "rft", "rft"]
+    assert recorder.steps[2]["hybrid_rollouts"] == 0
+    assert recorder.steps[2]["demo_prefix_low"] == pytest.approx(0.95)  # RFT phase's schedule starts at 0
+
+
+def test_missing_reward_fields_are_reported_before_training(tmp_path):
+    data = write_dataset(tmp_path / "d.jsonl", [{"prompt": "x", "answer": "1"}, {"prompt": "y"}])
+    config = make_config(data, tmp_path / "run", reward={"graders": [{"type": "numeric", "field": "answer"}]})
+    with pytest.raises(ValueError, match="line 2.*answer"):
+        Trainer(config)
+
+
+def test_stop_request_ends_the_run_early(letters, tmp_path):
+    recorder = Recorder(stop_after=1)
+    result = Trainer(make_config(letters, tmp_path / "run", training__steps=5), [recorder]).train()
+    assert result.stopped and result.steps_done == 1 and result.adapter_dir is None
+
+
+@pytest.mark.slow
+def test_a_tiny_model_learns_a_trivially_learnable_reward(letters, tmp_path):
+    recorder = Recorder()
+    config = make_config(
+        letters,
+        tmp_path / "learn",
+        method="rft",
+        adapter={"type": "lora", "r": 8},
+        training={
+            "steps": 40,
+            "prompts_per_step": 8,
+            "rollouts_per_prompt": 8,
+            "max_completion_tokens": 6,
+            "learning_rate": 0.03,
+            "samples_per_step": 0,
+        },
+    )
+    Trainer(config, [recorder]).train()
+    rewards = [m["reward_mean"] for m in recorder.steps]
+    first, last = sum(rewards[:8]) / 8, sum(rewards[-8:]) / 8
+    assert last > first + 0.5, (first, last)
