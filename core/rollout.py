@@ -14,7 +14,7 @@ import torch
 from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from core.algorithm import per_token_log_probs, token_entropy
+from core.algorithm import per_token_log_probs, sample_categorical, token_entropy
 from core.data import Example
 
 Policy = PreTrainedModel | PeftModel
@@ -77,6 +77,66 @@ def _kv_prefix_length(model: Policy) -> int:
     return 0
 
 
+@dataclass
+class SharedPrompts:
+    """Distinct prompts run once through the policy, their KV cache expanded to every row."""
+
+    last_logits: torch.Tensor  # [S, V] logits after each row's prompt
+    cache: object  # transformers Cache holding kv prefix + prompt for every row
+    mask: torch.Tensor  # [S, P] attention mask of the prompts
+    next_position: torch.Tensor  # [S] position of each row's first new token
+
+
+def prefill_prompts(
+    model: Policy, unique_prompts: list[list[int]], row_prompt: list[int], pad_id: int
+) -> SharedPrompts:
+    """Prefill each distinct prompt once (through PeftModel.forward, which adds the kv prefix).
+
+    A group's rollouts share their prompt, so this saves (N - 1) / N of the prompt compute, in
+    sampling and, with gradients flowing back through the shared cache, in training.
+    """
+    device = next(model.parameters()).device
+    ids, mask = left_pad(unique_prompts, pad_id, device)
+    out = model(
+        input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=True, logits_to_keep=1
+    )
+    index = torch.tensor(row_prompt, device=device)
+    cache = out.past_key_values
+    cache.reorder_cache(index)
+    mask = mask.index_select(0, index)
+    return SharedPrompts(out.logits[:, -1].index_select(0, index), cache, mask, positions(mask)[:, -1] + 1)
+
+
+def continue_from(
+    model: Policy,
+    shared: SharedPrompts,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    first_position: torch.Tensor,
+    hidden_states: bool = False,
+) -> torch.Tensor:
+    """Run `ids` [S, T] after the cached prompts and extend the cache.
+
+    Returns logits [S, T, V], or the final hidden states [S, T, H] when `hidden_states` (so the
+    caller can apply the output head to the tokens it needs, in chunks). Goes to the backbone
+    directly: the cache already holds the kv prefix, and PeftModel.forward would replace that
+    cache with a fresh prefix.
+    """
+    backbone = model.get_base_model() if isinstance(model, PeftModel) else model
+    n_virtual = _kv_prefix_length(model)
+    virtual = torch.ones((mask.shape[0], n_virtual), dtype=mask.dtype, device=mask.device)
+    position_ids = first_position[:, None] + torch.arange(ids.shape[1], device=ids.device)[None, :]
+    out = (backbone.get_decoder() if hidden_states else backbone)(
+        input_ids=ids,
+        attention_mask=torch.cat([virtual, mask], dim=1),
+        position_ids=position_ids + n_virtual,
+        past_key_values=shared.cache,
+        use_cache=True,
+    )
+    shared.cache = out.past_key_values
+    return out.last_hidden_state if hidden_states else out.logits
+
+
 @torch.inference_mode()
 def sample(
     model: Policy,
@@ -97,61 +157,44 @@ def sample(
     top-p, so the sampler's distribution is exactly the one the trainer scores.
     `max_new_tokens` may differ per row (a hybrid row's budget is shortened by its prefix).
     """
-    device = next(model.parameters()).device
     budgets = [max_new_tokens] * len(inputs) if isinstance(max_new_tokens, int) else list(max_new_tokens)
     unique: dict[tuple[int, ...], int] = {}
     row_source = [unique.setdefault(tuple(row), len(unique)) for row in inputs]
-    ids, mask = left_pad([list(key) for key in unique], pad_id, device)
+    shared = prefill_prompts(model, [list(key) for key in unique], row_source, pad_id)
+    logits, mask, position = shared.last_logits.float(), shared.mask, shared.next_position
 
-    # Prefill through the full policy (PeftModel.forward puts the kv prefix into the cache).
-    out = model(
-        input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=True, logits_to_keep=1
-    )
-    expand = torch.tensor(row_source, device=device)
-    cache = out.past_key_values
-    cache.reorder_cache(expand)
-    logits = out.logits[:, -1].float().index_select(0, expand)
-    mask = mask.index_select(0, expand)
-
-    # Decode steps go to the backbone directly: its cache already holds the prefix, and
-    # PeftModel.forward would replace that cache with a fresh prefix.
-    backbone = model.get_base_model() if isinstance(model, PeftModel) else model
-    n_virtual = _kv_prefix_length(model)
-    virtual_mask = torch.ones((len(inputs), n_virtual), dtype=mask.dtype, device=device)
-    next_position = positions(mask)[:, -1] + 1
-
+    device = logits.device
+    longest = max(budgets, default=0)
+    tokens = torch.full((len(inputs), longest), pad_id, dtype=torch.long, device=device)
+    token_log_probs = torch.zeros((len(inputs), longest), device=device)
     budget = torch.tensor(budgets, device=device)
     stop = torch.tensor(sorted(stop_ids), device=device)
+    active = torch.arange(len(inputs), device=device)  # original row of each batch position
     done = budget <= 0
-    generated: list[torch.Tensor] = []
-    token_log_probs: list[torch.Tensor] = []
-    for step in range(max(budgets)):
-        log_probs = torch.log_softmax(logits / temperature, dim=-1)
-        token = logits.argmax(-1) if greedy else torch.multinomial(log_probs.exp(), 1).squeeze(1)
-        token = torch.where(done, torch.full_like(token, pad_id), token)
-        generated.append(token)
-        if sampled_log_probs is not None:
-            token_log_probs.append(log_probs.gather(1, token.unsqueeze(1)).squeeze(1))
+    for step in range(longest):
+        log_probs = torch.log_softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)
+        token = logits.argmax(-1) if greedy else sample_categorical(log_probs)
+        tokens[active, step] = token
+        token_log_probs[active, step] = log_probs.gather(1, token.unsqueeze(1)).squeeze(1)
         done = done | torch.isin(token, stop) | (budget <= step + 1)
         if bool(done.all()):
             break
+        if int(done.sum()) * 4 >= len(done):
+            # Drop finished rows once a quarter of the batch is done: their decode steps are
+            # pure waste (response lengths vary a lot within a step's rollouts).
+            keep = (~done).nonzero().squeeze(1)
+            shared.cache.reorder_cache(keep)
+            active, token, mask, position, budget = (
+                t.index_select(0, keep) for t in (active, token, mask, position, budget)
+            )
+            done = done.index_select(0, keep)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        out = backbone(
-            input_ids=token.unsqueeze(1),
-            attention_mask=torch.cat([virtual_mask, mask], dim=1),
-            position_ids=(next_position + n_virtual).unsqueeze(1),
-            past_key_values=cache,
-            use_cache=True,
-        )
-        cache = out.past_key_values
-        logits = out.logits[:, -1].float()
-        next_position = next_position + 1
+        logits = continue_from(model, shared, token.unsqueeze(1), mask, position)[:, -1].float()
+        position = position + 1
 
-    tokens = torch.stack(generated, dim=1).tolist() if generated else [[] for _ in inputs]
-    rows = [_cut(row, stop_ids, limit) for row, limit in zip(tokens, budgets, strict=True)]
+    rows = [_cut(row, stop_ids, limit) for row, limit in zip(tokens.tolist(), budgets, strict=True)]
     if sampled_log_probs is not None:
-        values = torch.stack(token_log_probs, dim=1).tolist() if token_log_probs else [[] for _ in inputs]
-        sampled_log_probs.extend(v[: len(r)] for v, r in zip(values, rows, strict=True))
+        sampled_log_probs.extend(v[: len(r)] for v, r in zip(token_log_probs.tolist(), rows, strict=True))
     return rows
 
 
@@ -165,54 +208,99 @@ def _cut(row: list[int], stop_ids: set[int], limit: int) -> list[int]:
 
 @dataclass
 class ScoringBatch:
-    """Prompt + response rows as tensors: prompts left-padded to P, responses right-padded to R."""
+    """Rows of prompt + response: distinct prompts left-padded, responses right-padded to R."""
 
-    input_ids: torch.Tensor  # [S, P + R]
-    attention_mask: torch.Tensor  # [S, P + R]
+    prompts: list[list[int]]  # distinct prompts
+    row_prompt: list[int]  # [S] which distinct prompt each row continues
     response_ids: torch.Tensor  # [S, R]
     response_mask: torch.Tensor  # [S, R] bool: real response tokens
+    pad_id: int
 
     @property
     def response_width(self) -> int:
         return self.response_ids.shape[1]
 
+    def concatenated(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same rows as one left-padded [S, P + R] batch (ids, mask), for reference forwards."""
+        prompt_ids, prompt_mask = left_pad(
+            [self.prompts[i] for i in self.row_prompt], self.pad_id, self.response_ids.device
+        )
+        return (
+            torch.cat([prompt_ids, self.response_ids], dim=1),
+            torch.cat([prompt_mask, self.response_mask.long()], dim=1),
+        )
+
 
 def scoring_batch(
     prompts: list[list[int]], responses: list[list[int]], pad_id: int, device: torch.device
 ) -> ScoringBatch:
-    prompt_ids, prompt_mask = left_pad(prompts, pad_id, device)
+    unique: dict[tuple[int, ...], int] = {}
+    row_prompt = [unique.setdefault(tuple(p), len(unique)) for p in prompts]
     width = max(1, max(len(r) for r in responses))
     response_ids = torch.full((len(responses), width), pad_id, dtype=torch.long)
     response_mask = torch.zeros((len(responses), width), dtype=torch.bool)
     for i, row in enumerate(responses):
         response_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
         response_mask[i, : len(row)] = True
-    response_ids, response_mask = response_ids.to(device), response_mask.to(device)
     return ScoringBatch(
-        input_ids=torch.cat([prompt_ids, response_ids], dim=1),
-        attention_mask=torch.cat([prompt_mask, response_mask.long()], dim=1),
-        response_ids=response_ids,
-        response_mask=response_mask,
+        [list(p) for p in unique], row_prompt, response_ids.to(device), response_mask.to(device), pad_id
     )
 
 
-def response_logits(model: Policy, batch: ScoringBatch, temperature: float = 1.0) -> torch.Tensor:
-    """Logits that predict each response token, [S, R, V], from one forward of the full policy."""
-    out = model(
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
-        position_ids=positions(batch.attention_mask),
-        use_cache=False,
-        logits_to_keep=batch.response_width + 1,
-    )
-    return out.logits[:, :-1] / temperature
+# Tokens per chunk of the output head: [128, vocab] fp32 logits stay under glibc's 32 MB mmap
+# threshold, so chunks reuse heap memory instead of page-faulting fresh mappings every time.
+HEAD_CHUNK_TOKENS = 128
 
 
 def score_responses(
     model: Policy, batch: ScoringBatch, temperature: float = 1.0, with_entropy: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-token log-probs [S, R] (and entropies) of the response tokens under the model."""
-    logits = response_logits(model, batch, temperature)
-    log_probs = per_token_log_probs(logits, batch.response_ids)
-    entropy = token_entropy(logits) if with_entropy else None
-    return log_probs, entropy
+    """Per-token log-probs [S, R] (and entropies, without gradient) of the response tokens.
+
+    Each distinct prompt runs once; the responses continue from its cache. The output head is
+    applied only to real response tokens (not padding), in chunks, so the full [S, R, V] logits
+    tensor is never built.
+    """
+    shared = prefill_prompts(model, batch.prompts, batch.row_prompt, batch.pad_id)
+    # The first response token is predicted by the prompt's last logits, every later one by the
+    # hidden state of the token before it.
+    first = _head_scores(shared.last_logits, batch.response_ids[:, 0], temperature, with_entropy)
+    if batch.response_width == 1:
+        return first[0][:, None], first[1][:, None] if with_entropy else None
+
+    full_mask = torch.cat([shared.mask, batch.response_mask.long()], dim=1)
+    hidden = continue_from(
+        model, shared, batch.response_ids[:, :-1], full_mask[:, :-1], shared.next_position, hidden_states=True
+    )
+    real = batch.response_mask[:, 1:]
+    states, targets = hidden[real], batch.response_ids[:, 1:][real]
+    head = (model.get_base_model() if isinstance(model, PeftModel) else model).get_output_embeddings()
+    chunks = [
+        _head_scores(
+            head(states[i : i + HEAD_CHUNK_TOKENS]),
+            targets[i : i + HEAD_CHUNK_TOKENS],
+            temperature,
+            with_entropy,
+        )
+        for i in range(0, targets.shape[0], HEAD_CHUNK_TOKENS)
+    ]
+
+    def assemble(column: int) -> torch.Tensor:
+        rest = torch.zeros(real.shape, dtype=torch.float32, device=real.device)
+        if chunks:
+            rest = rest.masked_scatter(real, torch.cat([c[column] for c in chunks]))
+        return torch.cat([first[column][:, None], rest], dim=1)
+
+    return assemble(0), assemble(1) if with_entropy else None
+
+
+def _head_scores(
+    logits: torch.Tensor, targets: torch.Tensor, temperature: float, with_entropy: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if temperature != 1.0:
+        logits = logits / temperature
+    log_probs = per_token_log_probs(logits, targets)
+    if not with_entropy:
+        return log_probs, None
+    with torch.no_grad():
+        return log_probs, token_entropy(logits)

