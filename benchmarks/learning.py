@@ -50,7 +50,9 @@ def run_one(method: str, adapter: str, settings: dict[str, Any], data_dir: str) 
         def on_step(self, metrics: dict[str, Any]) -> None:
             self.steps.append({k: v for k, v in metrics.items() if isinstance(v, int | float | str)})
 
-    learning_rate = settings["lr_prefix"] if adapter == "prefix" else settings["lr_lora"]
+    learning_rate = (
+        settings["lr_prefix"] if adapter == "prefix" else settings["lr_lora"]
+    )  # None: the adapter's default
     config = parse_config(
         {
             "model": "smollm2-135m-instruct",
@@ -63,14 +65,15 @@ def run_one(method: str, adapter: str, settings: dict[str, Any], data_dir: str) 
                 "prompts_per_step": settings["prompts_per_step"],
                 "rollouts_per_prompt": settings["rollouts_per_prompt"],
                 "max_completion_tokens": settings["max_completion_tokens"],
-                "learning_rate": learning_rate,
                 "samples_per_step": 0,
+                **({"learning_rate": learning_rate} if learning_rate else {}),
             },
             "eval": {"every": settings["eval_every"], "max_examples": settings["eval_examples"]},
             "seed": settings["seed"],
             "output_dir": f"{data_dir}/runs/{method}-{adapter}",
         }
     )
+    learning_rate = config.learning_rate
     collect = Collect()
     started = time.perf_counter()
     Trainer(config, callbacks=[collect]).train()
@@ -142,8 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-completion-tokens", type=int, default=64)
     parser.add_argument("--eval-every", type=int, default=10)
     parser.add_argument("--eval-examples", type=int, default=200)
-    parser.add_argument("--lr-prefix", type=float, default=1e-3)
-    parser.add_argument("--lr-lora", type=float, default=2e-5)
+    parser.add_argument("--lr-prefix", type=float, help="default: the prefix adapter's default")
+    parser.add_argument("--lr-lora", type=float, help="default: the LoRA adapter's default")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--jobs", type=int, default=1, help="runs in parallel (torch threads are split among them)"

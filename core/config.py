@@ -37,8 +37,10 @@ class PrefixAdapterConfig(_Strict):
         description="Text whose key/value activations initialise the prefix, so a fresh adapter keeps the "
         "base model's behaviour. Default: the start of the model's chat template.",
     )
+    # Measured on SmolLM2-135M (SFT on addition, 32 sequences per step): 3e-3 barely moves the
+    # loss in 5 steps (1.63 -> 1.32), 1e-2 matches LoRA at 3e-4 (-> 0.93), 3e-2 goes faster still.
     learning_rate: float = Field(
-        1e-3, gt=0, description="AdamW learning rate (prefix vectors need a high one)."
+        1e-2, gt=0, description="AdamW learning rate (prefix vectors need a high one)."
     )
 
 
@@ -52,7 +54,7 @@ class LoraAdapterConfig(_Strict):
     target_modules: list[str] | Literal["all-linear"] = Field(
         "all-linear", description="Module names to adapt, or 'all-linear'."
     )
-    learning_rate: float = Field(2e-5, gt=0, description="AdamW learning rate.")
+    learning_rate: float = Field(3e-4, gt=0, description="AdamW learning rate.")
 
 
 def _adapter_type(value: Any) -> str:

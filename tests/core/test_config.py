@@ -61,7 +61,7 @@ def test_minimal_config_defaults():
     assert config.training.hybrid_rollouts_per_prompt == 1
     assert config.hybrid_rollouts_per_prompt == 1
     assert config.sft_steps == 0
-    assert config.learning_rate == 1e-3
+    assert config.learning_rate == 1e-2
     assert config.seed == 0
     assert config.output_dir == Path("runs/latest")
 
@@ -160,12 +160,12 @@ def test_learning_rate_defaults_by_adapter_and_override():
     lora = parse_config(_config(adapter={"type": "lora"}))
     prefix = parse_config(_config(adapter={"type": "prefix"}))
     assert isinstance(lora.adapter, LoraAdapterConfig)
-    assert lora.learning_rate == 2e-5
-    assert prefix.learning_rate == 1e-3
+    assert lora.learning_rate == 3e-4
+    assert prefix.learning_rate == 1e-2
     assert lora.learning_rate != prefix.learning_rate
     override = parse_config(_config(adapter={"type": "lora"}, training={"learning_rate": 5e-4}))
     assert override.learning_rate == 5e-4
-    assert override.adapter.learning_rate == 2e-5
+    assert override.adapter.learning_rate == 3e-4
 
 
 def test_adapter_section_without_type_defaults_to_prefix():

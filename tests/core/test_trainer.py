@@ -176,10 +176,18 @@ def test_exported_adapter_loads_with_plain_peft_and_gives_the_same_logits(letter
     assert (untrained - expected).abs().max() > 1e-4  # the adapter carries the training
 
 
-@pytest.mark.parametrize("method", ["prefix_rft", "sft_then_rft"])
-def test_resume_equals_an_uninterrupted_run(letters, tmp_path, method):
+@pytest.mark.parametrize(
+    ("method", "adapter"),
+    [
+        ("prefix_rft", {"type": "prefix"}),
+        ("prefix_rft", {"type": "prefix", "prefix_projection": True, "num_virtual_tokens": 4}),
+        ("sft_then_rft", {"type": "lora", "r": 4}),
+    ],
+)
+def test_resume_equals_an_uninterrupted_run(letters, tmp_path, method, adapter):
     overrides = {
         "method": method,
+        "adapter": adapter,
         "training__steps": 4,
         "checkpoint__every": 2,
         "training__learning_rate": 0.02,
