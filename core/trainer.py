@@ -9,6 +9,7 @@ Everything outside this file that it uses is either pure math (algorithm.py), to
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -101,6 +102,7 @@ class Trainer:
             dtype_name = "bfloat16" if self.device.type == "cuda" else "float32"
         self.dtype = getattr(torch, dtype_name)
 
+        train, heldout = self._read_data()  # before the model load: bad data fails in a second
         torch.manual_seed(config.seed)
         base, self.tokenizer = load_base_model(config.model, dtype=self.dtype, device=self.device)
         self.pad_id = self.tokenizer.pad_token_id
@@ -116,12 +118,14 @@ class Trainer:
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.reference = trainable_state(self.model) if config.training.kl_beta > 0 else None
-        self.train_examples, self.eval_examples = self._load_data()
+        self.train_examples = [self._encode(e) for e in train]
+        self.eval_examples = [self._encode(e) for e in heldout]
         self.step = 0
 
     # ----- data -------------------------------------------------------------------------------
 
-    def _load_data(self) -> tuple[list[EncodedExample], list[EncodedExample]]:
+    def _read_data(self) -> tuple[list[Example], list[Example]]:
+        """Training and held-out examples, checked against what the method and reward need."""
         data = self.config.data
         train = load_dataset(data.train)
         if data.eval is not None:
@@ -136,13 +140,11 @@ class Trainer:
                     raise DatasetError(
                         f"{source} data", DatasetReport(errors=problems[:100], error_count=len(problems))
                     )
-        encoded_train = [self._encode(e) for e in train]
-        encoded_eval = [self._encode(e) for e in heldout]
-        if self.config.sft_steps and not any(e.demo_ids for e in encoded_train):
+        if self.config.sft_steps and not any(e.demonstration for e in train):
             raise ValueError(
                 f"method {self.config.method!r} trains on demonstrations, but no example has one"
             )
-        return encoded_train, encoded_eval
+        return train, heldout
 
     def _encode(self, example: Example) -> EncodedExample:
         encoded = encode_example(self.tokenizer, example, self.eos_id)
@@ -158,9 +160,7 @@ class Trainer:
         batch = []
         for i in range(step * size, (step + 1) * size):
             epoch, index = divmod(i, len(pool))
-            order = list(range(len(pool)))
-            random.Random(f"{self.config.seed}-{salt}-{epoch}").shuffle(order)
-            batch.append(pool[order[index]])
+            batch.append(pool[_epoch_order(f"{self.config.seed}-{salt}-{epoch}", len(pool))[index]])
         return batch
 
     # ----- schedule ---------------------------------------------------------------------------
@@ -614,6 +614,13 @@ class Trainer:
         for name in ("metrics.jsonl", "eval.jsonl", "samples.jsonl"):
             _truncate_after_step(self.out_dir / name, self.step)
         log.info("resumed from %s at step %d", path, self.step)
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_order(seed: str, size: int) -> tuple[int, ...]:
+    order = list(range(size))
+    random.Random(seed).shuffle(order)
+    return tuple(order)
 
 
 def latest_checkpoint(path: Path) -> Path | None:
