@@ -33,4 +33,4 @@ benchmark-throughput: setup
 	$(PY) -m benchmarks.throughput_vs_trl --steps 6 --prompts-per-step 4 --out docs/benchmarks/throughput.json
 
 benchmark-learning: setup
-	$(PY) -m benchmarks.learning --out docs/benchmarks/learning
+	$(PY) -m benchmarks.learning --steps 20 --eval-every 10 --jobs 2 --out docs/benchmarks/learning

@@ -5,7 +5,7 @@ demonstrations per step) and is evaluated with greedy decoding on the same 200 h
 problems. Writes a JSON of every evaluation, a PNG of held-out accuracy against step, and a
 markdown table of the final numbers.
 
-    python -m benchmarks.learning --steps 40 --out docs/benchmarks/learning [--jobs 2]
+    python -m benchmarks.learning --steps 20 --eval-every 10 --out docs/benchmarks/learning [--jobs 2]
 """
 
 from __future__ import annotations
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--adapters", nargs="+", default=list(ADAPTERS), choices=ADAPTERS)
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--prompts-per-step", type=int, default=4)
     parser.add_argument("--rollouts-per-prompt", type=int, default=8)
     parser.add_argument("--max-completion-tokens", type=int, default=64)
