@@ -287,3 +287,18 @@ def test_a_tiny_model_learns_a_trivially_learnable_reward(letters, tmp_path):
     rewards = [m["reward_mean"] for m in recorder.steps]
     first, last = rewards[0], sum(rewards[-5:]) / 5
     assert first < 0.3 and last > 0.9, rewards
+
+
+def test_several_updates_per_batch_use_the_sampling_policy_as_pi_old(letters, tmp_path):
+    recorder = Recorder()
+    config = make_config(
+        letters,
+        tmp_path / "run",
+        adapter={"type": "lora", "r": 4},
+        training__updates_per_batch=3,
+        training__learning_rate=0.05,
+    )
+    Trainer(config, [recorder]).train()
+    # With pi_old fixed at the sampling policy, later passes move the ratio away from 1 and clip.
+    assert any(m["clip_fraction"] > 0 for m in recorder.steps)
+    assert all(math.isfinite(m["loss"]) for m in recorder.steps)
