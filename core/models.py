@@ -18,7 +18,6 @@ from pathlib import Path
 
 import torch
 from transformers import (
-    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     PreTrainedModel,
@@ -206,7 +205,3 @@ def _save_atomically(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
 
 def list_models() -> list[BaseModelInfo]:
     return list(REGISTRY)
-
-
-def model_config(name: str) -> AutoConfig:
-    return AutoConfig.from_pretrained(resolve_model_dir(name))
