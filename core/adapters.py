@@ -69,12 +69,10 @@ def default_init_text(tokenizer: PreTrainedTokenizerBase) -> str:
     """What every chat prompt starts with (system turn included), else the BOS token."""
     if tokenizer.chat_template:
         text = tokenizer.apply_chat_template([{"role": "user", "content": ""}], tokenize=False)
-        end = text.rfind(tokenizer.eos_token) if tokenizer.eos_token else -1
+        eos = tokenizer.eos_token
         # Up to the end of the template's first turn: a system prompt when it adds one.
-        first_turn_end = text.find(tokenizer.eos_token) if end >= 0 else -1
-        if first_turn_end > 0:
-            return text[: first_turn_end + len(tokenizer.eos_token)]
-        return text
+        end = text.find(eos) if eos else -1
+        return text[: end + len(eos)] if end > 0 else text
     return tokenizer.bos_token or tokenizer.eos_token or " "
 
 

@@ -61,10 +61,7 @@ def main(argv: list[str] | None = None) -> int:
             return _validate(args)
         if args.command == "models":
             return _models()
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError) as exc:  # ConfigError and DatasetError are ValueErrors
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 1

@@ -71,6 +71,17 @@ def positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
+def distinct_rows(rows: list[list[int]]) -> tuple[list[list[int]], list[int]]:
+    """The distinct rows, in first-seen order, and for each row the index of its distinct copy."""
+    index: dict[tuple[int, ...], int] = {}
+    row_index = [index.setdefault(tuple(row), len(index)) for row in rows]
+    return [list(row) for row in index], row_index
+
+
+def _backbone(model: Policy) -> PreTrainedModel:
+    return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
 def _kv_prefix_length(model: Policy) -> int:
     if isinstance(model, PeftModel) and model.active_peft_config.is_prompt_learning:
         return model.active_peft_config.num_virtual_tokens
@@ -122,7 +133,7 @@ def continue_from(
     directly: the cache already holds the kv prefix, and PeftModel.forward would replace that
     cache with a fresh prefix.
     """
-    backbone = model.get_base_model() if isinstance(model, PeftModel) else model
+    backbone = _backbone(model)
     n_virtual = _kv_prefix_length(model)
     virtual = torch.ones((mask.shape[0], n_virtual), dtype=mask.dtype, device=mask.device)
     position_ids = first_position[:, None] + torch.arange(ids.shape[1], device=ids.device)[None, :]
@@ -158,9 +169,7 @@ def sample(
     `max_new_tokens` may differ per row (a hybrid row's budget is shortened by its prefix).
     """
     budgets = [max_new_tokens] * len(inputs) if isinstance(max_new_tokens, int) else list(max_new_tokens)
-    unique: dict[tuple[int, ...], int] = {}
-    row_source = [unique.setdefault(tuple(row), len(unique)) for row in inputs]
-    shared = prefill_prompts(model, [list(key) for key in unique], row_source, pad_id)
+    shared = prefill_prompts(model, *distinct_rows(inputs), pad_id)
     logits, mask, position = shared.last_logits.float(), shared.mask, shared.next_position
 
     device = logits.device
@@ -234,17 +243,14 @@ class ScoringBatch:
 def scoring_batch(
     prompts: list[list[int]], responses: list[list[int]], pad_id: int, device: torch.device
 ) -> ScoringBatch:
-    unique: dict[tuple[int, ...], int] = {}
-    row_prompt = [unique.setdefault(tuple(p), len(unique)) for p in prompts]
+    unique, row_prompt = distinct_rows(prompts)
     width = max(1, max(len(r) for r in responses))
     response_ids = torch.full((len(responses), width), pad_id, dtype=torch.long)
     response_mask = torch.zeros((len(responses), width), dtype=torch.bool)
     for i, row in enumerate(responses):
         response_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
         response_mask[i, : len(row)] = True
-    return ScoringBatch(
-        [list(p) for p in unique], row_prompt, response_ids.to(device), response_mask.to(device), pad_id
-    )
+    return ScoringBatch(unique, row_prompt, response_ids.to(device), response_mask.to(device), pad_id)
 
 
 # Tokens per chunk of the output head: [128, vocab] fp32 logits stay under glibc's 32 MB mmap
@@ -274,7 +280,7 @@ def score_responses(
     )
     real = batch.response_mask[:, 1:]
     states, targets = hidden[real], batch.response_ids[:, 1:][real]
-    head = (model.get_base_model() if isinstance(model, PeftModel) else model).get_output_embeddings()
+    head = _backbone(model).get_output_embeddings()
     chunks = [
         _head_scores(
             head(states[i : i + HEAD_CHUNK_TOKENS]),

@@ -16,7 +16,7 @@ import math
 import random
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -70,11 +70,18 @@ class Rollouts:
     """One step's rollouts, row-aligned (row = group * N + k)."""
 
     examples: list[EncodedExample]
-    prompts: list[list[int]]
     responses: list[list[int]]
     demo_prefix_lengths: list[int]  # 0 for on-policy rows
     groups: list[int]
-    texts: list[str] = field(default_factory=list)
+    texts: list[str]
+
+    @property
+    def row_examples(self) -> list[EncodedExample]:
+        return [self.examples[g] for g in self.groups]
+
+    @property
+    def prompts(self) -> list[list[int]]:
+        return [self.examples[g].prompt_ids for g in self.groups]
 
 
 @dataclass
@@ -234,7 +241,7 @@ class Trainer:
         )
 
         reward = score_completions(
-            self.config.reward, rollouts.texts, [e.example.fields for e in self._row_examples(rollouts)]
+            self.config.reward, rollouts.texts, [e.example.fields for e in rollouts.row_examples]
         )
         rewards = torch.tensor(reward.totals, dtype=torch.float32)
         is_hybrid = torch.tensor([n > 0 for n in rollouts.demo_prefix_lengths])
@@ -267,7 +274,7 @@ class Trainer:
             metrics["accuracy"] = sum(reward.correct) / len(reward.correct)
         hybrid_ratios = [
             p / len(e.demo_ids)
-            for p, e in zip(rollouts.demo_prefix_lengths, self._row_examples(rollouts), strict=True)
+            for p, e in zip(rollouts.demo_prefix_lengths, rollouts.row_examples, strict=True)
             if p > 0 and e.demo_ids
         ]
         metrics["hybrid_rollouts"] = len(hybrid_ratios)
@@ -277,9 +284,6 @@ class Trainer:
             metrics["reward_error_messages"] = reward.error_messages
         self._emit_samples(rollouts, reward.totals, reward.per_grader)
         return metrics
-
-    def _row_examples(self, rollouts: Rollouts) -> list[EncodedExample]:
-        return [rollouts.examples[g] for g in rollouts.groups]
 
     def generate_rollouts(
         self, examples: list[EncodedExample], low: float, high: float, rng: random.Random
@@ -306,9 +310,7 @@ class Trainer:
             for g, cut, cont in zip(groups, prefix_lengths, continuations, strict=True)
         ]
         texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
-        return Rollouts(
-            examples, [examples[g].prompt_ids for g in groups], responses, prefix_lengths, groups, texts
-        )
+        return Rollouts(examples, responses, prefix_lengths, groups, texts)
 
     def _sample_chunked(self, inputs: list[list[int]], budgets: list[int], greedy: bool) -> list[list[int]]:
         size = self.config.training.generation_batch_size if not greedy else self.config.eval.batch_size
@@ -344,52 +346,50 @@ class Trainer:
         return batch, demo_prefix_mask & batch.response_mask
 
     @torch.inference_mode()
-    def _inference_scores(self, rollouts: Rollouts, rows: list[int], with_entropy: bool):
-        """Per micro-batch of the chosen rows: (row indices, log-probs, entropies) under the current weights."""
+    def _inference_scores(self, rollouts: Rollouts, micro_batches: list[list[int]], with_entropy: bool):
+        """Per micro-batch: (log-probs, entropies) under the current weights."""
         results = []
-        for mb in self._micro_batches([len(r) for r in rollouts.responses], rows):
+        for mb in micro_batches:
             batch, _ = self._token_tensors(rollouts, mb)
-            log_probs, entropy = score_responses(
-                self.model, batch, self.config.training.temperature, with_entropy
-            )
-            results.append((mb, log_probs, entropy))
+            results.append(score_responses(self.model, batch, self.config.training.temperature, with_entropy))
         return results
 
     def _demo_prefix_keep(self, rollouts: Rollouts) -> dict[int, torch.Tensor]:
-        """Entropy clipping: per hybrid row, which response tokens keep their advantage.
+        """Entropy clipping: per hybrid row, which of its demonstration-prefix tokens keep their advantage.
 
         The top fraction is taken over all demonstration-prefix tokens of the step, so their
         entropies are computed first, in one inference pass over the hybrid rows only.
         """
-        hybrid_rows = [i for i, n in enumerate(rollouts.demo_prefix_lengths) if n > 0]
+        prefix_lengths = rollouts.demo_prefix_lengths
+        hybrid_rows = [i for i, n in enumerate(prefix_lengths) if n > 0]
         if not hybrid_rows:
             return {}
-        scored = {
-            row: entropy[j, : len(rollouts.responses[row])]
-            for mb, _, entropy in self._inference_scores(rollouts, hybrid_rows, with_entropy=True)
-            for j, row in enumerate(mb)
-        }
-        width = max(len(rollouts.responses[row]) for row in hybrid_rows)
+        micro_batches = self._micro_batches([len(r) for r in rollouts.responses], hybrid_rows)
+        scores = self._inference_scores(rollouts, micro_batches, with_entropy=True)
+        width = max(prefix_lengths[row] for row in hybrid_rows)
         entropy = torch.zeros(len(hybrid_rows), width, device=self.device)
         prefix_mask = torch.zeros(len(hybrid_rows), width, dtype=torch.bool, device=self.device)
-        for j, row in enumerate(hybrid_rows):
-            entropy[j, : scored[row].shape[0]] = scored[row]
-            prefix_mask[j, : rollouts.demo_prefix_lengths[row]] = True
+        position = {row: j for j, row in enumerate(hybrid_rows)}
+        for mb, (_, mb_entropy) in zip(micro_batches, scores, strict=True):
+            for k, row in enumerate(mb):
+                n = prefix_lengths[row]
+                entropy[position[row], :n] = mb_entropy[k, :n]
+                prefix_mask[position[row], :n] = True
         keep = entropy_keep_mask(entropy, prefix_mask, self.config.training.entropy_keep_fraction)
-        return {row: keep[j] for j, row in enumerate(hybrid_rows)}
+        return {row: keep[position[row], : prefix_lengths[row]] for row in hybrid_rows}
 
     def policy_update(self, rollouts: Rollouts, advantages: torch.Tensor) -> dict[str, float]:
         """One clipped policy-gradient step over the rollouts (or `updates_per_batch` of them)."""
         t = self.config.training
         rows = len(rollouts.responses)
         keep_by_row = self._demo_prefix_keep(rollouts)
-        all_rows = list(range(rows))
+        micro_batches = self._micro_batches([len(r) for r in rollouts.responses])
         # pi_old: with one update per batch it is the current policy, detached in the same forward.
-        old = self._inference_scores(rollouts, all_rows, False) if t.updates_per_batch > 1 else None
+        old = self._inference_scores(rollouts, micro_batches, False) if t.updates_per_batch > 1 else None
         reference = None
         if self.reference is not None:
             with swapped_adapter_weights(self.model, self.reference):
-                reference = self._inference_scores(rollouts, all_rows, False)
+                reference = self._inference_scores(rollouts, micro_batches, False)
         normaliser = float(t.max_completion_tokens * rows)
 
         totals = {
@@ -402,17 +402,15 @@ class Trainer:
         }
         self.model.train()
         for _ in range(t.updates_per_batch):
-            for m, mb in enumerate(self._micro_batches([len(r) for r in rollouts.responses])):
+            for m, mb in enumerate(micro_batches):
                 batch, demo_prefix_mask = self._token_tensors(rollouts, mb)
                 log_probs, entropy = score_responses(self.model, batch, t.temperature, with_entropy=True)
                 keep = torch.ones_like(batch.response_mask)
                 for j, row in enumerate(mb):
                     if row in keep_by_row:
-                        keep[j, : keep_by_row[row].shape[0]] = keep_by_row[row][: keep.shape[1]]
+                        keep[j, : len(keep_by_row[row])] = keep_by_row[row]
                 token_advantages = advantages[mb].to(self.device)[:, None] * keep.float()
-                if old is not None or reference is not None:
-                    assert (old or reference)[m][0] == mb  # same rows, same order
-                old_log_probs = old[m][1] if old is not None else log_probs.detach()
+                old_log_probs = old[m][0] if old is not None else log_probs.detach()
                 result = clipped_policy_loss(
                     log_probs,
                     old_log_probs,
@@ -424,7 +422,7 @@ class Trainer:
                 )
                 loss = result.loss
                 if reference is not None:
-                    kl = kl_to_reference(log_probs, reference[m][1]) * batch.response_mask
+                    kl = kl_to_reference(log_probs, reference[m][0]) * batch.response_mask
                     loss = loss + t.kl_beta * kl.sum() / normaliser
                     totals["kl_sum"] += kl.sum().item()
                 loss.backward()
