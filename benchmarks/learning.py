@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import multiprocessing
 import os
 import sys
@@ -19,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger("benchmarks.learning")
 
 METHODS = ("sft", "rft", "sft_then_rft", "prefix_rft")
 ADAPTERS = ("prefix", "lora")
@@ -29,6 +32,7 @@ def run_one(method: str, adapter: str, settings: dict[str, Any], data_dir: str) 
     import torch
 
     torch.set_num_threads(settings["threads"])
+    _configure_logging()
     from core.cli import _quiet_libraries
     from core.config import parse_config
     from core.trainer import Trainer, TrainerCallback
@@ -42,9 +46,8 @@ def run_one(method: str, adapter: str, settings: dict[str, Any], data_dir: str) 
 
         def on_eval(self, metrics: dict[str, Any]) -> None:
             self.evals.append(metrics)
-            print(
-                f"  [{method}/{adapter}] eval @ {metrics['step']}: accuracy {metrics['accuracy']:.3f}",
-                flush=True,
+            log.info(
+                "  [%s/%s] eval @ %d: accuracy %.3f", method, adapter, metrics["step"], metrics["accuracy"]
             )
 
         def on_step(self, metrics: dict[str, Any]) -> None:
@@ -133,7 +136,12 @@ def table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _configure_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout, force=True)
+
+
 def main(argv: list[str] | None = None) -> int:
+    _configure_logging()
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -178,9 +186,11 @@ def main(argv: list[str] | None = None) -> int:
         write_jsonl(Path(data_dir) / "train.jsonl", train)
         write_jsonl(Path(data_dir) / "eval.jsonl", heldout)
         runs = [(m, a, settings, data_dir) for a in args.adapters for m in args.methods]
-        print(
-            f"{len(runs)} runs x {args.steps} steps x {args.prompts_per_step * args.rollouts_per_prompt} sequences",
-            flush=True,
+        log.info(
+            "%d runs x %d steps x %d sequences",
+            len(runs),
+            args.steps,
+            args.prompts_per_step * args.rollouts_per_prompt,
         )
         if args.jobs > 1:
             with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:

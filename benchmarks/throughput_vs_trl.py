@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import multiprocessing
 import os
@@ -39,6 +40,8 @@ from typing import Any
 
 # Only the standard library is imported at module level: spawned children re-import this module,
 # and the torch / TRL imports belong to the child that needs them (and to its memory figures).
+
+log = logging.getLogger("benchmarks.throughput")
 
 MODEL = "smollm2-135m-instruct"
 TRAINERS = ("ours", "trl")
@@ -121,19 +124,34 @@ def peak_rss_bytes() -> int:
 def _prepare_child(settings: Settings) -> None:
     import torch
 
+    _configure_logging()
     # Same intra-op parallelism for both, set before any model exists.
     torch.set_num_threads(settings.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def _progress(name: str, step: int, total: int, seconds: float, tokens: int) -> None:
-    print(f"  [{name}] step {step}/{total}: {seconds:6.2f} s, {tokens} completion tokens", flush=True)
+    log.info("  [%s] step %d/%d: %6.2f s, %d completion tokens", name, step, total, seconds, tokens)
+
+
+def _measure(trainer: Any, steps: list[dict[str, Any]], rss_after_imports: int) -> dict[str, Any]:
+    """Train, then report the per-step records with the process's memory and threads."""
+    import torch
+
+    rss_after_load = current_rss_bytes()
+    trainer.train()
+    return {
+        "steps": steps,
+        "rss_after_imports_bytes": rss_after_imports,
+        "rss_after_load_bytes": rss_after_load,
+        "peak_rss_bytes": peak_rss_bytes(),
+        "torch_threads": torch.get_num_threads(),
+    }
 
 
 def run_ours(settings: Settings, work_dir: Path) -> dict[str, Any]:
     _prepare_child(settings)
     rss_after_imports = current_rss_bytes()  # before our heavy imports, which are part of the load
-    import torch
 
     from core.config import parse_config
     from core.trainer import Trainer, TrainerCallback
@@ -203,22 +221,12 @@ def run_ours(settings: Settings, work_dir: Path) -> dict[str, Any]:
             )
             _progress("ours", metrics["step"], settings.steps, metrics["step_time_s"], tokens)
 
-    trainer = Trainer(config, callbacks=[Recorder()])
-    rss_after_load = current_rss_bytes()
-    trainer.train()
-    return {
-        "steps": steps,
-        "rss_after_imports_bytes": rss_after_imports,
-        "rss_after_load_bytes": rss_after_load,
-        "peak_rss_bytes": peak_rss_bytes(),
-        "torch_threads": torch.get_num_threads(),
-    }
+    return _measure(Trainer(config, callbacks=[Recorder()]), steps, rss_after_imports)
 
 
 def run_trl(settings: Settings, work_dir: Path) -> dict[str, Any]:
     _prepare_child(settings)
     rss_after_imports = current_rss_bytes()
-    import torch
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import PrinterCallback, TrainerCallback
@@ -335,15 +343,7 @@ def run_trl(settings: Settings, work_dir: Path) -> dict[str, Any]:
         callbacks=[StepTimer()],
     )
     trainer.remove_callback(PrinterCallback)  # our progress lines replace its per-step dicts
-    rss_after_load = current_rss_bytes()
-    trainer.train()
-    return {
-        "steps": steps,
-        "rss_after_imports_bytes": rss_after_imports,
-        "rss_after_load_bytes": rss_after_load,
-        "peak_rss_bytes": peak_rss_bytes(),
-        "torch_threads": torch.get_num_threads(),
-    }
+    return _measure(trainer, steps, rss_after_imports)
 
 
 def _child_main(name: str, settings: dict[str, Any], work_dir: str, result_file: str) -> None:
@@ -459,7 +459,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _configure_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout, force=True)
+
+
 def main(argv: list[str] | None = None) -> int:
+    _configure_logging()
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     rollouts = 8
@@ -495,18 +500,16 @@ def main(argv: list[str] | None = None) -> int:
             model_dir=str(model_dir),
             data_file=str(data_file),
         )
-        print(
+        log.info(
             f"{args.steps} steps x {completions} completions ({args.prompts_per_step} prompts x {rollouts}), "
-            f"micro-batch {micro}, {args.threads} torch threads, model {model_dir}",
-            flush=True,
+            f"micro-batch {micro}, {args.threads} torch threads, model {model_dir}"
         )
         raw: dict[str, dict[str, Any]] = {}
         for name in TRAINERS:
-            print(f"running {name} ...", flush=True)
+            log.info("running %s ...", name)
             raw[name] = run_in_child(name, settings, work_dir)
 
     summaries = {name: summarise(raw[name], settings.warmup_steps) for name in TRAINERS}
-    print()
     table = print_table(summaries["ours"], summaries["trl"])
 
     if args.out is not None:
@@ -528,7 +531,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"\nwrote {args.out}")
+        log.info("wrote %s", args.out)
     return 0
 
 
