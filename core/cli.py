@@ -22,10 +22,8 @@ from core.config import ConfigError, load_config
 from core.data import DEFAULT_MAX_LINE_BYTES, iter_byte_lines, length_stats, read_jsonl
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="prefix-rft", description="Prefix-RFT fine-tuning")
-    commands = parser.add_subparsers(dest="command", required=True)
-
+def add_commands(commands: argparse._SubParsersAction) -> None:
+    """The trainer's commands; the service's command line adds its own next to them."""
     train = commands.add_parser("train", help="run a training job from a YAML config")
     train.add_argument("config", type=Path)
     train.add_argument(
@@ -34,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument(
         "--set", action="append", default=[], metavar="FIELD=VALUE", help="override a config field"
     )
+    train.set_defaults(handler=_train)
 
     evaluate = commands.add_parser("eval", help="evaluate the base model or an adapter on the held-out split")
     evaluate.add_argument("config", type=Path)
@@ -41,30 +40,32 @@ def main(argv: list[str] | None = None) -> int:
         "--adapter", type=Path, help="a PEFT adapter directory (default: none, the base model)"
     )
     evaluate.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
+    evaluate.set_defaults(handler=_eval)
 
     data = commands.add_parser("data", help="dataset tools")
     data_commands = data.add_subparsers(dest="data_command", required=True)
     validate = data_commands.add_parser("validate", help="check a JSONL dataset line by line")
     validate.add_argument("file", type=Path)
     validate.add_argument("--model", help="also report token lengths with this model's tokenizer")
+    validate.set_defaults(handler=_validate)
 
-    commands.add_parser("models", help="list the registered base models")
+    commands.add_parser("models", help="list the registered base models").set_defaults(handler=_models)
 
-    args = parser.parse_args(argv)
+
+def run(args: argparse.Namespace) -> int:
+    """Run a parsed command; user errors print one clear message and exit 2."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        if args.command == "train":
-            return _train(args)
-        if args.command == "eval":
-            return _eval(args)
-        if args.command == "data":
-            return _validate(args)
-        if args.command == "models":
-            return _models()
+        return args.handler(args)
     except (ValueError, FileNotFoundError) as exc:  # ConfigError and DatasetError are ValueErrors
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="prefix-rft", description="Prefix-RFT fine-tuning")
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    return run(parser.parse_args(argv))
 
 
 def _overrides(pairs: list[str]) -> dict[str, Any]:
@@ -140,8 +141,8 @@ def _validate(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
-def _models() -> int:
-    from core.models import list_models
+def _models(_args: argparse.Namespace) -> int:
+    from core.base_models import list_models
 
     for info in list_models():
         print(f"{info.name:24s} {info.description}")

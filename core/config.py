@@ -7,6 +7,7 @@ what is allowed (`ConfigError`). No torch here: the API validates job specs with
 from __future__ import annotations
 
 import difflib
+from dataclasses import dataclass
 from pathlib import Path
 from types import UnionType
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
@@ -234,16 +235,29 @@ class TrainConfig(_Strict):
         return self.training.hybrid_rollouts_per_prompt if self.method == "prefix_rft" else 0
 
 
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a config: where (a dotted field path, if any) and what."""
+
+    param: str | None
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.param}: {self.message}" if self.param else self.message
+
+
 class ConfigError(ValueError):
     """A configuration problem, phrased for the person who wrote the config."""
 
-    def __init__(self, problems: list[str]):
-        self.problems = problems
-        super().__init__("invalid config:\n" + "\n".join(f"  - {p}" for p in problems))
+    def __init__(self, problems: list[Problem | str]):
+        self.details = [p if isinstance(p, Problem) else Problem(None, p) for p in problems]
+        self.problems = [str(p) for p in self.details]
+        super().__init__("invalid config:\n" + "\n".join(f"  - {p}" for p in self.problems))
 
 
-def _describe(error: dict[str, Any]) -> str:
-    path, model = _walk(error["loc"][:-1] if error["type"] == "extra_forbidden" else error["loc"])
+def _describe(error: dict[str, Any], root: type[BaseModel]) -> Problem:
+    loc = error["loc"][:-1] if error["type"] == "extra_forbidden" else error["loc"]
+    path, model = _walk(loc, root)
     message = error["msg"]
     if error["type"] == "union_tag_invalid":
         path = [*path, "type"]
@@ -256,18 +270,17 @@ def _describe(error: dict[str, Any]) -> str:
         message = "unknown field" + (f"; did you mean {close[0]!r}?" if close else "")
         if known:
             message += f" (allowed: {', '.join(known)})"
-    loc = ".".join(path)
-    return f"{loc}: {message}" if loc else message
+    return Problem(".".join(path) or None, message.removeprefix("Value error, "))
 
 
-def _walk(loc: tuple[Any, ...]) -> tuple[list[str], type[BaseModel] | None]:
+def _walk(loc: tuple[Any, ...], root: type[BaseModel]) -> tuple[list[str], type[BaseModel] | None]:
     """Follow an error location through the config models.
 
     Returns the location as the user wrote it (union tags and validator names dropped) and the
     model found at its end, if any.
     """
     path: list[str] = []
-    node: Any = TrainConfig
+    node: Any = root
     for part in loc:
         if isinstance(node, dict):  # a tagged union: this part is the tag, not a field
             node = node.get(part)
@@ -310,13 +323,23 @@ def parse_config(raw: Any, base_dir: Path | None = None) -> TrainConfig:
     try:
         config = TrainConfig.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError([_describe(e) for e in exc.errors()]) from None
+        raise ConfigError([_describe(e, TrainConfig) for e in exc.errors()]) from None
     if base_dir is not None:
         data = config.data
         data.train = _resolve(data.train, base_dir)
         if data.eval is not None:
             data.eval = _resolve(data.eval, base_dir)
     return config
+
+
+def parse_reward_spec(raw: Any) -> RewardSpec:
+    """Validate a reward spec on its own (the API stores specs before any job uses them)."""
+    if not isinstance(raw, dict):
+        raise ConfigError([f"a reward spec must be a mapping with `graders`, got {type(raw).__name__}"])
+    try:
+        return RewardSpec.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError([_describe(e, RewardSpec) for e in exc.errors()]) from None
 
 
 def _resolve(path: Path, base_dir: Path) -> Path:

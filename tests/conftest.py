@@ -1,12 +1,284 @@
-"""Shared fixtures: an isolated data directory and the tiny random model."""
+"""Shared fixtures: an isolated data directory, the tiny random model, and the real servers.
+
+The service tests use real PostgreSQL, Redis, an S3 server and Celery worker processes.
+PostgreSQL and Redis are the machine's own servers on loopback; each test session gets its own
+database and Redis database number. Under CI=true a missing server fails the run; elsewhere the
+tests that need it are skipped with the reason.
+"""
 
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
 import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
 import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from service.settings import Settings
 
 # Models and runs of a test session live in a throwaway directory, never in the user's cache.
 os.environ["PREFIX_RFT_DATA_DIR"] = tempfile.mkdtemp(prefix="prefix-rft-tests-")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 warnings.filterwarnings("ignore", message=".*generation flags.*")
+
+PG_ADMIN_URL = os.environ.get("PREFIX_RFT_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+REDIS_URL = os.environ.get("PREFIX_RFT_TEST_REDIS", "redis://127.0.0.1:6379/11")
+REPO = Path(__file__).resolve().parents[2]
+
+
+def require(service: str, problem: str) -> None:
+    """A required server is missing: fail under CI, skip elsewhere."""
+    message = f"{service} is not reachable ({problem}); .ci/run starts it"
+    if os.environ.get("CI") == "true":
+        pytest.fail(message, pytrace=False)
+    pytest.skip(message)
+
+
+MOTO_START_SECONDS = 30
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """URL of a moto S3 server running in a subprocess for the whole session."""
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    # A file, not a pipe: the server logs every request, and an unread pipe would fill and stall it.
+    log_path = tmp_path_factory.mktemp("moto") / "server.log"
+    with log_path.open("wb") as log:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + MOTO_START_SECONDS
+        while True:
+            if server.poll() is not None:
+                pytest.fail(f"moto server exited with {server.returncode}:\n{log_path.read_text()}")
+            try:
+                urllib.request.urlopen(endpoint, timeout=1).close()
+                break
+            except urllib.error.HTTPError:
+                break  # any HTTP answer means it is serving
+            except OSError:
+                if time.monotonic() > deadline:
+                    pytest.fail(
+                        f"moto server did not answer within {MOTO_START_SECONDS} s:\n{log_path.read_text()}"
+                    )
+                time.sleep(0.1)
+        yield endpoint
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+@pytest.fixture(autouse=True)
+def fake_aws_credentials(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Fake credentials for moto, and nothing from the developer's own AWS setup."""
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for this session, dropped at the end."""
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    name = f"prefix_rft_test_{uuid.uuid4().hex[:10]}"
+    try:
+        with admin.connect() as connection:
+            connection.execute(text(f'CREATE DATABASE "{name}"'))
+    except Exception as exc:
+        admin.dispose()
+        require("PostgreSQL", str(exc).splitlines()[0])
+    url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    try:
+        yield url
+    finally:
+        with admin.connect() as connection:
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
+    try:
+        client.ping()
+    except Exception as exc:
+        require("Redis", str(exc))
+    client.flushdb()
+    yield REDIS_URL
+    client.flushdb()
+    client.close()
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint: str) -> str:
+    return f"test-{uuid.uuid4().hex[:16]}"
+
+
+MakeSettings = Callable[..., Settings]
+
+
+@pytest.fixture
+def make_settings(tmp_path: Path) -> MakeSettings:
+    """Settings for a test deployment; by default the embedded ones under a temporary data dir."""
+
+    def make(**overrides) -> Settings:
+        values = {"data_dir": tmp_path / "data", "heartbeat_seconds": 1, "lease_seconds": 30, **overrides}
+        return Settings(**values)
+
+    return make
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The environment that makes another process (a worker) see the same deployment."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFIX_RFT_")}
+    for name in (
+        "data_dir",
+        "database_url",
+        "broker_url",
+        "storage_url",
+        "s3_endpoint_url",
+        "heartbeat_seconds",
+        "lease_seconds",
+        "max_upload_bytes",
+    ):
+        value = getattr(settings, name)
+        if value is not None:
+            env[f"PREFIX_RFT_{name.upper()}"] = str(value)
+    return env
+
+
+class WorkerProcess:
+    """A real `celery worker` in a child process, as production runs it."""
+
+    def __init__(self, settings: Settings, log_path: Path):
+        self.log_path = log_path
+        command = [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "worker.celery_app",
+            "worker",
+            "--concurrency",
+            "1",
+            "--loglevel",
+            "INFO",
+            "--without-gossip",
+            "--without-mingle",
+            "--without-heartbeat",
+        ]
+        with log_path.open("wb") as log:
+            self.process = subprocess.Popen(
+                command,
+                cwd=REPO,
+                env=settings_env(settings),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+@pytest.fixture
+def start_worker(tmp_path: Path) -> Iterator[Callable[[Settings], WorkerProcess]]:
+    workers: list[WorkerProcess] = []
+
+    def start(settings: Settings) -> WorkerProcess:
+        worker = WorkerProcess(settings, tmp_path / f"worker-{len(workers)}.log")
+        workers.append(worker)
+        return worker
+
+    yield start
+    for worker in workers:
+        worker.stop()
+
+
+@pytest.fixture(scope="session")
+def migrated_postgres(postgres_url: str) -> str:
+    from service.migrate import upgrade_to_head
+
+    upgrade_to_head(postgres_url)
+    return postgres_url
+
+
+@pytest.fixture
+def pg_settings(make_settings: MakeSettings, migrated_postgres: str, redis_url: str) -> Settings:
+    """Production-shaped settings: PostgreSQL, Redis, and local storage under the test's data dir."""
+    return make_settings(database_url=migrated_postgres, broker_url=redis_url)
+
+
+class ApiClient:
+    """A TestClient of the real app, authenticated as a fresh project (tests never share data)."""
+
+    def __init__(self, settings: Settings):
+        from fastapi.testclient import TestClient
+
+        from api.app import create_app
+        from service.db import make_engine, make_sessionmaker, transaction
+        from service.keys import create_key
+
+        self.settings = settings
+        self.app = create_app(settings)
+        self.http = TestClient(self.app, raise_server_exceptions=False)
+        self.sessions = make_sessionmaker(make_engine(settings.database_url))
+        with transaction(self.sessions) as session:
+            project, self.key = create_key(session, f"test-{uuid.uuid4().hex[:12]}")
+            self.project_id = project.id
+        self.http.headers["Authorization"] = f"Bearer {self.key}"
+
+    def other_project(self) -> ApiClient:
+        """A client of the same deployment with another project's key."""
+        return ApiClient(self.settings)
+
+    def upload(self, lines: list[str] | bytes, name: str = "data.jsonl"):
+        body = lines if isinstance(lines, bytes) else ("\n".join(lines) + "\n").encode()
+        return self.http.post("/v1/datasets", files={"file": (name, body)})
+
+
+@pytest.fixture
+def api(pg_settings: Settings) -> Iterator[ApiClient]:
+    client = ApiClient(pg_settings)
+    yield client
+    client.http.close()

@@ -8,9 +8,11 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# boto3 is not listed: accelerate imports it on its own whenever it is installed.
 SERVICE_LAYERS = {
     "api",
     "worker",
+    "service",
     "fastapi",
     "starlette",
     "sqlalchemy",
@@ -18,7 +20,6 @@ SERVICE_LAYERS = {
     "celery",
     "kombu",
     "redis",
-    "boto3",
 }
 
 
@@ -50,3 +51,30 @@ def test_config_data_and_rewards_load_without_torch():
     # The API validates job specs, datasets and reward specs with these; its image has no torch.
     loaded = modules_loaded_by("import core.config, core.data, core.rewards")
     assert "torch" not in loaded and "transformers" not in loaded
+
+
+def test_the_api_process_never_imports_torch(tmp_path):
+    # The API image has no torch: building the app and answering a request must not need it.
+    loaded = modules_loaded_by(
+        "import os; os.environ['PREFIX_RFT_DATA_DIR'] = %r; "
+        "from fastapi.testclient import TestClient; from api.app import create_app; "
+        "from service.server import initialise; from service.settings import Settings; "
+        "s = Settings(); initialise(s); TestClient(create_app(s)).get('/v1/models')" % str(tmp_path)
+    )
+    assert "api" in loaded
+    assert not loaded & {"torch", "transformers", "peft", "core.trainer"}, loaded & {
+        "torch",
+        "transformers",
+        "peft",
+    }
+
+
+def test_celery_tasks_take_ids_and_stay_thin():
+    tree = ast.parse((ROOT / "worker" / "tasks.py").read_text())
+    tasks = [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)]
+    assert tasks
+    for task in tasks:
+        assert all(a.annotation is not None and ast.unparse(a.annotation) == "str" for a in task.args.args), (
+            task.name
+        )
+        assert len(task.body) <= 3, f"{task.name} should call domain code, not hold it"

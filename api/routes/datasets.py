@@ -1,0 +1,119 @@
+"""Datasets: streaming upload with validation, get, list, delete."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request
+from sqlalchemy import select
+from starlette.concurrency import run_in_threadpool
+
+from api.deps import ProjectDep, ServicesDep, SessionDep
+from api.errors import APIError, not_found
+from api.pagination import page_of
+from api.schemas import DatasetOut, Deleted, Page
+from api.uploads import receive_file
+from core.data import iter_byte_lines, read_jsonl
+from service.db import transaction
+from service.tables import ACTIVE_STATUSES, Dataset, Job, new_id
+
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+
+
+def get_dataset(session, project_id: str, dataset_id: str, param: str | None = None) -> Dataset:
+    dataset = session.get(Dataset, dataset_id)
+    if dataset is None or dataset.project_id != project_id:
+        raise not_found("dataset", dataset_id, param)
+    return dataset
+
+
+@router.post("", status_code=201, response_model=DatasetOut)
+async def upload_dataset(request: Request, project_id: ProjectDep, services: ServicesDep) -> Dataset:
+    """Upload JSONL as multipart (`file`, optional `name`). Invalid files are refused with every bad line."""
+    settings = services.settings
+    settings.scratch_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=settings.scratch_dir, prefix="upload-") as scratch:
+        path = Path(scratch) / "data.jsonl"
+        upload = await receive_file(request, path, settings.max_upload_bytes)
+        report = await run_in_threadpool(
+            lambda: read_jsonl(
+                iter_byte_lines(path, settings.max_line_bytes), settings.max_line_bytes, keep_examples=False
+            )
+        )
+        if not report.ok:
+            details = [{"line": e.line, "field": e.field, "message": e.message} for e in report.errors]
+            if report.error_count:
+                message = (
+                    f"the dataset has {report.error_count} invalid line(s); the first: {report.errors[0]}"
+                )
+            else:
+                message = "the file has no examples"
+            raise APIError(422, "invalid_dataset", message, "file", details)
+        name = (upload.fields.get("name") or upload.filename or "dataset.jsonl")[:255]
+        dataset = Dataset(
+            id=new_id("ds"),
+            project_id=project_id,
+            name=name,
+            bytes=upload.bytes,
+            sha256=upload.sha256,
+            storage_key="",
+            lines=report.lines,
+            examples=report.example_count,
+            with_demonstration=report.with_demonstration,
+            field_counts=report.field_counts,
+        )
+        dataset.storage_key = f"datasets/{project_id}/{dataset.id}.jsonl"
+        # The object first, then its row: a failure in between leaves an object that is removed here.
+        await run_in_threadpool(services.storage.put_file, dataset.storage_key, path)
+    try:
+        await run_in_threadpool(_insert, services, dataset)
+    except Exception:
+        await run_in_threadpool(services.storage.delete, dataset.storage_key)
+        raise
+    return dataset
+
+
+def _insert(services, dataset: Dataset) -> None:
+    with transaction(services.sessions) as session:
+        session.add(dataset)
+
+
+@router.get("", response_model=Page[DatasetOut])
+def list_datasets(
+    session: SessionDep,
+    project_id: ProjectDep,
+    after: Annotated[str | None, Query(max_length=40)] = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+) -> dict:
+    query = select(Dataset).where(Dataset.project_id == project_id)
+    return page_of(session, query, Dataset.id, after, limit)
+
+
+@router.get("/{dataset_id}", response_model=DatasetOut)
+def read_dataset(dataset_id: str, session: SessionDep, project_id: ProjectDep) -> Dataset:
+    return get_dataset(session, project_id, dataset_id)
+
+
+@router.delete("/{dataset_id}", response_model=Deleted)
+def delete_dataset(dataset_id: str, project_id: ProjectDep, services: ServicesDep) -> Deleted:
+    """Refused while a queued or running job uses the dataset; finished jobs keep their history."""
+    with transaction(services.sessions) as session:
+        dataset = session.get(Dataset, dataset_id, with_for_update=True)  # serialises with job creation
+        if dataset is None or dataset.project_id != project_id:
+            raise not_found("dataset", dataset_id)
+        in_use = session.scalar(
+            select(Job.id)
+            .where(
+                (Job.training_dataset_id == dataset_id) | (Job.validation_dataset_id == dataset_id),
+                Job.status.in_(ACTIVE_STATUSES),
+            )
+            .limit(1)
+        )
+        if in_use:
+            raise APIError(409, "dataset_in_use", f"dataset {dataset_id!r} is used by active job {in_use!r}")
+        session.delete(dataset)
+        key = dataset.storage_key
+    services.storage.delete(key)  # after the commit: a failed commit never loses the object
+    return Deleted(id=dataset_id, object="dataset")

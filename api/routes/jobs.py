@@ -1,0 +1,345 @@
+"""Fine-tuning jobs: create, read, list, cancel, and what a running job reports."""
+
+from __future__ import annotations
+
+import random
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query
+from fastapi.responses import StreamingResponse
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from api.deps import ProjectDep, ServicesDep, SessionDep
+from api.errors import APIError, not_found
+from api.pagination import page_of
+from api.routes.rewards import get_reward, validated_spec
+from api.schemas import (
+    CheckpointList,
+    EventPage,
+    JobCreate,
+    JobOut,
+    MetricPage,
+    Page,
+    SamplePage,
+)
+from core.base_models import REGISTRY
+from core.config import ConfigError, parse_config
+from service.db import transaction
+from service.queue import enqueue_job
+from service.tables import (
+    Artifact,
+    Checkpoint,
+    Dataset,
+    Job,
+    JobEvent,
+    JobMetric,
+    JobSample,
+    JobStatus,
+    new_id,
+    utcnow,
+)
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+# Where a config field lives in the request body, for error messages that point at the request.
+_BODY_PARAMS = {"training": "hyperparameters", "eval": "evaluation", "checkpoint.every": "checkpoint_every"}
+
+
+def job_out(job: Job) -> JobOut:
+    config = job.config
+    return JobOut(
+        id=job.id,
+        status=job.status,
+        model=job.model,
+        method=job.method,
+        adapter=config["adapter"],
+        training_dataset=job.training_dataset_id,
+        validation_dataset=job.validation_dataset_id,
+        reward_id=job.reward_spec_id,
+        reward=config.get("reward"),
+        hyperparameters=config["training"],
+        seed=job.seed,
+        suffix=job.suffix,
+        metadata=job.user_metadata,
+        step=job.step,
+        total_steps=job.total_steps,
+        attempt=job.attempt,
+        error=job.error,
+        fine_tuned_model=job.fine_tuned_model,
+        created_at=job.created_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+    )
+
+
+def get_job(session: Session, project_id: str, job_id: str) -> Job:
+    job = session.get(Job, job_id)
+    if job is None or job.project_id != project_id:
+        raise not_found("job", job_id)
+    return job
+
+
+def default_eval_size(examples: int) -> int:
+    """Held-out examples carved from the training data when no validation dataset is given."""
+    return min(100, examples // 5) if examples >= 10 else 0
+
+
+def _body_param(config_param: str | None) -> str | None:
+    if config_param is None:
+        return None
+    for prefix, body_name in _BODY_PARAMS.items():
+        if config_param == prefix or config_param.startswith(prefix + "."):
+            return body_name + config_param[len(prefix) :]
+    return config_param
+
+
+def _check_fields(dataset: Dataset, needed: set[str], param: str) -> None:
+    for name in sorted(needed):
+        have = dataset.field_counts.get(name, 0)
+        if have < dataset.examples:
+            raise APIError(
+                422,
+                "dataset_missing_field",
+                f"the reward reads field {name!r}, but {dataset.examples - have} of {dataset.examples} "
+                f"examples of dataset {dataset.id!r} lack it",
+                param,
+            )
+
+
+def build_config(
+    body: JobCreate, reward: dict[str, Any] | None, train: Dataset, heldout: Dataset | None
+) -> dict:
+    """The job's validated trainer config as JSON; data paths are filled in by the worker."""
+    if body.model not in {info.name for info in REGISTRY}:
+        allowed = ", ".join(info.name for info in REGISTRY)
+        raise APIError(
+            422, "unknown_model", f"unknown base model {body.model!r} (available: {allowed})", "model"
+        )
+    raw = {
+        "model": body.model,
+        "method": body.method,
+        "adapter": body.adapter,
+        "data": {
+            "train": "train.jsonl",
+            "eval": "eval.jsonl" if heldout else None,
+            "eval_size": 0 if heldout else default_eval_size(train.examples),
+        },
+        "reward": reward,
+        "training": body.hyperparameters,
+        "eval": body.evaluation,
+        "seed": body.seed if body.seed is not None else random.randrange(2**31),
+        "output_dir": "run",
+    }
+    try:
+        config = parse_config(raw)
+    except ConfigError as exc:
+        details = [{"param": _body_param(p.param), "message": p.message} for p in exc.details]
+        message = "; ".join(f"{d['param']}: {d['message']}" if d["param"] else d["message"] for d in details)
+        raise APIError(422, "invalid_job", message, details[0]["param"], details) from exc
+    config.checkpoint.every = body.checkpoint_every or max(1, config.training.steps // 10)
+    if config.sft_steps and train.with_demonstration == 0:
+        raise APIError(
+            422,
+            "no_demonstrations",
+            f"method {body.method!r} trains on demonstrations, but no example of {train.id!r} has one",
+            "training_dataset",
+        )
+    if config.reward is not None:
+        needed = config.reward.fields_needed()
+        _check_fields(train, needed, "training_dataset")
+        if heldout:
+            _check_fields(heldout, needed, "validation_dataset")
+    return config.model_dump(mode="json")
+
+
+@router.post("", status_code=201, response_model=JobOut)
+def create_job(body: JobCreate, project_id: ProjectDep, services: ServicesDep) -> JobOut:
+    with transaction(services.sessions) as session:
+        # Shared locks: a concurrent delete of these datasets waits for this job (or wins before it).
+        train = _locked_dataset(session, project_id, body.training_dataset, "training_dataset")
+        heldout = (
+            _locked_dataset(session, project_id, body.validation_dataset, "validation_dataset")
+            if body.validation_dataset
+            else None
+        )
+        if body.reward_id and body.reward:
+            raise APIError(
+                422, "invalid_job", "give either reward_id or an inline reward, not both", "reward"
+            )
+        reward = body.reward
+        if body.reward_id:
+            reward = get_reward(session, project_id, body.reward_id, "reward_id").spec
+        elif reward is not None:
+            reward = validated_spec(reward, "reward").model_dump(mode="json")
+        config = build_config(body, reward, train, heldout)
+        job = Job(
+            id=new_id("job"),
+            project_id=project_id,
+            status=JobStatus.QUEUED,
+            model=body.model,
+            method=body.method,
+            config=config,
+            training_dataset_id=train.id,
+            validation_dataset_id=heldout.id if heldout else None,
+            reward_spec_id=body.reward_id,
+            suffix=body.suffix,
+            user_metadata=body.metadata,
+            seed=config["seed"],
+            total_steps=config["training"]["steps"],
+        )
+        session.add(job)
+        session.add(
+            JobEvent(job_id=job.id, level="info", message=f"job created: {body.method} on {body.model}")
+        )
+    enqueue_job(services.celery, job.id)  # after the commit, so the worker finds the row
+    return job_out(job)
+
+
+def _locked_dataset(session: Session, project_id: str, dataset_id: str, param: str) -> Dataset:
+    dataset = session.get(Dataset, dataset_id, with_for_update={"read": True})
+    if dataset is None or dataset.project_id != project_id:
+        raise not_found("dataset", dataset_id, param)
+    return dataset
+
+
+@router.get("", response_model=Page[JobOut])
+def list_jobs(
+    session: SessionDep,
+    project_id: ProjectDep,
+    status: JobStatus | None = None,
+    after: Annotated[str | None, Query(max_length=40)] = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+) -> dict:
+    query = select(Job).where(Job.project_id == project_id)
+    if status is not None:
+        query = query.where(Job.status == status)
+    page = page_of(session, query, Job.id, after, limit)
+    page["data"] = [job_out(j) for j in page["data"]]
+    return page
+
+
+@router.get("/{job_id}", response_model=JobOut)
+def read_job(job_id: str, session: SessionDep, project_id: ProjectDep) -> JobOut:
+    return job_out(get_job(session, project_id, job_id))
+
+
+@router.post("/{job_id}/cancel", response_model=JobOut)
+def cancel_job(job_id: str, project_id: ProjectDep, services: ServicesDep) -> JobOut:
+    """A queued job is cancelled at once; a running one stops at its next step and ends `cancelled`."""
+    with transaction(services.sessions) as session:
+        job = get_job(session, project_id, job_id)
+        transitions = {
+            JobStatus.VALIDATING: JobStatus.CANCELLED,
+            JobStatus.QUEUED: JobStatus.CANCELLED,
+            JobStatus.RUNNING: JobStatus.CANCELLING,
+        }
+        target = transitions.get(JobStatus(job.status))
+        if target is None and job.status != JobStatus.CANCELLING:
+            raise APIError(409, "job_finished", f"job {job_id!r} has already finished ({job.status})")
+        if target is not None:
+            values: dict[str, Any] = {"status": target}
+            if target == JobStatus.CANCELLED:
+                values["finished_at"] = utcnow()
+            # Conditional: the worker may have moved the job on since it was read.
+            moved = session.execute(
+                update(Job).where(Job.id == job_id, Job.status == job.status).values(**values)
+            ).rowcount
+            if not moved:
+                raise APIError(409, "job_changed", "the job changed state meanwhile; read it and retry")
+            session.add(JobEvent(job_id=job_id, level="info", message=f"cancel requested: {target}"))
+    with services.sessions() as session:
+        return job_out(get_job(session, project_id, job_id))
+
+
+@router.get("/{job_id}/events", response_model=EventPage)
+def list_events(
+    job_id: str,
+    session: SessionDep,
+    project_id: ProjectDep,
+    after: Annotated[int | None, Query(ge=0, description="Events after this id (oldest first).")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> dict:
+    get_job(session, project_id, job_id)
+    query = select(JobEvent).where(JobEvent.job_id == job_id)
+    if after is not None:
+        query = query.where(JobEvent.id > after)
+    rows = list(session.scalars(query.order_by(JobEvent.id).limit(limit + 1)))
+    return {
+        "data": rows[:limit],
+        "has_more": len(rows) > limit,
+        "last_id": rows[:limit][-1].id if rows else None,
+    }
+
+
+@router.get("/{job_id}/metrics", response_model=MetricPage)
+def list_metrics(
+    job_id: str,
+    session: SessionDep,
+    project_id: ProjectDep,
+    kind: Annotated[str | None, Query(pattern="^(train|eval)$")] = None,
+    after_step: Annotated[int | None, Query(ge=-1, description="Rows after this step.")] = None,
+    limit: Annotated[int, Query(ge=1, le=10000)] = 1000,
+) -> dict:
+    get_job(session, project_id, job_id)
+    query = select(JobMetric).where(JobMetric.job_id == job_id)
+    if kind is not None:
+        query = query.where(JobMetric.kind == kind)
+    if after_step is not None:
+        query = query.where(JobMetric.step > after_step)
+    rows = list(session.scalars(query.order_by(JobMetric.step, JobMetric.kind).limit(limit + 1)))
+    return {"data": rows[:limit], "has_more": len(rows) > limit}
+
+
+@router.get("/{job_id}/samples", response_model=SamplePage)
+def list_samples(
+    job_id: str,
+    session: SessionDep,
+    project_id: ProjectDep,
+    after: Annotated[int | None, Query(ge=0)] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> dict:
+    get_job(session, project_id, job_id)
+    query = select(JobSample).where(JobSample.job_id == job_id)
+    if after is not None:
+        query = query.where(JobSample.id > after)
+    rows = list(session.scalars(query.order_by(JobSample.id).limit(limit + 1)))
+    return {
+        "data": rows[:limit],
+        "has_more": len(rows) > limit,
+        "last_id": rows[:limit][-1].id if rows else None,
+    }
+
+
+@router.get("/{job_id}/checkpoints", response_model=CheckpointList)
+def list_checkpoints(job_id: str, session: SessionDep, project_id: ProjectDep) -> dict:
+    get_job(session, project_id, job_id)
+    rows = session.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step))
+    return {"data": list(rows)}
+
+
+@router.get(
+    "/{job_id}/adapter",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"application/gzip": {}}, "description": "The PEFT adapter as .tar.gz"}},
+)
+def download_adapter(job_id: str, session: SessionDep, project_id: ProjectDep, services: ServicesDep):
+    """The trained adapter: a .tar.gz of the PEFT directory; its sha256 is in `X-Content-SHA256`."""
+    job = get_job(session, project_id, job_id)
+    artifact = session.scalar(select(Artifact).where(Artifact.job_id == job.id))
+    if artifact is None:
+        raise APIError(
+            404,
+            "adapter_not_ready",
+            f"job {job_id!r} has no adapter (status {job.status}); it has one once succeeded",
+        )
+    chunks = services.storage.iter_chunks(artifact.storage_key)
+    return StreamingResponse(
+        chunks,
+        media_type="application/gzip",
+        headers={
+            "Content-Disposition": f'attachment; filename="{job.id}-adapter.tar.gz"',
+            "Content-Length": str(artifact.bytes),
+            "X-Content-SHA256": artifact.sha256,
+        },
+    )

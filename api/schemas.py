@@ -1,0 +1,202 @@
+"""Request and response bodies of the REST API (they are the OpenAPI schema at /docs)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Generic, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from core.config import Method
+
+T = TypeVar("T")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Page(BaseModel, Generic[T]):
+    object: Literal["list"] = "list"
+    data: list[T]
+    has_more: bool
+    last_id: str | None = Field(None, description="Pass as `after` to get the next page.")
+
+
+class Deleted(BaseModel):
+    id: str
+    object: str
+    deleted: bool = True
+
+
+# ----- datasets --------------------------------------------------------------------------------
+
+
+class DatasetOut(BaseModel):
+    id: str
+    object: Literal["dataset"] = "dataset"
+    name: str
+    bytes: int
+    sha256: str
+    lines: int
+    examples: int
+    with_demonstration: int
+    field_counts: dict[str, int] = Field(description="Extra fields and how many examples carry each.")
+    created_at: datetime
+
+
+# ----- rewards ---------------------------------------------------------------------------------
+
+
+class RewardCreate(_Strict):
+    name: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    graders: list[dict[str, Any]] = Field(
+        min_length=1, description="Weighted graders, each with a `type` (exact_match, regex, math, ...)."
+    )
+
+
+class RewardOut(BaseModel):
+    id: str
+    object: Literal["reward"] = "reward"
+    name: str
+    graders: list[dict[str, Any]]
+    fields_needed: list[str] = Field(description="Example fields the graders read.")
+    created_at: datetime
+
+
+# ----- jobs ------------------------------------------------------------------------------------
+
+
+class JobCreate(_Strict):
+    model: str = Field(description="Base model id, from GET /v1/models.")
+    method: Method = Field("prefix_rft", description="prefix_rft | rft | sft | sft_then_rft.")
+    adapter: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Adapter type and settings: {'type': 'prefix', 'num_virtual_tokens': 16} or "
+        "{'type': 'lora', 'r': 8, ...}; default: a prefix adapter.",
+    )
+    training_dataset: str = Field(description="Dataset id of the training examples.")
+    validation_dataset: str | None = Field(
+        None, description="Dataset id of held-out examples; default: a seeded split of the training data."
+    )
+    reward_id: str | None = Field(None, description="A stored reward spec; or give `reward` inline.")
+    reward: dict[str, Any] | None = Field(None, description="An inline reward spec: {'graders': [...]}.")
+    hyperparameters: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Training settings (steps, prompts_per_step, rollouts_per_prompt, learning_rate, ...), "
+        "each with the trainer's documented default.",
+    )
+    evaluation: dict[str, Any] = Field(
+        default_factory=dict, description="Held-out evaluation: {'every': K, 'max_examples': N}."
+    )
+    checkpoint_every: int | None = Field(
+        None, ge=1, description="Checkpoint every K steps; default: a tenth of the steps."
+    )
+    seed: int | None = Field(None, ge=0, le=2**31 - 1, description="Default: chosen at random and recorded.")
+    suffix: str | None = Field(
+        None, max_length=40, pattern=r"^[a-z0-9][a-z0-9-]*$", description="Part of the adapter's model name."
+    )
+    metadata: dict[str, str] | None = Field(None, max_length=16, description="Up to 16 string pairs.")
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+
+
+class JobOut(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job"] = "fine_tuning.job"
+    status: str
+    model: str
+    method: str
+    adapter: dict[str, Any]
+    training_dataset: str | None
+    validation_dataset: str | None
+    reward_id: str | None
+    reward: dict[str, Any] | None
+    hyperparameters: dict[str, Any]
+    seed: int
+    suffix: str | None
+    metadata: dict[str, str] | None
+    step: int
+    total_steps: int
+    attempt: int
+    error: JobError | None
+    fine_tuned_model: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class EventOut(BaseModel):
+    id: int
+    object: Literal["fine_tuning.job.event"] = "fine_tuning.job.event"
+    level: str
+    message: str
+    data: dict[str, Any] | None
+    created_at: datetime
+
+
+class EventPage(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[EventOut]
+    has_more: bool
+    last_id: int | None = Field(None, description="Pass as `after` to get the next page.")
+
+
+class MetricOut(BaseModel):
+    step: int
+    kind: Literal["train", "eval"]
+    values: dict[str, Any]
+    created_at: datetime
+
+
+class MetricPage(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[MetricOut]
+    has_more: bool
+
+
+class SampleOut(BaseModel):
+    id: int
+    step: int
+    data: dict[str, Any] = Field(description="Prompt, completion, reward and per-grader scores.")
+
+
+class SamplePage(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[SampleOut]
+    has_more: bool
+    last_id: int | None = None
+
+
+class CheckpointOut(BaseModel):
+    id: int
+    object: Literal["fine_tuning.job.checkpoint"] = "fine_tuning.job.checkpoint"
+    step: int
+    bytes: int
+    created_at: datetime
+
+
+class CheckpointList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[CheckpointOut]
+
+
+# ----- models ----------------------------------------------------------------------------------
+
+
+class ModelOut(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+    description: str | None = None
+    base_model: str | None = Field(None, description="For an adapter: the model it was trained on.")
+    job_id: str | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelOut]

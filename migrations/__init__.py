@@ -1,0 +1,1 @@
+"""Alembic migrations of the service database; `prefix-rft init` applies them."""

@@ -1,0 +1,105 @@
+"""`prefix-rft serve`: the whole service on one machine, on the embedded defaults.
+
+SQLite, a local object directory and a broker kept in files, all under the data directory;
+the API runs in this process and a Celery worker in a child process, as in production.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+
+from sqlalchemy import func, select
+
+from service.db import make_engine, make_sessionmaker, transaction
+from service.keys import create_key
+from service.migrate import upgrade_to_head
+from service.settings import Settings, get_settings
+from service.storage import open_storage
+from service.tables import ApiKey
+
+log = logging.getLogger(__name__)
+
+
+def initialise(settings: Settings) -> None:
+    """Migrate the database to head and create the storage directory or bucket."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
+    upgrade_to_head(settings.database_url)
+    open_storage(
+        settings.storage_url, s3_endpoint_url=settings.s3_endpoint_url, s3_region=settings.s3_region
+    ).prepare()
+
+
+def first_start_key(settings: Settings) -> str | None:
+    """On a database without keys, create the `default` project's key; it is printed once."""
+    engine = make_engine(settings.database_url)
+    try:
+        with transaction(make_sessionmaker(engine)) as session:
+            if session.scalar(select(func.count()).select_from(ApiKey)):
+                return None
+            _, key = create_key(session, "default")
+            return key
+    finally:
+        engine.dispose()
+
+
+def worker_command() -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "worker.celery_app",
+        "worker",
+        "--concurrency",
+        "1",
+        "--loglevel",
+        "INFO",
+    ]
+
+
+def serve(host: str, port: int, with_worker: bool = True) -> int:
+    import uvicorn
+
+    from api.app import create_app
+
+    settings = get_settings()
+    initialise(settings)
+    key = first_start_key(settings)
+    if key:
+        print(
+            f"\nCreated the project 'default' and its API key (shown once, store it now):\n\n  {key}\n\n"
+            f"  export PREFIX_RFT_API_KEY={key}\n",
+            flush=True,
+        )
+    worker = None
+    if with_worker:
+        # Its own process group, so a Ctrl-C in this terminal reaches it only through us.
+        worker = subprocess.Popen(worker_command(), env=os.environ.copy(), start_new_session=True)
+        log.info("worker started (pid %d)", worker.pid)
+    print(
+        f"API on http://{host}:{port} (docs: http://{host}:{port}/docs); data in {settings.data_dir}",
+        flush=True,
+    )
+    try:
+        uvicorn.run(create_app(settings), host=host, port=port, log_level=settings.log_level.lower())
+    finally:
+        if worker is not None:
+            _stop(worker)
+    return 0
+
+
+def _stop(worker: subprocess.Popen, grace: float = 60) -> None:
+    """SIGTERM lets Celery finish its current step's bookkeeping; then it is killed."""
+    if worker.poll() is not None:
+        return
+    worker.send_signal(signal.SIGTERM)
+    try:
+        worker.wait(grace)
+    except subprocess.TimeoutExpired:
+        worker.kill()
+        worker.wait()

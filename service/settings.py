@@ -1,0 +1,76 @@
+"""Deployment settings, read from `PREFIX_RFT_*` environment variables.
+
+Every setting has an embedded default, so one machine needs none of them: SQLite, a local object
+directory and a broker kept in files, all under the data directory. Production points the same
+code at PostgreSQL, Redis and S3 through the same variables.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from core.base_models import data_dir as default_data_dir
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PREFIX_RFT_", extra="ignore")
+
+    environment: Literal["local", "production"] = Field(
+        "local", description="production refuses the embedded defaults for the database, broker and storage."
+    )
+    data_dir: Path = Field(
+        default_factory=default_data_dir,
+        description="Local state: converted base models, the SQLite file, local objects, worker scratch.",
+    )
+    database_url: str = Field("", description="SQLAlchemy URL; default: SQLite file in the data dir.")
+    broker_url: str = Field("", description="Celery broker; default: a broker kept in files in the data dir.")
+    storage_url: str = Field(
+        "", description="file:///dir or s3://bucket[/prefix]; default: the data dir's objects/ folder."
+    )
+    s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, ...).")
+    s3_region: str | None = Field(None, description="S3 region; default: boto3's.")
+    max_upload_bytes: int = Field(
+        1 << 30, ge=1, description="Largest dataset upload, counted while streaming."
+    )
+    max_line_bytes: int = Field(1 << 20, ge=1, description="Longest dataset line.")
+    lease_seconds: int = Field(300, ge=10, description="A running job's lease; the worker renews it.")
+    heartbeat_seconds: float = Field(30, gt=0, description="How often the worker renews the lease.")
+    log_level: str = Field("INFO", description="Logging level of the API and worker.")
+
+    @model_validator(mode="after")
+    def _fill_embedded_defaults(self) -> Settings:
+        if self.environment == "production":
+            missing = [
+                f"PREFIX_RFT_{name.upper()}"
+                for name in ("database_url", "broker_url", "storage_url")
+                if not getattr(self, name)
+            ]
+            if missing:
+                raise ValueError(
+                    f"production needs {', '.join(missing)} (the embedded defaults are for one machine)"
+                )
+        self.data_dir = self.data_dir.expanduser().resolve()
+        self.database_url = self.database_url or f"sqlite:///{self.data_dir / 'service.db'}"
+        self.broker_url = self.broker_url or "filesystem://"
+        self.storage_url = self.storage_url or (self.data_dir / "objects").as_uri()
+        return self
+
+    @property
+    def broker_dir(self) -> Path:
+        """Message folder of the file broker (one machine only)."""
+        return self.data_dir / "broker"
+
+    @property
+    def scratch_dir(self) -> Path:
+        """Where workers unpack datasets and write checkpoints before uploading them."""
+        return self.data_dir / "scratch"
+
+
+@functools.cache
+def get_settings() -> Settings:
+    return Settings()

