@@ -56,10 +56,10 @@ def test_config_data_and_rewards_load_without_torch():
 def test_the_api_process_never_imports_torch(tmp_path):
     # The API image has no torch: building the app and answering a request must not need it.
     loaded = modules_loaded_by(
-        "import os; os.environ['PREFIX_RFT_DATA_DIR'] = %r; "
+        f"import os; os.environ['PREFIX_RFT_DATA_DIR'] = {str(tmp_path)!r}; "
         "from fastapi.testclient import TestClient; from api.app import create_app; "
         "from service.server import initialise; from service.settings import Settings; "
-        "s = Settings(); initialise(s); TestClient(create_app(s)).get('/v1/models')" % str(tmp_path)
+        "s = Settings(); initialise(s); TestClient(create_app(s)).get('/v1/models')"
     )
     assert "api" in loaded
     assert not loaded & {"torch", "transformers", "peft", "core.trainer"}, loaded & {
