@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup example test lint benchmark-throughput benchmark-learning
+.PHONY: setup example example-job serve test lint benchmark-throughput benchmark-learning
 
 setup: $(STAMP)
 
@@ -34,3 +34,12 @@ benchmark-throughput: setup
 
 benchmark-learning: setup
 	$(PY) -m benchmarks.learning --steps 20 --eval-every 10 --jobs 2 --out docs/benchmarks/learning
+
+# The service on the embedded defaults (SQLite, local storage, a broker kept in files).
+serve: setup
+	$(VENV)/bin/prefix-rft serve
+
+# The example job through a running service (make serve in another terminal).
+example-job: setup
+	$(PY) examples/addition/make_data.py
+	PATH=$(VENV)/bin:$$PATH bash examples/addition/run_on_service.sh

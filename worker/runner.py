@@ -24,8 +24,6 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.config import ConfigError, parse_config
-from core.data import DatasetError
-from core.models import ModelNotFound
 from core.trainer import Trainer, TrainerCallback
 from service.db import make_engine, make_sessionmaker, transaction
 from service.lifecycle import (
@@ -94,7 +92,7 @@ class JobRun:
                 self._train(Path(tmp))
         except LostJob:
             self.log.warning("job %s: lost (cancelled or taken over); stopping without writing", self.job_id)
-        except (ConfigError, DatasetError, ModelNotFound) as exc:
+        except ValueError as exc:  # the trainer's word for bad input: config, data, model (ConfigError, ...)
             self._fail("invalid_input", str(exc))
         except Exception as exc:
             self.log.exception("job %s: training failed", self.job_id)
