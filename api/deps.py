@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 from celery import Celery
-from fastapi import Depends, Request
+from fastapi import Depends, Query, Request
 from sqlalchemy.orm import Session, sessionmaker
 
-from api.errors import APIError
+from api.errors import BEARER_CHALLENGE, MISSING_KEY, APIError, not_found
 from service.keys import project_for_key
 from service.settings import Settings
 from service.storage import Storage
+from service.tables import Dataset, Job, RewardSpecRecord
 
 
 @dataclass
@@ -45,11 +47,34 @@ def current_project(request: Request, session: SessionDep) -> str:
     """The project of the bearer API key; every resource lookup is scoped to it."""
     scheme, _, key = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not key.strip():
-        raise APIError(401, "missing_api_key", "send an API key as 'Authorization: Bearer <key>'")
+        raise APIError(401, *MISSING_KEY, headers=BEARER_CHALLENGE)
     project_id = project_for_key(session, key.strip())
     if project_id is None:
-        raise APIError(401, "invalid_api_key", "the API key is not valid (unknown or revoked)")
+        raise APIError(
+            401, "invalid_api_key", "the API key is not valid (unknown or revoked)", headers=BEARER_CHALLENGE
+        )
     return project_id
 
 
 ProjectDep = Annotated[str, Depends(current_project)]
+
+ID_PATTERN = r"^[a-z]+_[0-9a-f]{24}$"  # the shape of service.tables.new_id
+_ID = re.compile(ID_PATTERN)
+Model = TypeVar("Model", Dataset, Job, RewardSpecRecord)
+
+
+def owned(
+    session: Session, model: type[Model], resource_id: str, project_id: str, param: str | None = None, **get
+) -> Model:
+    """The caller's resource by id; anything else (another project's, malformed, missing) is a 404."""
+    kind = {Dataset: "dataset", Job: "job", RewardSpecRecord: "reward"}[model]
+    row = session.get(model, resource_id, **get) if _ID.match(resource_id) else None
+    if row is None or row.project_id != project_id:
+        raise not_found(kind, resource_id, param)
+    return row
+
+
+CursorQuery = Annotated[
+    str | None, Query(pattern=ID_PATTERN, description="The last id of the previous page.")
+]
+LimitQuery = Annotated[int, Query(ge=1, le=100)]

@@ -23,9 +23,11 @@ class APIError(Exception):
         message: str,
         param: str | None = None,
         details: list[dict[str, Any]] | None = None,
+        headers: dict[str, str] | None = None,
     ):
         super().__init__(message)
         self.status, self.code, self.message, self.param, self.details = status, code, message, param, details
+        self.headers = headers
 
 
 def not_found(kind: str, resource_id: str, param: str | None = None) -> APIError:
@@ -53,14 +55,15 @@ def error_body(
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(_request: Request, exc: APIError) -> JSONResponse:
-        return JSONResponse(error_body(exc.status, exc.code, exc.message, exc.param, exc.details), exc.status)
+        body = error_body(exc.status, exc.code, exc.message, exc.param, exc.details)
+        return JSONResponse(body, exc.status, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        details = [
-            {"param": _param(e["loc"]), "message": e["msg"].removeprefix("Value error, ")}
-            for e in exc.errors()
-        ]
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI reads the body before the key is checked; a caller without a key hears that first.
+        if request.url.path.startswith("/v1/") and not request.headers.get("authorization"):
+            return JSONResponse(error_body(401, *MISSING_KEY), 401, headers=BEARER_CHALLENGE)
+        details = [_validation_detail(e) for e in exc.errors()]
         message = "; ".join(f"{d['param']}: {d['message']}" if d["param"] else d["message"] for d in details)
         first = details[0]["param"] if details else None
         return JSONResponse(error_body(422, "invalid_request", message, first, details), 422)
@@ -68,12 +71,26 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return JSONResponse(error_body(exc.status_code, code, str(exc.detail)), exc.status_code)
+        body = error_body(exc.status_code, code, str(exc.detail))
+        return JSONResponse(body, exc.status_code, headers=exc.headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return JSONResponse(error_body(500, "internal_error", "internal server error"), 500)
+
+
+MISSING_KEY = ("missing_api_key", "send an API key as 'Authorization: Bearer <key>'")
+BEARER_CHALLENGE = {"WWW-Authenticate": "Bearer"}
+
+
+def _validation_detail(error: dict[str, Any]) -> dict[str, Any]:
+    if error["type"] == "json_invalid":
+        reason = error.get("ctx", {}).get("error", "")
+        return {"param": None, "message": f"the request body is not valid JSON ({reason})".replace(" ()", "")}
+    if error["type"] == "missing" and tuple(error["loc"]) == ("body",):
+        return {"param": None, "message": "a JSON request body is required"}
+    return {"param": _param(error["loc"]), "message": error["msg"].removeprefix("Value error, ")}
 
 
 def _param(loc: tuple[Any, ...] | list[Any]) -> str | None:

@@ -11,7 +11,7 @@ import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from python_multipart.multipart import MultipartParser, parse_options_header
+from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
 
@@ -134,6 +134,8 @@ async def receive_file(request: Request, target: Path, limit: int) -> ReceivedUp
                 await run_in_threadpool(collector.flush)  # disk writes stay off the event loop
         parser.finalize()
         collector.flush()
+        if parser.state != MultipartState.END:  # the parser itself does not check for the closing boundary
+            raise APIError(400, "invalid_upload", "the multipart body ended before its closing boundary")
     except ClientDisconnect as exc:
         raise APIError(
             400, "upload_interrupted", "the client disconnected before the upload finished"

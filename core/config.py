@@ -22,7 +22,8 @@ METHODS: tuple[str, ...] = ("prefix_rft", "rft", "sft", "sft_then_rft")
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # No NaN or infinity (JSON has neither, and 1e400 parses as inf): a bound must mean something.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class PrefixAdapterConfig(_Strict):
@@ -81,7 +82,7 @@ class DataConfig(_Strict):
 
 
 class TrainingConfig(_Strict):
-    steps: int = Field(100, ge=1, description="Optimizer steps.")
+    steps: int = Field(100, ge=1, le=1_000_000, description="Optimizer steps.")
     prompts_per_step: int = Field(8, ge=1, description="Prompts (groups) per step (B).")
     rollouts_per_prompt: int = Field(8, ge=2, description="Rollouts per prompt (N), hybrids included.")
     hybrid_rollouts_per_prompt: int = Field(
@@ -257,8 +258,13 @@ class ConfigError(ValueError):
 
 def _describe(error: dict[str, Any], root: type[BaseModel]) -> Problem:
     loc = error["loc"][:-1] if error["type"] == "extra_forbidden" else error["loc"]
-    path, model = _walk(loc, root)
+    path, node = _walk(loc, root)
+    model = node if isinstance(node, type) else None
     message = error["msg"]
+    if error["type"] == "union_tag_not_found":
+        path = [*path, "type"]
+        allowed = f": one of {', '.join(map(repr, node))}" if isinstance(node, dict) else ""
+        message = f"required{allowed}"
     if error["type"] == "union_tag_invalid":
         path = [*path, "type"]
         message = f"must be one of {error['ctx']['expected_tags']}, got {error['ctx']['tag']!r}"
@@ -273,7 +279,7 @@ def _describe(error: dict[str, Any], root: type[BaseModel]) -> Problem:
     return Problem(".".join(path) or None, message.removeprefix("Value error, "))
 
 
-def _walk(loc: tuple[Any, ...], root: type[BaseModel]) -> tuple[list[str], type[BaseModel] | None]:
+def _walk(loc: tuple[Any, ...], root: type[BaseModel]) -> tuple[list[str], Any]:
     """Follow an error location through the config models.
 
     Returns the location as the user wrote it (union tags and validator names dropped) and the
@@ -292,7 +298,7 @@ def _walk(loc: tuple[Any, ...], root: type[BaseModel]) -> tuple[list[str], type[
             node = _model_of(node.model_fields[str(part)].annotation)
         else:
             node = None
-    return path, node if isinstance(node, type) else None
+    return path, node
 
 
 def _model_of(annotation: Any) -> Any:

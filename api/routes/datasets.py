@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Annotated
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Request
 from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import ProjectDep, ServicesDep, SessionDep
-from api.errors import APIError, not_found
+from api.deps import CursorQuery, LimitQuery, ProjectDep, ServicesDep, SessionDep, owned
+from api.errors import APIError
 from api.pagination import page_of
 from api.schemas import DatasetOut, Deleted, Page
 from api.uploads import receive_file
@@ -20,13 +19,6 @@ from service.db import transaction
 from service.tables import ACTIVE_STATUSES, Dataset, Job, new_id
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
-
-
-def get_dataset(session, project_id: str, dataset_id: str, param: str | None = None) -> Dataset:
-    dataset = session.get(Dataset, dataset_id)
-    if dataset is None or dataset.project_id != project_id:
-        raise not_found("dataset", dataset_id, param)
-    return dataset
 
 
 @router.post("", status_code=201, response_model=DatasetOut)
@@ -51,7 +43,7 @@ async def upload_dataset(request: Request, project_id: ProjectDep, services: Ser
             else:
                 message = "the file has no examples"
             raise APIError(422, "invalid_dataset", message, "file", details)
-        name = (upload.fields.get("name") or upload.filename or "dataset.jsonl")[:255]
+        name = _printable(upload.fields.get("name") or upload.filename or "")[:255] or "dataset.jsonl"
         dataset = Dataset(
             id=new_id("ds"),
             project_id=project_id,
@@ -75,6 +67,11 @@ async def upload_dataset(request: Request, project_id: ProjectDep, services: Ser
     return dataset
 
 
+def _printable(text: str) -> str:
+    """Names are for display: control characters (NUL included) are dropped."""
+    return "".join(ch for ch in text if ch.isprintable()).strip()
+
+
 def _insert(services, dataset: Dataset) -> None:
     with transaction(services.sessions) as session:
         session.add(dataset)
@@ -84,8 +81,8 @@ def _insert(services, dataset: Dataset) -> None:
 def list_datasets(
     session: SessionDep,
     project_id: ProjectDep,
-    after: Annotated[str | None, Query(max_length=40)] = None,
-    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    after: CursorQuery = None,
+    limit: LimitQuery = 20,
 ) -> dict:
     query = select(Dataset).where(Dataset.project_id == project_id)
     return page_of(session, query, Dataset.id, after, limit)
@@ -93,16 +90,15 @@ def list_datasets(
 
 @router.get("/{dataset_id}", response_model=DatasetOut)
 def read_dataset(dataset_id: str, session: SessionDep, project_id: ProjectDep) -> Dataset:
-    return get_dataset(session, project_id, dataset_id)
+    return owned(session, Dataset, dataset_id, project_id)
 
 
 @router.delete("/{dataset_id}", response_model=Deleted)
 def delete_dataset(dataset_id: str, project_id: ProjectDep, services: ServicesDep) -> Deleted:
     """Refused while a queued or running job uses the dataset; finished jobs keep their history."""
     with transaction(services.sessions) as session:
-        dataset = session.get(Dataset, dataset_id, with_for_update=True)  # serialises with job creation
-        if dataset is None or dataset.project_id != project_id:
-            raise not_found("dataset", dataset_id)
+        # The row lock serialises this with job creation, which takes a shared lock.
+        dataset = owned(session, Dataset, dataset_id, project_id, with_for_update=True)
         in_use = session.scalar(
             select(Job.id)
             .where(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
@@ -10,10 +11,10 @@ from fastapi.responses import StreamingResponse
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from api.deps import ProjectDep, ServicesDep, SessionDep
-from api.errors import APIError, not_found
+from api.deps import CursorQuery, LimitQuery, ProjectDep, ServicesDep, SessionDep, owned
+from api.errors import APIError
 from api.pagination import page_of
-from api.routes.rewards import get_reward, validated_spec
+from api.routes.rewards import joined, validated_spec
 from api.schemas import (
     CheckpointList,
     EventPage,
@@ -36,11 +37,14 @@ from service.tables import (
     JobMetric,
     JobSample,
     JobStatus,
+    RewardSpecRecord,
     new_id,
     utcnow,
 )
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+MAX_INT, MAX_BIGINT = 2**31 - 1, 2**63 - 1  # the database's integer ranges bound the cursors
 
 # Where a config field lives in the request body, for error messages that point at the request.
 _BODY_PARAMS = {"training": "hyperparameters", "eval": "evaluation", "checkpoint.every": "checkpoint_every"}
@@ -74,10 +78,7 @@ def job_out(job: Job) -> JobOut:
 
 
 def get_job(session: Session, project_id: str, job_id: str) -> Job:
-    job = session.get(Job, job_id)
-    if job is None or job.project_id != project_id:
-        raise not_found("job", job_id)
-    return job
+    return owned(session, Job, job_id, project_id)
 
 
 def default_eval_size(examples: int) -> int:
@@ -85,13 +86,22 @@ def default_eval_size(examples: int) -> int:
     return min(100, examples // 5) if examples >= 10 else 0
 
 
-def _body_param(config_param: str | None) -> str | None:
-    if config_param is None:
-        return None
+def _body_param(config_param: str) -> str:
     for prefix, body_name in _BODY_PARAMS.items():
         if config_param == prefix or config_param.startswith(prefix + "."):
             return body_name + config_param[len(prefix) :]
     return config_param
+
+
+def _body_detail(config_param: str | None, message: str) -> dict[str, str | None]:
+    """A trainer-config problem in the request's terms. Cross-field checks have no location of
+    their own; the first field their message names stands for it."""
+    named = re.findall(r"\b(?:training|eval)\.[a-z_]+", message)
+    for name in named:
+        message = message.replace(name, _body_param(name))
+    if config_param is None and named:
+        config_param = named[0]
+    return {"param": _body_param(config_param) if config_param else None, "message": message}
 
 
 def _check_fields(dataset: Dataset, needed: set[str], param: str) -> None:
@@ -134,9 +144,8 @@ def build_config(
     try:
         config = parse_config(raw)
     except ConfigError as exc:
-        details = [{"param": _body_param(p.param), "message": p.message} for p in exc.details]
-        message = "; ".join(f"{d['param']}: {d['message']}" if d["param"] else d["message"] for d in details)
-        raise APIError(422, "invalid_job", message, details[0]["param"], details) from exc
+        details = [_body_detail(p.param, p.message) for p in exc.details]
+        raise APIError(422, "invalid_job", joined(details), details[0]["param"], details) from exc
     config.checkpoint.every = body.checkpoint_every or max(1, config.training.steps // 10)
     if config.sft_steps and train.with_demonstration == 0:
         raise APIError(
@@ -163,13 +172,20 @@ def create_job(body: JobCreate, project_id: ProjectDep, services: ServicesDep) -
             if body.validation_dataset
             else None
         )
+        if body.method != "sft" and body.reward_id is None and body.reward is None:
+            raise APIError(
+                422,
+                "invalid_job",
+                f"method {body.method!r} needs a reward: give reward_id or reward",
+                "reward",
+            )
         if body.reward_id and body.reward:
             raise APIError(
                 422, "invalid_job", "give either reward_id or an inline reward, not both", "reward"
             )
         reward = body.reward
         if body.reward_id:
-            reward = get_reward(session, project_id, body.reward_id, "reward_id").spec
+            reward = owned(session, RewardSpecRecord, body.reward_id, project_id, "reward_id").spec
         elif reward is not None:
             reward = validated_spec(reward, "reward").model_dump(mode="json")
         config = build_config(body, reward, train, heldout)
@@ -197,10 +213,7 @@ def create_job(body: JobCreate, project_id: ProjectDep, services: ServicesDep) -
 
 
 def _locked_dataset(session: Session, project_id: str, dataset_id: str, param: str) -> Dataset:
-    dataset = session.get(Dataset, dataset_id, with_for_update={"read": True})
-    if dataset is None or dataset.project_id != project_id:
-        raise not_found("dataset", dataset_id, param)
-    return dataset
+    return owned(session, Dataset, dataset_id, project_id, param, with_for_update={"read": True})
 
 
 @router.get("", response_model=Page[JobOut])
@@ -208,8 +221,8 @@ def list_jobs(
     session: SessionDep,
     project_id: ProjectDep,
     status: JobStatus | None = None,
-    after: Annotated[str | None, Query(max_length=40)] = None,
-    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    after: CursorQuery = None,
+    limit: LimitQuery = 20,
 ) -> dict:
     query = select(Job).where(Job.project_id == project_id)
     if status is not None:
@@ -257,7 +270,9 @@ def list_events(
     job_id: str,
     session: SessionDep,
     project_id: ProjectDep,
-    after: Annotated[int | None, Query(ge=0, description="Events after this id (oldest first).")] = None,
+    after: Annotated[
+        int | None, Query(ge=0, le=MAX_BIGINT, description="Events after this id (oldest first).")
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> dict:
     get_job(session, project_id, job_id)
@@ -278,7 +293,7 @@ def list_metrics(
     session: SessionDep,
     project_id: ProjectDep,
     kind: Annotated[str | None, Query(pattern="^(train|eval)$")] = None,
-    after_step: Annotated[int | None, Query(ge=-1, description="Rows after this step.")] = None,
+    after_step: Annotated[int | None, Query(ge=-1, le=MAX_INT, description="Rows after this step.")] = None,
     limit: Annotated[int, Query(ge=1, le=10000)] = 1000,
 ) -> dict:
     get_job(session, project_id, job_id)
@@ -296,7 +311,7 @@ def list_samples(
     job_id: str,
     session: SessionDep,
     project_id: ProjectDep,
-    after: Annotated[int | None, Query(ge=0)] = None,
+    after: Annotated[int | None, Query(ge=0, le=MAX_BIGINT)] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> dict:
     get_job(session, project_id, job_id)

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from api.deps import ProjectDep, ServicesDep, SessionDep
-from api.errors import APIError, not_found
+from api.deps import CursorQuery, LimitQuery, ProjectDep, ServicesDep, SessionDep, owned
+from api.errors import APIError
 from api.pagination import page_of
 from api.schemas import Page, RewardCreate, RewardOut
 from core.config import ConfigError, parse_reward_spec
@@ -20,14 +20,20 @@ from service.tables import RewardSpecRecord
 router = APIRouter(prefix="/v1/rewards", tags=["rewards"])
 
 
-def validated_spec(raw: dict[str, Any], param: str) -> RewardSpec:
+def validated_spec(raw: dict[str, Any], prefix: str | None = None) -> RewardSpec:
+    """A RewardSpec, or a 422 whose params point into the request (`reward.graders.0.type`)."""
     try:
         return parse_reward_spec(raw)
     except ConfigError as exc:
         details = [
-            {"param": f"{param}.{p.param}" if p.param else param, "message": p.message} for p in exc.details
+            {"param": ".".join(x for x in (prefix, p.param or "graders") if x) or None, "message": p.message}
+            for p in exc.details
         ]
-        raise APIError(422, "invalid_reward", str(exc), details[0]["param"], details) from exc
+        raise APIError(422, "invalid_reward", joined(details), details[0]["param"], details) from exc
+
+
+def joined(details: list[dict[str, Any]]) -> str:
+    return "; ".join(f"{d['param']}: {d['message']}" if d["param"] else d["message"] for d in details)
 
 
 def reward_out(record: RewardSpecRecord) -> RewardOut:
@@ -41,16 +47,9 @@ def reward_out(record: RewardSpecRecord) -> RewardOut:
     )
 
 
-def get_reward(session, project_id: str, reward_id: str, param: str | None = None) -> RewardSpecRecord:
-    record = session.get(RewardSpecRecord, reward_id)
-    if record is None or record.project_id != project_id:
-        raise not_found("reward", reward_id, param)
-    return record
-
-
 @router.post("", status_code=201, response_model=RewardOut)
 def create_reward(body: RewardCreate, project_id: ProjectDep, services: ServicesDep) -> RewardOut:
-    spec = validated_spec({"graders": body.graders}, "graders")
+    spec = validated_spec({"graders": body.graders})
     record = RewardSpecRecord(project_id=project_id, name=body.name, spec=spec.model_dump(mode="json"))
     try:
         with transaction(services.sessions) as session:
@@ -64,8 +63,8 @@ def create_reward(body: RewardCreate, project_id: ProjectDep, services: Services
 def list_rewards(
     session: SessionDep,
     project_id: ProjectDep,
-    after: Annotated[str | None, Query(max_length=40)] = None,
-    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    after: CursorQuery = None,
+    limit: LimitQuery = 20,
 ) -> dict:
     page = page_of(
         session,
@@ -80,4 +79,4 @@ def list_rewards(
 
 @router.get("/{reward_id}", response_model=RewardOut)
 def read_reward(reward_id: str, session: SessionDep, project_id: ProjectDep) -> RewardOut:
-    return reward_out(get_reward(session, project_id, reward_id))
+    return reward_out(owned(session, RewardSpecRecord, reward_id, project_id))

@@ -21,7 +21,7 @@ from core.rewards.extract import Extractor, extract_answer
 
 
 class GraderBase(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     binary: ClassVar[bool] = True
     type: str
@@ -189,7 +189,7 @@ class JsonSchemaValid(GraderBase):
     json_schema: dict[str, Any] | None = Field(None, alias="schema")
     field: str | None = None
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, allow_inf_nan=False)
 
     @model_validator(mode="after")
     def _one_source(self) -> JsonSchemaValid:

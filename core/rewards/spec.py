@@ -36,7 +36,7 @@ Grader = Annotated[
 
 
 class RewardSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     graders: list[Grader] = Field(
         min_length=1, description="Graders whose weighted scores add up to the reward."
