@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Annotated, TypeVar
 
@@ -28,27 +28,37 @@ class Services:
     celery: Celery
 
 
-def get_services(request: Request) -> Services:
+# Dependencies that touch no database are async: a sync dependency costs a trip through the
+# thread pool. A session is opened on the event loop and connects only inside the handler's
+# thread; no dependency holds a pooled connection while it waits for a thread.
+
+
+async def get_services(request: Request) -> Services:
     return request.app.state.services
 
 
 ServicesDep = Annotated[Services, Depends(get_services)]
 
 
-def get_session(services: ServicesDep) -> Iterator[Session]:
-    with services.sessions() as session:
+async def get_session(services: ServicesDep) -> AsyncIterator[Session]:
+    session = services.sessions()
+    try:
         yield session
+    finally:
+        session.close()
 
 
 SessionDep = Annotated[Session, Depends(get_session)]
 
 
-def current_project(request: Request, session: SessionDep) -> str:
+def current_project(request: Request, services: ServicesDep) -> str:
     """The project of the bearer API key; every resource lookup is scoped to it."""
     scheme, _, key = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not key.strip():
+    key = key.strip()
+    if scheme.lower() != "bearer" or not key:
         raise APIError(401, *MISSING_KEY, headers=BEARER_CHALLENGE)
-    project_id = project_for_key(session, key.strip())
+    with services.sessions() as session:  # opened and closed in this one thread trip
+        project_id = project_for_key(session, key)
     if project_id is None:
         raise APIError(
             401, "invalid_api_key", "the API key is not valid (unknown or revoked)", headers=BEARER_CHALLENGE

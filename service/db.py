@@ -32,7 +32,8 @@ def make_engine(url: str) -> Engine:
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
         event.listen(engine, "connect", _tune_sqlite)
         return engine
-    return create_engine(url, pool_size=20, max_overflow=20, pool_pre_ping=True, pool_recycle=1800)
+    # As many connections as the API's thread pool has threads (40), so no thread waits for one.
+    return create_engine(url, pool_size=40, max_overflow=10, pool_pre_ping=True, pool_recycle=1800)
 
 
 def _tune_sqlite(dbapi_connection, _record) -> None:
