@@ -85,6 +85,9 @@ def serve(host: str, port: int, with_worker: bool = True) -> int:
         f"API on http://{host}:{port} (docs: http://{host}:{port}/docs); data in {settings.data_dir}",
         flush=True,
     )
+    # uvicorn re-raises SIGTERM after its graceful shutdown; with the default handler that would end
+    # this process before the worker is stopped, so it becomes an exit that runs `finally`.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         uvicorn.run(create_app(settings), host=host, port=port, log_level=settings.log_level.lower())
     finally:

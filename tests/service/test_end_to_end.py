@@ -231,3 +231,9 @@ def test_the_embedded_default_serves_a_whole_job(tmp_path):
             server.wait(timeout=90)
         except subprocess.TimeoutExpired:
             server.kill()
+    # Stopping the service stops its worker too.
+    worker_pid = int(re.search(r"worker started \(pid (\d+)\)", log_path.read_text()).group(1))
+    deadline = time.monotonic() + 60
+    while Path(f"/proc/{worker_pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not Path(f"/proc/{worker_pid}").exists(), "the worker outlived prefix-rft serve"
