@@ -92,17 +92,17 @@ def serve(host: str, port: int, with_worker: bool = True) -> int:
         uvicorn.run(create_app(settings), host=host, port=port, log_level=settings.log_level.lower())
     finally:
         if worker is not None:
-            _stop(worker)
+            stop_process(worker)
     return 0
 
 
-def _stop(worker: subprocess.Popen, grace: float = 60) -> None:
-    """SIGTERM lets Celery finish its current step's bookkeeping; then it is killed."""
-    if worker.poll() is not None:
+def stop_process(process: subprocess.Popen, grace: float = 60) -> None:
+    """SIGTERM first (Celery finishes its bookkeeping), SIGKILL after `grace` seconds."""
+    if process.poll() is not None:
         return
-    worker.send_signal(signal.SIGTERM)
+    process.terminate()
     try:
-        worker.wait(grace)
+        process.wait(grace)
     except subprocess.TimeoutExpired:
-        worker.kill()
-        worker.wait()
+        process.kill()
+        process.wait()

@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, text
 
+from service.server import stop_process, worker_command
 from service.settings import Settings
 
 # Models and runs of a test session live in a throwaway directory, never in the user's cache.
@@ -84,12 +85,7 @@ def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
                 time.sleep(0.1)
         yield endpoint
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop_process(server, grace=5)
 
 
 @pytest.fixture(autouse=True)
@@ -183,21 +179,8 @@ class WorkerProcess:
 
     def __init__(self, settings: Settings, log_path: Path):
         self.log_path = log_path
-        command = [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "worker.celery_app",
-            "worker",
-            "--concurrency",
-            "1",
-            "--loglevel",
-            "INFO",
-            "--without-gossip",
-            "--without-mingle",
-            "--without-heartbeat",
-        ]
+        # The command `prefix-rft serve` runs, minus the cluster chatter a lone test worker needs not.
+        command = [*worker_command(), "--without-gossip", "--without-mingle", "--without-heartbeat"]
         with log_path.open("wb") as log:
             self.process = subprocess.Popen(
                 command,
@@ -212,13 +195,7 @@ class WorkerProcess:
         return self.log_path.read_text(errors="replace")
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, grace=20)
 
 
 @pytest.fixture

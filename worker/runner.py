@@ -118,7 +118,7 @@ class JobRun:
         if self.lost.is_set():
             raise LostJob(self.job_id)
         if result.stopped:
-            with self._write() as session:
+            with self.write() as session:
                 finish_job(session, self.job_id, self.attempt, JobStatus.CANCELLED, step=result.steps_done)
                 add_event(session, self.job_id, f"cancelled at step {result.steps_done}")
             return
@@ -150,7 +150,7 @@ class JobRun:
         with tarfile.open(archive) as tar:
             tar.extractall(target, filter="data")
         archive.unlink()
-        with self._write() as session:
+        with self.write() as session:
             add_event(session, self.job_id, f"resuming from the checkpoint of step {checkpoint.step}")
         return target / f"step-{checkpoint.step:06d}"
 
@@ -161,7 +161,7 @@ class JobRun:
         key = f"jobs/{self.job_id}/adapter.tar.gz"
         self.services.storage.put_file(key, archive)
         name = f"ft:{job.model}:{job.suffix or ''}:{self.job_id}"
-        with self._write() as session:
+        with self.write() as session:
             # The unique job_id of artifacts makes a second success impossible; the fence makes
             # sure that only the current attempt gets here.
             finish_job(
@@ -193,7 +193,7 @@ class JobRun:
 
     def _fail(self, code: str, message: str) -> None:
         try:
-            with self._write() as session:
+            with self.write() as session:
                 finish_job(
                     session,
                     self.job_id,
@@ -207,14 +207,14 @@ class JobRun:
 
     # ----- reporting and the lease -------------------------------------------------------------
 
-    def _write(self):
+    def write(self):
         return transaction(self.services.sessions)
 
     def _heartbeat(self) -> None:
         settings = self.services.settings
         while not self._stop_heartbeat.wait(settings.heartbeat_seconds):
             try:
-                with self._write() as session:
+                with self.write() as session:
                     renew_lease(session, self.job_id, self.attempt, settings.lease_seconds)
             except LostJob:
                 self.lost.set()
@@ -237,12 +237,12 @@ class _Reporter(TrainerCallback):
 
     def on_step(self, metrics: dict[str, Any]) -> None:
         step = metrics["step"]
-        with self.run._write() as session:
+        with self.run.write() as session:
             update_job(session, self.run.job_id, self.run.attempt, step=step)
             session.merge(JobMetric(job_id=self.run.job_id, kind="train", step=step, values=_finite(metrics)))
 
     def on_eval(self, metrics: dict[str, Any]) -> None:
-        with self.run._write() as session:
+        with self.run.write() as session:
             assert_owned(session, self.run.job_id, self.run.attempt)
             session.merge(
                 JobMetric(job_id=self.run.job_id, kind="eval", step=metrics["step"], values=_finite(metrics))
@@ -256,7 +256,7 @@ class _Reporter(TrainerCallback):
             )
 
     def on_samples(self, step: int, samples: list[dict[str, Any]]) -> None:
-        with self.run._write() as session:
+        with self.run.write() as session:
             assert_owned(session, self.run.job_id, self.run.attempt)
             session.add_all(JobSample(job_id=self.run.job_id, step=step, data=_finite(s)) for s in samples)
 
@@ -267,7 +267,7 @@ class _Reporter(TrainerCallback):
         self.run.services.storage.put_file(key, archive)
         size = archive.stat().st_size
         archive.unlink()
-        with self.run._write() as session:
+        with self.run.write() as session:
             assert_owned(session, self.run.job_id, self.run.attempt)
             existing = session.scalar(
                 select(Checkpoint).where(Checkpoint.job_id == self.run.job_id, Checkpoint.step == step)

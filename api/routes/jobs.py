@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 
 from api.deps import CursorQuery, LimitQuery, ProjectDep, ServicesDep, SessionDep, owned
 from api.errors import APIError
-from api.pagination import page_of
+from api.pagination import ascending_page, page_of
 from api.routes.rewards import joined, validated_spec
 from api.schemas import (
     CheckpointList,
@@ -276,15 +276,9 @@ def list_events(
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> dict:
     get_job(session, project_id, job_id)
-    query = select(JobEvent).where(JobEvent.job_id == job_id)
-    if after is not None:
-        query = query.where(JobEvent.id > after)
-    rows = list(session.scalars(query.order_by(JobEvent.id).limit(limit + 1)))
-    return {
-        "data": rows[:limit],
-        "has_more": len(rows) > limit,
-        "last_id": rows[:limit][-1].id if rows else None,
-    }
+    return ascending_page(
+        session, select(JobEvent).where(JobEvent.job_id == job_id), JobEvent.id, after, limit
+    )
 
 
 @router.get("/{job_id}/metrics", response_model=MetricPage)
@@ -316,14 +310,7 @@ def list_samples(
 ) -> dict:
     get_job(session, project_id, job_id)
     query = select(JobSample).where(JobSample.job_id == job_id)
-    if after is not None:
-        query = query.where(JobSample.id > after)
-    rows = list(session.scalars(query.order_by(JobSample.id).limit(limit + 1)))
-    return {
-        "data": rows[:limit],
-        "has_more": len(rows) > limit,
-        "last_id": rows[:limit][-1].id if rows else None,
-    }
+    return ascending_page(session, query, JobSample.id, after, limit)
 
 
 @router.get("/{job_id}/checkpoints", response_model=CheckpointList)
