@@ -15,10 +15,12 @@ from fastapi import FastAPI, Request, Response
 from prometheus_client import Counter, Histogram
 
 from api.deps import Services
-from api.errors import install_error_handlers
+from api.errors import document_error_responses, install_error_handlers
 from api.routes import datasets, health, jobs, models, rewards
+from core.rewards import SandboxLimits, SandboxPool
 from service.db import make_engine, make_sessionmaker
 from service.queue import make_celery
+from service.reaper import Reaper
 from service.settings import Settings, get_settings
 from service.storage import open_storage
 
@@ -43,11 +45,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             settings.storage_url, s3_endpoint_url=settings.s3_endpoint_url, s3_region=settings.s3_region
         ),
         celery=make_celery(settings),
+        sandbox=SandboxPool(SandboxLimits.from_settings(settings)),
     )
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        reaper = Reaper(settings, services.sessions, services.celery) if settings.reaper_seconds else None
+        if reaper:
+            reaper.start()
         yield
+        if reaper:
+            reaper.stop()
+        services.sandbox.close()
         engine.dispose()
 
     app = FastAPI(
@@ -58,6 +67,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.services = services
     install_error_handlers(app)
+    document_error_responses(app)
     for module in (datasets, rewards, jobs, models, health):
         app.include_router(module.router)
 

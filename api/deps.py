@@ -12,6 +12,7 @@ from fastapi import Depends, Query, Request
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.errors import BEARER_CHALLENGE, MISSING_KEY, APIError, not_found
+from core.rewards import SandboxPool
 from service.keys import project_for_key
 from service.settings import Settings
 from service.storage import Storage
@@ -26,6 +27,7 @@ class Services:
     sessions: sessionmaker[Session]
     storage: Storage
     celery: Celery
+    sandbox: SandboxPool  # warm processes for python graders (POST /v1/rewards/.../test)
 
 
 # Dependencies that touch no database are async: a sync dependency costs a trip through the

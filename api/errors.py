@@ -8,7 +8,10 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 log = logging.getLogger(__name__)
 
@@ -69,10 +72,29 @@ def install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(error_body(422, "invalid_request", message, first, details), 422)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400 and exc.__cause__ is not None:
+            # FastAPI's answer to a JSON body it could not decode (not UTF-8, nested too deeply):
+            # the same answer as to any other body that is not JSON.
+            reason = f"{type(exc.__cause__).__name__}: {exc.__cause__}"[:200]
+            error = {"type": "json_invalid", "loc": ("body",), "msg": "", "ctx": {"error": reason}}
+            return await _validation_error(request, RequestValidationError([error]))
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         body = error_body(exc.status_code, code, str(exc.detail))
-        return JSONResponse(body, exc.status_code, headers=exc.headers)
+        headers = exc.headers
+        if exc.status_code == 405 and (allowed := allowed_methods(request)):
+            # Starlette's Allow names only the first route whose path matched, but GET and POST
+            # /v1/datasets are two routes: the header must list every method of the resource.
+            headers = {**(headers or {}), "Allow": ", ".join(allowed)}
+        return JSONResponse(body, exc.status_code, headers=headers)
+
+    @app.exception_handler(OperationalError)
+    @app.exception_handler(InterfaceError)
+    async def _database_unavailable(request: Request, exc: DBAPIError) -> JSONResponse:
+        # The database is down or restarting: say so and when to retry; the pool reconnects by itself.
+        log.warning("database unavailable on %s %s: %s", request.method, request.url.path, exc.orig)
+        body = error_body(503, "database_unavailable", "the database is unavailable; retry in a few seconds")
+        return JSONResponse(body, 503, headers={"Retry-After": "5"})
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -100,3 +122,113 @@ def _param(loc: tuple[Any, ...] | list[Any]) -> str | None:
     for part in parts:
         text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
     return text or None
+
+
+# ----- errors in the OpenAPI schema ------------------------------------------------------------
+
+
+class ErrorObject(BaseModel):
+    type: str = Field(description="authentication_error, invalid_request_error, service_unavailable, ...")
+    code: str = Field(description="What went wrong, for programs: dataset_not_found, invalid_dataset, ...")
+    message: str = Field(description="What went wrong and what to change, for people.")
+    param: str | None = Field(description="The request field at fault, when there is one.")
+    details: list[dict[str, Any]] | None = Field(
+        None, description="Every problem found, e.g. each bad dataset line as {line, field, message}."
+    )
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorObject
+
+
+ERROR_DESCRIPTIONS = {
+    400: "The request is malformed (e.g. an upload that is not multipart/form-data).",
+    401: "No API key, or one that is unknown or revoked.",
+    404: "No such resource in the caller's project.",
+    409: "The resource's state does not allow this.",
+    413: "The upload is larger than the limit.",
+    422: "Invalid input; `details` lists every problem.",
+    503: "A dependency (the database, the reward sandbox) is unavailable; retry later.",
+}
+_ERROR_HEADERS = {
+    401: {"WWW-Authenticate": {"description": "`Bearer`", "schema": {"type": "string"}}},
+    503: {"Retry-After": {"description": "Seconds to wait, when known.", "schema": {"type": "string"}}},
+}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """A route's `responses=` for the statuses it answers with the error body (409, 413, ...)."""
+    return {
+        status: {"model": ErrorResponse, "description": ERROR_DESCRIPTIONS[status]}
+        | ({"headers": _ERROR_HEADERS[status]} if status in _ERROR_HEADERS else {})
+        for status in statuses
+    }
+
+
+def document_error_responses(app: FastAPI) -> None:
+    """Put the errors every route shares into the app's OpenAPI schema.
+
+    FastAPI documents 422 with its own `HTTPValidationError`, a body this API never sends, and
+    cannot see the bearer key that `current_project` reads. So: every 422 gets the error body;
+    every /v1 operation the bearer scheme, 401 and 503 (a dependency down); every operation with a
+    path id 404. Errors of one route only (409, 413, ...) are on the route: `error_responses`.
+    """
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        return _with_shared_errors(generate())  # FastAPI caches the schema; this is idempotent
+
+    app.openapi = openapi
+
+
+def _with_shared_errors(schema: dict[str, Any]) -> dict[str, Any]:
+    components = schema.setdefault("components", {})
+    models = components.setdefault("schemas", {})
+    if ErrorResponse.__name__ not in models:
+        definition = ErrorResponse.model_json_schema(ref_template="#/components/schemas/{model}")
+        models.update(definition.pop("$defs", {}))
+        models[ErrorResponse.__name__] = definition
+    components.setdefault("securitySchemes", {})["projectKey"] = {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "A project's API key: `Authorization: Bearer prk_...`.",
+    }
+    for path, item in schema.get("paths", {}).items():
+        for operation in item.values():
+            responses = operation.setdefault("responses", {})
+            if "422" in responses:
+                responses["422"] = _error_response(422)
+            if "{" in path:
+                responses.setdefault("404", _error_response(404))
+            if path.startswith("/v1/"):
+                operation["security"] = [{"projectKey": []}]
+                responses.setdefault("401", _error_response(401))
+                responses.setdefault("503", _error_response(503))
+    for unused in ("HTTPValidationError", "ValidationError"):  # only FastAPI's 422 pointed at them
+        models.pop(unused, None)
+    return schema
+
+
+def _error_response(status: int) -> dict[str, Any]:
+    """The OpenAPI response object of an error status."""
+    ref = {"$ref": f"#/components/schemas/{ErrorResponse.__name__}"}
+    response: dict[str, Any] = {
+        "description": ERROR_DESCRIPTIONS[status],
+        "content": {"application/json": {"schema": ref}},
+    }
+    if status in _ERROR_HEADERS:
+        response["headers"] = _ERROR_HEADERS[status]
+    return response
+
+
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """Every method that some route of the app serves at the request's path."""
+    routes = request.app.router.routes
+    return [
+        method
+        for method in _METHODS
+        if any(route.matches({**request.scope, "method": method})[0] == Match.FULL for route in routes)
+    ]

@@ -49,6 +49,10 @@ class DatasetOut(BaseModel):
 
 
 class RewardCreate(_Strict):
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"name": "exact-answer", "graders": [{"type": "exact_match"}]}]}
+    )
+
     name: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     graders: list[dict[str, Any]] = Field(
         min_length=1, description="Weighted graders, each with a `type` (exact_match, regex, math, ...)."
@@ -200,3 +204,51 @@ class ModelOut(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelOut]
+
+
+# ----- reward tests ----------------------------------------------------------------------------
+
+
+class RewardTestSample(_Strict):
+    completion: str = Field(max_length=100_000, description="A completion to score.")
+    example: dict[str, Any] = Field(
+        default_factory=dict,
+        description="The dataset line it answers: the fields graders read (`answer`, ...), and `prompt` "
+        "(text or chat messages) for python graders.",
+    )
+
+
+class RewardTest(_Strict):
+    """POST /v1/rewards/{id}/test: score samples with a stored reward."""
+
+    samples: list[RewardTestSample] = Field(min_length=1, max_length=256)
+
+
+class InlineRewardTest(RewardTest):
+    """POST /v1/rewards/test: score samples with a reward given in the request."""
+
+    graders: list[dict[str, Any]] = Field(
+        min_length=1, description="Weighted graders, as in POST /v1/rewards (python graders included)."
+    )
+
+
+class RewardTestResult(BaseModel):
+    total: float = Field(description="The weighted sum of the graders' scores.")
+    scores: dict[str, float] = Field(description="Per grader; a grader that failed scores 0.")
+    errors: dict[str, str] = Field(
+        description="Per grader that failed on this sample: what went wrong (a python grader's traceback)."
+    )
+    output: dict[str, str] = Field(description="Per python grader: what it printed (capped).")
+
+
+class RewardTestTiming(BaseModel):
+    total_seconds: float
+    graders: dict[str, float] = Field(description="Seconds spent in each grader, for all samples.")
+
+
+class RewardTestOut(BaseModel):
+    object: Literal["reward.test"] = "reward.test"
+    samples: list[RewardTestResult]
+    reward_errors: int = Field(description="Failed (grader, sample) pairs, as in a training step's metric.")
+    errors_by_grader: dict[str, int]
+    timing: RewardTestTiming

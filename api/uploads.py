@@ -18,8 +18,38 @@ from starlette.requests import ClientDisconnect, Request
 from api.errors import APIError
 
 FILE_FIELD = "file"
-_MAX_FIELD_BYTES = 4096  # text fields (name) are short
+MAX_FIELD_CHARS = 1024  # text fields (name) are short
+_MAX_FIELD_BYTES = 4 * MAX_FIELD_CHARS  # UTF-8 takes at most 4 bytes a character
 _BODY_OVERHEAD = 64 * 1024  # boundaries, part headers and text fields around the file
+
+# The request body for the OpenAPI schema (the route's `openapi_extra`): the route reads the stream
+# itself, so FastAPI cannot infer it.
+UPLOAD_OPENAPI: dict = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": [FILE_FIELD],
+                    "properties": {
+                        FILE_FIELD: {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "JSONL, one example per line.",
+                            "examples": ['{"prompt": "What is 2 + 2?", "answer": "4"}\n'],
+                        },
+                        "name": {
+                            "type": "string",
+                            "maxLength": MAX_FIELD_CHARS,
+                            "description": "Display name; default: the file's name.",
+                        },
+                    },
+                }
+            }
+        },
+    }
+}
 
 
 @dataclass
@@ -95,13 +125,18 @@ class _PartCollector:
         else:
             self._text += chunk
             if len(self._text) > _MAX_FIELD_BYTES:
-                raise APIError(
-                    400, "invalid_upload", f"form field {self._part_name!r} is too long", self._part_name
-                )
+                raise self._field_too_long()
 
     def _part_end(self) -> None:
         if not self._is_file and self._part_name:
-            self.upload.fields[self._part_name] = self._text.decode("utf-8", "replace")
+            text = self._text.decode("utf-8", "replace")
+            if len(text) > MAX_FIELD_CHARS:  # the byte cap above only bounds memory
+                raise self._field_too_long()
+            self.upload.fields[self._part_name] = text
+
+    def _field_too_long(self) -> APIError:
+        message = f"form field {self._part_name!r} is too long (the limit is {MAX_FIELD_CHARS:,} characters)"
+        return APIError(400, "invalid_upload", message, self._part_name)
 
     def flush(self) -> None:
         for chunk in self.pending:

@@ -145,6 +145,16 @@ class TrainingConfig(_Strict):
     samples_per_step: int = Field(
         4, ge=0, description="Completions with rewards kept per step for inspection."
     )
+    max_reward_error_rate: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="A grader that fails on more than this share of a step's samples for reward_error_steps "
+        "steps in a row fails the job.",
+    )
+    reward_error_steps: int = Field(
+        3, ge=1, description="Steps in a row over max_reward_error_rate before the job fails."
+    )
 
     @model_validator(mode="after")
     def _check_ranges(self) -> TrainingConfig:

@@ -9,8 +9,11 @@ first problem: every bad line is listed with its number, field and reason.
 from __future__ import annotations
 
 import json
+import math
 import random
+import re
 import statistics
+import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +22,15 @@ from typing import Any
 ROLES = ("system", "user", "assistant")
 DEFAULT_MAX_LINE_BYTES = 1 << 20  # 1 MiB: a long context, far from a memory problem
 _MAX_REPORTED_ERRORS = 100
+# Far below Python's recursion limit, so that every reader of a line (this check, the worker, the
+# graders) agrees on it however deep its own stack already is.
+MAX_JSON_DEPTH = 100
+# Field names are counted per dataset (field_counts): bounded, so that a file of unique names cannot
+# grow the count, the stored row and the API's answer without limit.
+MAX_FIELD_NAMES = 1000
+MAX_FIELD_NAME_CHARS = 256
+_UTF8_BOM, _UTF16_BOMS = b"\xef\xbb\xbf", (b"\xff\xfe", b"\xfe\xff")
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # \ud800-\udfff: pairs are fine, lone ones are not text
 
 
 @dataclass(frozen=True)
@@ -172,7 +184,11 @@ def read_jsonl(
 ) -> DatasetReport:
     """Validate JSONL from raw byte lines. Blank lines are skipped; a UTF-8 BOM and CRLF are accepted.
 
-    With keep_examples=False only counts are kept, so memory stays flat for any file size.
+    Besides bad JSON, encodings and types, lines are refused for what Python's json lets through
+    but no reader downstream should see: a name given twice in an object, NaN, Infinity and numbers
+    out of range, lone UTF-16 surrogates, nesting past MAX_JSON_DEPTH, and field names past
+    MAX_FIELD_NAME_CHARS or MAX_FIELD_NAMES. With keep_examples=False only counts are kept, so
+    memory stays flat for any file size.
     """
     report = DatasetReport()
 
@@ -187,31 +203,156 @@ def read_jsonl(
         if size > max_line_bytes:
             fail(LineError(number, None, f"line is {size:,} bytes, over the limit of {max_line_bytes:,}"))
             continue
-        if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+        if number == 1 and raw.startswith(_UTF8_BOM):
             raw = raw[3:]
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
-            fail(LineError(number, None, f"not valid UTF-8 (byte {exc.start + 1} of the line)"))
+            message = f"not valid UTF-8 (byte {exc.start + 1} of the line)"
+            if number == 1 and raw[:2] in _UTF16_BOMS:
+                message = "the file is UTF-16 (it starts with a UTF-16 byte order mark); save it as UTF-8"
+            fail(LineError(number, None, message))
             continue
         if not text.strip():
             continue
-        try:
-            obj = json.loads(text)
-        except RecursionError:
-            fail(LineError(number, None, "JSON nested too deeply"))
-            continue
-        except json.JSONDecodeError as exc:
-            fail(LineError(number, None, f"not valid JSON: {exc.msg} at column {exc.colno}"))
-            continue
-        example, errors = parse_example(obj, number)
+        obj, error = _decode_line(text, number)
+        if error is None:
+            example, errors = parse_example(obj, number)
+            errors = errors or _field_name_errors(example, report.field_counts)
+        else:
+            example, errors = None, [error]
         for error in errors:
             fail(error)
-        if example is not None:
+        if example is not None and not errors:
             report.count(example)
             if keep_examples:
                 report.examples.append(example)
     return report
+
+
+class _DuplicateName(ValueError):
+    def __init__(self, name: str):
+        super().__init__(name)
+        self.name = name
+
+
+def _unique_names(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json's object_pairs_hook: a name given twice is an error, not a silent last-one-wins."""
+    obj = dict(pairs)
+    if len(obj) < len(pairs):
+        seen: set[str] = set()
+        for name, _ in pairs:
+            if name in seen:
+                raise _DuplicateName(name)
+            seen.add(name)
+    return obj
+
+
+def _finite_float(literal: str) -> float:
+    value = float(literal)
+    if math.isinf(value):  # 1e999 parses to inf
+        raise ValueError(f"the number {literal[:40]} is out of range")
+    return value
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")  # Python's json accepts NaN and Infinity
+
+
+# Made once: json.loads with arguments builds a new decoder on every call.
+_DECODER = json.JSONDecoder(
+    object_pairs_hook=_unique_names, parse_float=_finite_float, parse_constant=_no_constant
+)
+
+
+def _decode_line(text: str, line: int) -> tuple[Any, LineError | None]:
+    """The line's JSON value, or the error that says what is wrong with it and where."""
+    try:
+        obj = _DECODER.decode(text)
+    except RecursionError:
+        return None, LineError(line, None, f"JSON nested too deeply (the limit is {MAX_JSON_DEPTH} levels)")
+    except _DuplicateName as exc:
+        return None, LineError(line, _shown(exc.name), "given twice in the same object")
+    except json.JSONDecodeError as exc:
+        return None, LineError(
+            line,
+            None,
+            f"not valid JSON: {exc.msg.removesuffix(' at')} at column {exc.colno}{_hint(exc, text)}",
+        )
+    except ValueError as exc:  # a number json cannot hold: out of range, too many digits, NaN
+        reason = str(exc)
+        if "digits" in reason:
+            reason = f"a number has more than {sys.get_int_max_str_digits():,} digits"
+        return None, LineError(line, None, f"not valid JSON: {reason}")
+    return obj, _structure_error(text, obj, line)
+
+
+def _hint(exc: json.JSONDecodeError, text: str) -> str:
+    if text.startswith("\ufeff"):
+        return " (a byte order mark starts this line; only the file may start with one: were files joined?)"
+    if exc.msg == "Extra data" and "\r" in text.rstrip("\r\n"):
+        return " (lines end in a lone CR; end them in LF or CRLF)"
+    return ""
+
+
+def _structure_error(text: str, obj: Any, line: int) -> LineError | None:
+    """Nesting past MAX_JSON_DEPTH and lone surrogates, both of which json accepts. The value is only
+    walked when the line's text could hold either, so an ordinary line costs two counts and a search."""
+    deep = text.count("[") + text.count("{") > MAX_JSON_DEPTH
+    surrogates = _SURROGATE_ESCAPE.search(text) is not None
+    if not (deep or surrogates):
+        return None
+    stack: list[tuple[str | None, Any, int]] = [(None, obj, 1)]  # (top-level field, value, depth)
+    while stack:
+        field, value, depth = stack.pop()
+        if isinstance(value, str):
+            if surrogates and not _is_text(value):
+                return LineError(
+                    line, field, "holds a lone UTF-16 surrogate (\\ud800-\\udfff), which is not text"
+                )
+        elif isinstance(value, (dict, list)):
+            if depth > MAX_JSON_DEPTH:
+                return LineError(line, field, f"nested deeper than {MAX_JSON_DEPTH} levels")
+            if isinstance(value, list):
+                stack += [(field, child, depth + 1) for child in value]
+                continue
+            for name, child in value.items():
+                under = _shown(name) if depth == 1 else field
+                stack += [(under, name, depth + 1), (under, child, depth + 1)]  # names are text too
+    return None
+
+
+def _shown(name: str) -> str:
+    """A field name as an error can show it: a lone surrogate becomes its escape, `\\ud800`."""
+    return name.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _is_text(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _field_name_errors(example: Example | None, counted: dict[str, int]) -> list[LineError]:
+    if example is None:
+        return []
+    errors = []
+    for name in example.fields:
+        if name in counted or name == "demonstration":  # seen before, or not an extra field
+            continue
+        if len(name) > MAX_FIELD_NAME_CHARS:
+            errors.append(
+                LineError(
+                    example.line, name[:40] + "...", f"field name over {MAX_FIELD_NAME_CHARS} characters"
+                )
+            )
+        elif len(counted) >= MAX_FIELD_NAMES:
+            message = f"the dataset has more than {MAX_FIELD_NAMES:,} different field names"
+            errors.append(LineError(example.line, name, message))
+            break
+    return errors
 
 
 @dataclass(frozen=True)

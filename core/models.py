@@ -112,7 +112,8 @@ def convert_gguf(source_dir: Path, gguf_file: str, target: Path) -> None:
     config = loaded.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.random.fork_rng():  # the random init is overwritten; keep the global stream as it was
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(loaded.state_dict())
     plain.generation_config = loaded.generation_config
     _save_atomically(plain, tokenizer, target)
@@ -162,8 +163,11 @@ def build_tiny_random(seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokeniz
         # the usual 0.02 the logits of a 64-wide model stay within about +-1.3 whatever it learns).
         initializer_range=0.15,
     )
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    # Its own random stream: building the model (once per data directory) must not move the
+    # global one, or a run's first process would sample differently from every later one.
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.generation_config.eos_token_id = 2
     model.generation_config.pad_token_id = 0
     return model, tokenizer

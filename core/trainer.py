@@ -16,7 +16,7 @@ import math
 import random
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,7 @@ from core.algorithm import (
 from core.config import TrainConfig
 from core.data import DatasetError, DatasetReport, Example, load_dataset, missing_fields, split_heldout
 from core.models import load_base_model
-from core.rewards import score_completions
+from core.rewards import RewardResult, SandboxLimits, SandboxPool, score_completions
 from core.rollout import (
     EncodedExample,
     encode_example,
@@ -61,8 +61,49 @@ class TrainerCallback:
     def on_eval(self, metrics: dict[str, Any]) -> None: ...
     def on_samples(self, step: int, samples: list[dict[str, Any]]) -> None: ...
     def on_checkpoint(self, step: int, path: Path) -> None: ...
+    def on_event(self, message: str, level: str = "info", data: dict[str, Any] | None = None) -> None:
+        """Something the job's owner should read (a failing reward grader and its traceback, ...)."""
+
     def should_stop(self) -> bool:
         return False
+
+
+class RewardErrorRateExceeded(ValueError):
+    """A grader kept failing on too many samples: the reward needs fixing, not the model."""
+
+
+MAX_REWARD_ERROR_EVENTS = 20  # distinct reward errors reported as events per run; the rest are counted
+
+
+@dataclass
+class RewardErrorWatch:
+    """Which reward errors were reported already, and for how many steps each grader failed too often."""
+
+    max_rate: float
+    steps: int
+    streaks: dict[str, int] = field(default_factory=dict)
+    reported: set[tuple[str, str]] = field(default_factory=set)
+
+    def new_errors(self, result: RewardResult) -> list[tuple[str, int, str]]:
+        """(grader, samples it failed on, traceback) for each kind of error not reported before."""
+        found = []
+        for label, failures in result.failures.items():
+            for failure in failures:
+                key = (label, failure.strip().splitlines()[-1] if failure else "")
+                if failure and key not in self.reported and len(self.reported) < MAX_REWARD_ERROR_EVENTS:
+                    self.reported.add(key)
+                    found.append((label, result.errors[label], failure))
+        return found
+
+    def grader_over_limit(self, result: RewardResult, samples: int) -> str | None:
+        """Count this step; the first grader whose error rate stayed over the limit long enough."""
+        failing = None
+        for label in result.per_grader:
+            over = result.errors.get(label, 0) / max(samples, 1) > self.max_rate
+            self.streaks[label] = self.streaks.get(label, 0) + 1 if over else 0
+            if self.streaks[label] >= self.steps and failing is None:
+                failing = label
+        return failing
 
 
 @dataclass
@@ -94,7 +135,13 @@ class TrainResult:
 
 
 class Trainer:
-    def __init__(self, config: TrainConfig, callbacks: list[TrainerCallback] | None = None):
+    def __init__(
+        self,
+        config: TrainConfig,
+        callbacks: list[TrainerCallback] | None = None,
+        sandbox_limits: SandboxLimits | None = None,
+    ):
+        """`sandbox_limits`: of the processes that run python graders (default: SandboxLimits())."""
         self.config = config
         self.callbacks = callbacks or []
         self.out_dir = Path(config.output_dir)
@@ -110,6 +157,13 @@ class Trainer:
         self.dtype = getattr(torch, dtype_name)
 
         train, heldout = self._read_data()  # before the model load: bad data fails in a second
+        self.sandbox: SandboxPool | None = None
+        if config.reward is not None and config.reward.runs_user_code:
+            self.sandbox = SandboxPool(sandbox_limits or SandboxLimits())
+            log.info("reward sandbox: %s", self.sandbox.check())  # refuses here if it cannot isolate
+        self.reward_errors = RewardErrorWatch(
+            config.training.max_reward_error_rate, config.training.reward_error_steps
+        )
         torch.manual_seed(config.seed)
         base, self.tokenizer = load_base_model(config.model, dtype=self.dtype, device=self.device)
         self.pad_id = self.tokenizer.pad_token_id
@@ -196,6 +250,13 @@ class Trainer:
     # ----- the loop ---------------------------------------------------------------------------
 
     def train(self, resume_from: Path | None = None) -> TrainResult:
+        try:
+            return self._train(resume_from)
+        finally:
+            if self.sandbox is not None:
+                self.sandbox.close()  # started again if the trainer scores more
+
+    def _train(self, resume_from: Path | None) -> TrainResult:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         if resume_from is not None:
             self.load_checkpoint(resume_from)
@@ -240,9 +301,8 @@ class Trainer:
             len(r) - p for r, p in zip(rollouts.responses, rollouts.demo_prefix_lengths, strict=True)
         )
 
-        reward = score_completions(
-            self.config.reward, rollouts.texts, [e.example.fields for e in rollouts.row_examples]
-        )
+        reward = self.score(rollouts.texts, rollouts.row_examples)
+        self._check_reward_errors(reward)
         rewards = torch.tensor(reward.totals, dtype=torch.float32)
         is_hybrid = torch.tensor([n > 0 for n in rollouts.demo_prefix_lengths])
         n = t.rollouts_per_prompt
@@ -260,6 +320,7 @@ class Trainer:
             "reward_mean": rewards.mean().item(),
             "reward_std": rewards.std(unbiased=False).item(),
             "reward_errors": reward.error_count,
+            **{f"reward_errors/{label}": reward.errors.get(label, 0) for label in reward.per_grader},
             **{f"reward/{label}": sum(v) / len(v) for label, v in reward.per_grader.items()},
             "demo_prefix_low": low,
             "demo_prefix_high": high,
@@ -487,6 +548,40 @@ class Trainer:
             "lr": self.scheduler.get_last_lr()[0],
         }
 
+    # ----- rewards ----------------------------------------------------------------------------
+
+    def score(self, texts: list[str], examples: list[EncodedExample]) -> RewardResult:
+        """Reward the completions; python graders run in the sandbox pool."""
+        assert self.config.reward is not None
+        return score_completions(
+            self.config.reward,
+            texts,
+            [e.example.fields for e in examples],
+            prompts=[e.example.prompt for e in examples],
+            sandbox=self.sandbox,
+        )
+
+    def _check_reward_errors(self, reward: RewardResult) -> None:
+        """Report new kinds of grader errors as events; fail the job when a grader keeps failing."""
+        step = self.step + 1
+        samples = len(reward.totals)
+        for label, failed, failure in self.reward_errors.new_errors(reward):
+            self._emit_event(
+                f"reward grader {label!r} failed on {failed} of {samples} samples at step {step}: "
+                f"{failure.strip().splitlines()[-1]}",
+                "warning",
+                {"grader": label, "step": step, "failed": failed, "samples": samples, "traceback": failure},
+            )
+        label = self.reward_errors.grader_over_limit(reward, samples)
+        if label is not None:
+            t = self.config.training
+            last = next(f for f in reversed(reward.failures[label]) if f)
+            raise RewardErrorRateExceeded(
+                f"reward grader {label!r} failed on more than {t.max_reward_error_rate:.0%} of the samples for "
+                f"{t.reward_error_steps} steps in a row ({reward.errors[label]} of {samples} at step {step}; "
+                f"training.max_reward_error_rate). Last error:\n{last[-1500:]}"
+            )
+
     # ----- evaluation -------------------------------------------------------------------------
 
     @torch.inference_mode()
@@ -501,13 +596,14 @@ class Trainer:
             [e.prompt_ids for e in examples], [budget] * len(examples), greedy=True
         )
         texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
-        reward = score_completions(self.config.reward, texts, [e.example.fields for e in examples])
+        reward = self.score(texts, examples)
         metrics: dict[str, Any] = {
             "step": self.step,
             "examples": len(examples),
             "reward_mean": sum(reward.totals) / len(examples),
             **{f"reward/{label}": sum(v) / len(v) for label, v in reward.per_grader.items()},
             "response_length": sum(len(r) for r in responses) / len(responses),
+            "reward_errors": reward.error_count,
             "eval_time_s": time.perf_counter() - started,
         }
         if reward.correct is not None:
@@ -518,6 +614,11 @@ class Trainer:
         return metrics
 
     # ----- reporting --------------------------------------------------------------------------
+
+    def _emit_event(self, message: str, level: str, data: dict[str, Any]) -> None:
+        log.log(logging.WARNING if level == "warning" else logging.INFO, message)
+        for cb in self.callbacks:
+            cb.on_event(message, level, data)
 
     def _emit_step(self, metrics: dict[str, Any]) -> None:
         self._append_jsonl("metrics.jsonl", metrics)

@@ -1,13 +1,14 @@
-"""Job state changes made by workers, each a conditional UPDATE fenced by the attempt number.
+"""Job state changes, each a conditional UPDATE fenced by the attempt number.
 
 A worker owns a job only while the row says `attempt == its attempt` and the job is running or
 cancelling; every write checks that, so a worker that lost the job cannot overwrite the state
-written by the one that took over.
+written by the one that took over. The database is the source of truth: the broker's messages
+only say "look at job X", and the reaper (service/reaper.py) re-queues what a lost worker held.
 """
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import select, update
@@ -86,6 +87,112 @@ def finish_job(
         finished_at=utcnow(),
         lease_expires_at=None,
         **values,
+    )
+
+
+def release_job(session: Session, job_id: str, attempt: int, reason: str) -> None:
+    """Give an owned job back to the queue, not counted as a failure (the worker is shutting down).
+
+    The caller sends the job's message after the commit; it resumes from its last checkpoint."""
+    status = session.scalar(select(Job.status).where(*_owned(job_id, attempt)))
+    if status is None:
+        raise LostJob(job_id)
+    if status == JobStatus.CANCELLING:  # the user asked to stop: there is nothing to give back
+        update_job(
+            session, job_id, attempt, status=JobStatus.CANCELLED, finished_at=utcnow(), lease_expires_at=None
+        )
+        add_event(session, job_id, f"cancelled ({reason})")
+        return
+    update_job(session, job_id, attempt, **_requeued())
+    add_event(session, job_id, f"released for another worker: {reason}")
+
+
+def retry_or_fail(
+    session: Session, job_id: str, attempt: int, error: dict[str, str], max_attempts: int
+) -> JobStatus:
+    """An owned job's attempt failed: queue it again, or fail it once it had max_attempts failures.
+
+    Returns the job's new status; the caller sends the job's message after the commit if queued."""
+    job = session.scalar(select(Job).where(*_owned(job_id, attempt)).with_for_update())
+    if job is None:
+        raise LostJob(job_id)
+    return _after_failure(session, job, error, max_attempts)
+
+
+def _after_failure(session: Session, job: Job, error: dict[str, str], max_attempts: int) -> JobStatus:
+    failures = job.failures + 1
+    finished = {"finished_at": utcnow(), "lease_expires_at": None}
+    if job.status == JobStatus.CANCELLING:
+        values = {"status": JobStatus.CANCELLED, **finished}
+        message = f"cancelled; the attempt had ended with: {error['message']}"
+    elif failures >= max_attempts:
+        error = {
+            "code": error["code"],
+            "message": f"gave up after {failures} failed attempt(s); the last: {error['message']}",
+        }
+        values = {"status": JobStatus.FAILED, "error": error, **finished}
+        message = f"failed: {error['message']}"
+    else:
+        values = _requeued()
+        message = (
+            f"attempt {job.attempt} failed ({failures} of {max_attempts} allowed): {error['message']}; "
+            "queued again"
+        )
+    update_job(session, job.id, job.attempt, failures=failures, **values)
+    level = "error" if values["status"] == JobStatus.FAILED else "warning"
+    add_event(session, job.id, message[:4000], level=level)
+    return values["status"]
+
+
+def _requeued() -> dict[str, Any]:
+    # The caller sends the message right after the commit (service.queue.dispatch_job).
+    return {
+        "status": JobStatus.QUEUED,
+        "worker_id": None,
+        "lease_expires_at": None,
+        "dispatched_at": utcnow(),
+    }
+
+
+def reap_expired_leases(session: Session, now: datetime, max_attempts: int) -> list[tuple[str, JobStatus]]:
+    """Jobs whose worker stopped renewing its lease (killed, frozen, cut off): queue or fail them.
+
+    Each job is locked and re-checked, so concurrent reapers (one per API process) act once."""
+    expired = session.scalars(
+        select(Job)
+        .where(Job.status.in_(OWNED), Job.lease_expires_at < now)
+        .order_by(Job.lease_expires_at)
+        .limit(100)
+        .with_for_update(skip_locked=True)
+    ).all()
+    error = {
+        "code": "worker_lost",
+        "message": "the worker stopped renewing its lease (killed, out of memory or cut off)",
+    }
+    return [(job.id, _after_failure(session, job, error, max_attempts)) for job in expired]
+
+
+def undispatched_jobs(session: Session, now: datetime, redispatch_after: timedelta) -> list[str]:
+    """Queued jobs whose message was never sent or may be lost (a broker restarted without its data).
+
+    Marks them dispatched now, so only one reaper sends each; a duplicate message is harmless
+    (the claim is conditional)."""
+    stale = (Job.dispatched_at.is_(None)) | (Job.dispatched_at < now - redispatch_after)
+    ids = session.scalars(
+        select(Job.id)
+        .where(Job.status == JobStatus.QUEUED, stale)
+        .limit(1000)
+        .with_for_update(skip_locked=True)
+    ).all()
+    if ids:
+        session.execute(update(Job).where(Job.id.in_(ids)).values(dispatched_at=now))
+    return list(ids)
+
+
+def mark_undispatched(session: Session, job_id: str) -> None:
+    """Sending the message failed: the reaper's next round sends it."""
+    session.execute(
+        update(Job).where(Job.id == job_id, Job.status == JobStatus.QUEUED).values(dispatched_at=None)
     )
 
 

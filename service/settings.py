@@ -38,9 +38,50 @@ class Settings(BaseSettings):
         1 << 30, ge=1, description="Largest dataset upload, counted while streaming."
     )
     max_line_bytes: int = Field(1 << 20, ge=1, description="Longest dataset line.")
-    lease_seconds: int = Field(300, ge=10, description="A running job's lease; the worker renews it.")
+    lease_seconds: int = Field(300, ge=1, description="A running job's lease; the worker renews it.")
     heartbeat_seconds: float = Field(30, gt=0, description="How often the worker renews the lease.")
+    max_attempts: int = Field(
+        3, ge=1, description="Attempts a job gets (worker lost or training error) before it fails."
+    )
+    reaper_seconds: float = Field(
+        15,
+        ge=0,
+        description="How often the API looks for expired leases and undelivered jobs; 0 turns it off.",
+    )
+    redispatch_seconds: int = Field(
+        600,
+        ge=1,
+        description="A queued job unclaimed this long is sent to the broker again (a lost message).",
+    )
+    idempotency_hours: int = Field(48, ge=24, description="How long an Idempotency-Key is remembered.")
     log_level: str = Field("INFO", description="Logging level of the API and worker.")
+
+    # ----- reward sandbox -----------------------------------------------------------------------
+    # Limits of the processes that run python graders (core.rewards.sandbox.SandboxLimits, same
+    # defaults; docs/sandbox.md). The API's reward test endpoint and the worker both use them.
+    sandbox_require_isolation: bool = Field(
+        True,
+        description="Refuse python graders where the sandbox's namespaces cannot be created; false runs them "
+        "with rlimits only (no network isolation): a trusted single-user machine only.",
+    )
+    sandbox_timeout_seconds: float = Field(
+        10.0, gt=0, le=600, description="Wall clock per sample (a batch-form call: per completion in it)."
+    )
+    sandbox_cpu_seconds: int = Field(120, ge=1, description="CPU time of one sandbox process over its life.")
+    sandbox_memory_mb: int = Field(1024, ge=64, description="Address space of one sandbox process.")
+    sandbox_max_processes: int = Field(
+        1, ge=1, description="Processes and threads of one sandbox, itself included (1: no fork, no threads)."
+    )
+    sandbox_file_size_mb: int = Field(
+        16, ge=1, description="Largest file, and all files, in a sandbox's /tmp."
+    )
+    sandbox_output_bytes: int = Field(4096, ge=0, description="What a grader prints, kept per sample.")
+    sandbox_workers: int = Field(
+        2, ge=1, le=64, description="Warm sandbox processes per API or worker process."
+    )
+    sandbox_test_seconds: float = Field(
+        60.0, gt=0, description="Time budget of one POST /v1/rewards/.../test request."
+    )
 
     @model_validator(mode="after")
     def _fill_embedded_defaults(self) -> Settings:

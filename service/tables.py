@@ -108,6 +108,11 @@ class Job(Base):
     step: Mapped[int] = mapped_column(Integer, default=0)
     # The attempt number fences writes: a worker may only write while its attempt is current.
     attempt: Mapped[int] = mapped_column(Integer, default=0)
+    # Attempts that ended badly (worker lost, training error); at settings.max_attempts the job fails.
+    # A graceful release (worker shutting down) is an attempt but not a failure.
+    failures: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # When the job's message was last sent to the broker: the reaper re-sends a lost one.
+    dispatched_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     worker_id: Mapped[str | None] = mapped_column(String(200))
     lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     error: Mapped[dict[str, str] | None] = mapped_column(JSON)  # {"code", "message"} when failed
@@ -167,3 +172,16 @@ class Artifact(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     bytes: Mapped[int] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class IdempotencyKey(Base):
+    """The first response to a create request carrying an `Idempotency-Key`, replayed on retries."""
+
+    __tablename__ = "idempotency_keys"
+    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"), primary_key=True)
+    operation: Mapped[str] = mapped_column(String(40), primary_key=True)  # e.g. "create_job"
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    request_sha256: Mapped[str] = mapped_column(String(64))  # the same key with another body is refused
+    status_code: Mapped[int] = mapped_column(Integer)
+    response: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)

@@ -19,10 +19,12 @@ import urllib.request
 import uuid
 import warnings
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from sqlalchemy import create_engine, text
+from sqlalchemy.pool import NullPool
 
 from service.server import stop_process, worker_command
 from service.settings import Settings
@@ -101,10 +103,11 @@ def fake_aws_credentials(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Non
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
 
 
-@pytest.fixture(scope="session")
-def postgres_url() -> Iterator[str]:
-    """A fresh PostgreSQL database for this session, dropped at the end."""
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+@contextmanager
+def temporary_database() -> Iterator[str]:
+    """A fresh, empty PostgreSQL database, dropped afterwards."""
+    # No pool: a connection per statement, so a PostgreSQL restart in a test does not break the drop.
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT", poolclass=NullPool)
     name = f"prefix_rft_test_{uuid.uuid4().hex[:10]}"
     try:
         with admin.connect() as connection:
@@ -119,6 +122,13 @@ def postgres_url() -> Iterator[str]:
         with admin.connect() as connection:
             connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """The test session's database."""
+    with temporary_database() as url:
+        yield url
 
 
 @pytest.fixture(scope="session")
@@ -166,6 +176,7 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "s3_endpoint_url",
         "heartbeat_seconds",
         "lease_seconds",
+        "max_attempts",
         "max_upload_bytes",
     ):
         value = getattr(settings, name)
@@ -223,6 +234,9 @@ def migrated_postgres(postgres_url: str) -> str:
 @pytest.fixture
 def pg_settings(make_settings: MakeSettings, migrated_postgres: str, redis_url: str) -> Settings:
     """Production-shaped settings: PostgreSQL, Redis, and local storage under the test's data dir."""
+    import redis
+
+    redis.Redis.from_url(redis_url).delete("celery")  # a test's worker sees no message of another test
     return make_settings(database_url=migrated_postgres, broker_url=redis_url)
 
 

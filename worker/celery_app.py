@@ -6,6 +6,7 @@ import logging
 
 from celery.signals import after_setup_logger
 
+import worker.shutdown  # noqa: F401  (connects the graceful-shutdown signal handlers)
 from service.queue import make_celery
 from service.settings import get_settings
 

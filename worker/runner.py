@@ -2,6 +2,13 @@
 
 Every database write goes through service.lifecycle, fenced by the attempt number; a worker
 that finds the job gone (cancelled, or claimed by another attempt) stops and writes nothing.
+Objects are written under the attempt's own keys before their rows, so a late worker cannot
+overwrite what the current one stored either. How an attempt ends:
+- bad input (ValueError: config, data, model) fails the job at once; retrying cannot help;
+- any other error queues the job again, until it has failed max_attempts times;
+- SIGTERM (worker/shutdown.py) checkpoints and releases the job for another worker;
+- a worker killed outright stops renewing its lease, and the reaper re-queues the job.
+A re-queued job resumes from its last stored checkpoint.
 """
 
 from __future__ import annotations
@@ -16,14 +23,19 @@ import socket
 import tarfile
 import tempfile
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+from celery import Celery
 from sqlalchemy import select
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.config import ConfigError, parse_config
+from core.rewards import SandboxLimits, SandboxUnavailable
 from core.trainer import Trainer, TrainerCallback
 from service.db import make_engine, make_sessionmaker, transaction
 from service.lifecycle import (
@@ -33,14 +45,20 @@ from service.lifecycle import (
     cancel_requested,
     claim_job,
     finish_job,
+    release_job,
     renew_lease,
+    retry_or_fail,
     update_job,
 )
+from service.queue import dispatch_job, make_celery
 from service.settings import Settings, get_settings
-from service.storage import Storage, open_storage
+from service.storage import ObjectNotFound, Storage, open_storage
 from service.tables import Artifact, Checkpoint, Dataset, Job, JobMetric, JobSample, JobStatus
+from worker import shutdown
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -48,6 +66,7 @@ class WorkerServices:
     settings: Settings
     sessions: sessionmaker[Session]
     storage: Storage
+    celery: Celery  # to send a released or retried job's message
 
 
 @functools.cache
@@ -57,7 +76,8 @@ def worker_services() -> WorkerServices:
     storage = open_storage(
         settings.storage_url, s3_endpoint_url=settings.s3_endpoint_url, s3_region=settings.s3_region
     )
-    return WorkerServices(settings, make_sessionmaker(make_engine(settings.database_url)), storage)
+    sessions = make_sessionmaker(make_engine(settings.database_url))
+    return WorkerServices(settings, sessions, storage, make_celery(settings))
 
 
 def run_job(job_id: str, services: WorkerServices | None = None) -> None:
@@ -86,17 +106,22 @@ class JobRun:
         heartbeat.start()
         self.services.settings.scratch_dir.mkdir(parents=True, exist_ok=True)
         try:
-            with tempfile.TemporaryDirectory(
-                dir=self.services.settings.scratch_dir, prefix=f"{self.job_id}-"
-            ) as tmp:
+            with (
+                shutdown.stop_between_steps_on_sigterm(),
+                tempfile.TemporaryDirectory(
+                    dir=self.services.settings.scratch_dir, prefix=f"{self.job_id}-"
+                ) as tmp,
+            ):
                 self._train(Path(tmp))
         except LostJob:
             self.log.warning("job %s: lost (cancelled or taken over); stopping without writing", self.job_id)
         except ValueError as exc:  # the trainer's word for bad input: config, data, model (ConfigError, ...)
             self._fail("invalid_input", str(exc))
+        except SandboxUnavailable as exc:  # this deployment cannot isolate python graders: no retry helps
+            self._fail("sandbox_unavailable", str(exc))
         except Exception as exc:
-            self.log.exception("job %s: training failed", self.job_id)
-            self._fail("training_error", f"{type(exc).__name__}: {exc}")
+            self.log.exception("job %s: attempt %d failed", self.job_id, self.attempt)
+            self._retry_or_fail("training_error", f"{type(exc).__name__}: {exc}")
         finally:
             self._stop_heartbeat.set()
             heartbeat.join(timeout=5)
@@ -112,15 +137,30 @@ class JobRun:
                 .limit(1)
             )
         resume_from = self._restore(checkpoint, workdir / "run") if checkpoint else None
-        trainer = Trainer(config, callbacks=[_Reporter(self)])
+        limits = SandboxLimits.from_settings(self.services.settings)
+        trainer = Trainer(config, callbacks=[_Reporter(self)], sandbox_limits=limits)
         self.log.info("job %s: training %d steps of %s", self.job_id, config.training.steps, config.method)
         result = trainer.train(resume_from=resume_from)
         if self.lost.is_set():
             raise LostJob(self.job_id)
+        if result.stopped and shutdown.requested.is_set():
+            self.commit(
+                lambda s: release_job(
+                    s,
+                    self.job_id,
+                    self.attempt,
+                    f"worker shutting down; checkpoint at step {result.steps_done}",
+                )
+            )
+            self._dispatch()
+            return
         if result.stopped:
-            with self.write() as session:
+
+            def cancelled(session: Session) -> None:
                 finish_job(session, self.job_id, self.attempt, JobStatus.CANCELLED, step=result.steps_done)
                 add_event(session, self.job_id, f"cancelled at step {result.steps_done}")
+
+            self.commit(cancelled)
             return
         self._store_adapter(job, result, workdir)
 
@@ -139,82 +179,125 @@ class JobRun:
         if dataset is None:
             raise ConfigError(["the job's dataset was deleted"])
         target = workdir / "data" / f"{dataset.id}.jsonl"
-        self.services.storage.download(dataset.storage_key, target)
+        try:
+            self.services.storage.download(dataset.storage_key, target)
+        except ObjectNotFound as exc:  # lost data: no retry brings it back
+            raise ConfigError([f"the data of dataset {dataset.id!r} is missing from storage"]) from exc
         return target
 
     def _restore(self, checkpoint: Checkpoint, run_dir: Path) -> Path:
         """Unpack the latest stored checkpoint so the trainer resumes from it."""
-        target = run_dir / "checkpoints"
+        target = run_dir / "checkpoints" / f"step-{checkpoint.step:06d}"
         archive = run_dir / "restore.tar"
         self.services.storage.download(checkpoint.storage_key, archive)
-        with tarfile.open(archive) as tar:
+        with tarfile.open(archive) as tar:  # the checkpoint directory's contents (on_checkpoint)
             tar.extractall(target, filter="data")
         archive.unlink()
-        with self.write() as session:
+
+        def resuming(session: Session) -> None:
+            assert_owned(session, self.job_id, self.attempt)
             add_event(session, self.job_id, f"resuming from the checkpoint of step {checkpoint.step}")
-        return target / f"step-{checkpoint.step:06d}"
+
+        self.commit(resuming)
+        return target
 
     def _store_adapter(self, job: Job, result, workdir: Path) -> None:
         archive = workdir / "adapter.tar.gz"
         write_archive(result.adapter_dir, archive, arcname="adapter")
         digest, size = sha256_of(archive), archive.stat().st_size
-        key = f"jobs/{self.job_id}/adapter.tar.gz"
+        key = f"jobs/{self.job_id}/attempt-{self.attempt}/adapter.tar.gz"
         self.services.storage.put_file(key, archive)
         name = f"ft:{job.model}:{job.suffix or ''}:{self.job_id}"
-        with self.write() as session:
-            # The unique job_id of artifacts makes a second success impossible; the fence makes
-            # sure that only the current attempt gets here.
+        try:
+            self.commit(lambda session: self._succeed(session, key, digest, size, name, result))
+        except LostJob:
+            self.services.storage.delete(key)  # no row will ever point at it
+            raise
+        self.log.info("job %s: succeeded, adapter %s (%d bytes)", self.job_id, digest[:12], size)
+
+    def _succeed(self, session: Session, key: str, digest: str, size: int, name: str, result) -> None:
+        # The unique job_id of artifacts makes a second success impossible; the fence makes
+        # sure that only the current attempt gets here.
+        finish_job(
+            session,
+            self.job_id,
+            self.attempt,
+            JobStatus.SUCCEEDED,
+            step=result.steps_done,
+            fine_tuned_model=name,
+        )
+        session.merge(
+            Artifact(
+                id=f"art_{self.job_id.removeprefix('job_')}",
+                job_id=self.job_id,
+                storage_key=key,
+                sha256=digest,
+                bytes=size,
+            )
+        )
+        final = result.final_eval or {}
+        summary = ", ".join(f"{k} {v:.3f}" for k, v in final.items() if k in ("accuracy", "reward_mean"))
+        add_event(
+            session,
+            self.job_id,
+            f"succeeded after {result.steps_done} steps" + (f": {summary}" if summary else ""),
+            data={"initial_eval": _finite(result.initial_eval), "final_eval": _finite(final)},
+        )
+
+    def _fail(self, code: str, message: str) -> None:
+        def failed(session: Session) -> None:
             finish_job(
                 session,
                 self.job_id,
                 self.attempt,
-                JobStatus.SUCCEEDED,
-                step=result.steps_done,
-                fine_tuned_model=name,
+                JobStatus.FAILED,
+                error={"code": code, "message": message[:4000]},
             )
-            session.merge(
-                Artifact(
-                    id=f"art_{self.job_id.removeprefix('job_')}",
-                    job_id=self.job_id,
-                    storage_key=key,
-                    sha256=digest,
-                    bytes=size,
-                )
-            )
-            final = result.final_eval or {}
-            summary = ", ".join(f"{k} {v:.3f}" for k, v in final.items() if k in ("accuracy", "reward_mean"))
-            add_event(
-                session,
-                self.job_id,
-                f"succeeded after {result.steps_done} steps" + (f": {summary}" if summary else ""),
-                data={"initial_eval": _finite(result.initial_eval), "final_eval": _finite(final)},
-            )
-        self.log.info("job %s: succeeded, adapter %s (%d bytes)", self.job_id, digest[:12], size)
+            add_event(session, self.job_id, f"failed: {message[:4000]}", level="error")
 
-    def _fail(self, code: str, message: str) -> None:
         try:
-            with self.write() as session:
-                finish_job(
-                    session,
-                    self.job_id,
-                    self.attempt,
-                    JobStatus.FAILED,
-                    error={"code": code, "message": message[:4000]},
-                )
-                add_event(session, self.job_id, f"failed: {message[:4000]}", level="error")
+            self.commit(failed)
         except LostJob:
             self.log.warning("job %s: failed, but the job is no longer ours", self.job_id)
 
+    def _retry_or_fail(self, code: str, message: str) -> None:
+        error = {"code": code, "message": message[:4000]}
+        max_attempts = self.services.settings.max_attempts
+        try:
+            status = self.commit(lambda s: retry_or_fail(s, self.job_id, self.attempt, error, max_attempts))
+        except LostJob:
+            self.log.warning("job %s: failed, but the job is no longer ours", self.job_id)
+            return
+        if status == JobStatus.QUEUED:
+            self._dispatch()
+
+    def _dispatch(self) -> None:
+        dispatch_job(self.services.celery, self.services.sessions, self.job_id)
+
     # ----- reporting and the lease -------------------------------------------------------------
 
-    def write(self):
-        return transaction(self.services.sessions)
+    def commit(self, work: Callable[[Session], T]) -> T:
+        """Run work(session) in a transaction. While the database is unreachable (restarting,
+        failing over), retry for up to a lease's length rather than lose the attempt; the writes
+        are idempotent (updates and merges), and a retried transaction had been rolled back."""
+        deadline = time.monotonic() + self.services.settings.lease_seconds
+        delay = 0.25
+        while True:
+            try:
+                with transaction(self.services.sessions) as session:
+                    return work(session)
+            except (OperationalError, InterfaceError) as exc:
+                if time.monotonic() + delay > deadline:
+                    raise
+                self.log.warning("job %s: database unavailable (%s); retrying", self.job_id, exc.orig)
+                time.sleep(delay)
+                delay = min(2 * delay, 5.0)
 
     def _heartbeat(self) -> None:
         settings = self.services.settings
         while not self._stop_heartbeat.wait(settings.heartbeat_seconds):
             try:
-                with self.write() as session:
+                with transaction(self.services.sessions) as session:
                     renew_lease(session, self.job_id, self.attempt, settings.lease_seconds)
             except LostJob:
                 self.lost.set()
@@ -223,10 +306,9 @@ class JobRun:
                 self.log.warning("job %s: lease renewal failed; retrying", self.job_id, exc_info=True)
 
     def should_stop(self) -> bool:
-        if self.lost.is_set():
+        if self.lost.is_set() or shutdown.requested.is_set():
             return True
-        with self.services.sessions() as session:
-            return cancel_requested(session, self.job_id)
+        return self.commit(lambda session: cancel_requested(session, self.job_id))
 
 
 class _Reporter(TrainerCallback):
@@ -237,12 +319,15 @@ class _Reporter(TrainerCallback):
 
     def on_step(self, metrics: dict[str, Any]) -> None:
         step = metrics["step"]
-        with self.run.write() as session:
+
+        def record(session: Session) -> None:
             update_job(session, self.run.job_id, self.run.attempt, step=step)
             session.merge(JobMetric(job_id=self.run.job_id, kind="train", step=step, values=_finite(metrics)))
 
+        self.run.commit(record)
+
     def on_eval(self, metrics: dict[str, Any]) -> None:
-        with self.run.write() as session:
+        def record(session: Session) -> None:
             assert_owned(session, self.run.job_id, self.run.attempt)
             session.merge(
                 JobMetric(job_id=self.run.job_id, kind="eval", step=metrics["step"], values=_finite(metrics))
@@ -255,26 +340,53 @@ class _Reporter(TrainerCallback):
                 data=_finite(metrics),
             )
 
+        self.run.commit(record)
+
     def on_samples(self, step: int, samples: list[dict[str, Any]]) -> None:
-        with self.run.write() as session:
+        def record(session: Session) -> None:
             assert_owned(session, self.run.job_id, self.run.attempt)
             session.add_all(JobSample(job_id=self.run.job_id, step=step, data=_finite(s)) for s in samples)
 
+        self.run.commit(record)
+
+    def on_event(self, message: str, level: str = "info", data: dict[str, Any] | None = None) -> None:
+        def record(session: Session) -> None:
+            assert_owned(session, self.run.job_id, self.run.attempt)
+            add_event(session, self.run.job_id, message, level=level, data=_finite(data) if data else None)
+
+        self.run.commit(record)
+
     def on_checkpoint(self, step: int, path: Path) -> None:
+        """Upload under this attempt's own key, then point the step's row at it (fenced). A step
+        redone after a resume replaces the earlier object; a fenced-out upload is removed."""
+        storage = self.run.services.storage
         archive = path.with_name(path.name + ".tar")
         write_archive(path, archive, arcname=".", compress=False)
-        key = f"jobs/{self.run.job_id}/checkpoints/step-{step:06d}.tar"
-        self.run.services.storage.put_file(key, archive)
+        key = f"jobs/{self.run.job_id}/checkpoints/step-{step:06d}-attempt-{self.run.attempt}.tar"
+        storage.put_file(key, archive)
         size = archive.stat().st_size
         archive.unlink()
-        with self.run.write() as session:
+
+        def record(session: Session) -> str | None:
             assert_owned(session, self.run.job_id, self.run.attempt)
-            existing = session.scalar(
+            row = session.scalar(
                 select(Checkpoint).where(Checkpoint.job_id == self.run.job_id, Checkpoint.step == step)
             )
-            if existing is None:
+            replaced = None
+            if row is None:
                 session.add(Checkpoint(job_id=self.run.job_id, step=step, storage_key=key, bytes=size))
+            elif row.storage_key != key:
+                replaced, row.storage_key, row.bytes = row.storage_key, key, size
             add_event(session, self.run.job_id, f"checkpoint saved at step {step}")
+            return replaced
+
+        try:
+            replaced = self.run.commit(record)
+        except LostJob:
+            storage.delete(key)
+            raise
+        if replaced:
+            storage.delete(replaced)
 
     def should_stop(self) -> bool:
         return self.run.should_stop()

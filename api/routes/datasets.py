@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
 from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import CursorQuery, LimitQuery, ProjectDep, ServicesDep, SessionDep, owned
-from api.errors import APIError
+from api.errors import APIError, error_responses
+from api.idempotency import ConcurrentDuplicate, IdempotencyKeyHeader, fingerprint, remember, replay
 from api.pagination import page_of
 from api.schemas import DatasetOut, Deleted, Page
-from api.uploads import receive_file
+from api.uploads import UPLOAD_OPENAPI, receive_file
 from core.data import iter_byte_lines, read_jsonl
 from service.db import transaction
 from service.tables import ACTIVE_STATUSES, Dataset, Job, new_id
@@ -21,9 +24,22 @@ from service.tables import ACTIVE_STATUSES, Dataset, Job, new_id
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
 
-@router.post("", status_code=201, response_model=DatasetOut)
-async def upload_dataset(request: Request, project_id: ProjectDep, services: ServicesDep) -> Dataset:
-    """Upload JSONL as multipart (`file`, optional `name`). Invalid files are refused with every bad line."""
+@router.post(
+    "",
+    status_code=201,
+    response_model=DatasetOut,
+    openapi_extra=UPLOAD_OPENAPI,
+    responses=error_responses(400, 413, 422),
+)
+async def upload_dataset(
+    request: Request,
+    project_id: ProjectDep,
+    services: ServicesDep,
+    idempotency_key: IdempotencyKeyHeader = None,
+) -> DatasetOut | JSONResponse:
+    """Upload JSONL as multipart (`file`, optional `name`). Invalid files are refused with every bad line.
+
+    With an `Idempotency-Key`, a retry of the same upload returns the first dataset."""
     settings = services.settings
     settings.scratch_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=settings.scratch_dir, prefix="upload-") as scratch:
@@ -57,14 +73,34 @@ async def upload_dataset(request: Request, project_id: ProjectDep, services: Ser
             field_counts=report.field_counts,
         )
         dataset.storage_key = f"datasets/{project_id}/{dataset.id}.jsonl"
+        key = Remembered(
+            project_id, idempotency_key, fingerprint([upload.sha256, upload.fields, upload.filename])
+        )
+        if idempotency_key and (first := await run_in_threadpool(key.replay, services)):
+            return first
         # The object first, then its row: a failure in between leaves an object that is removed here.
         await run_in_threadpool(services.storage.put_file, dataset.storage_key, path)
     try:
-        await run_in_threadpool(_insert, services, dataset)
+        return await run_in_threadpool(_insert, services, dataset, key)
+    except ConcurrentDuplicate:
+        await run_in_threadpool(services.storage.delete, dataset.storage_key)
+        return await run_in_threadpool(key.replay, services)
     except Exception:
         await run_in_threadpool(services.storage.delete, dataset.storage_key)
         raise
-    return dataset
+
+
+@dataclass
+class Remembered:
+    """An upload's Idempotency-Key (if any) with the request's fingerprint."""
+
+    project_id: str
+    key: str | None
+    request_sha256: str
+
+    def replay(self, services) -> JSONResponse | None:
+        with services.sessions() as session:
+            return replay(session, self.project_id, "upload_dataset", self.key, self.request_sha256)
 
 
 def _printable(text: str) -> str:
@@ -72,9 +108,23 @@ def _printable(text: str) -> str:
     return "".join(ch for ch in text if ch.isprintable()).strip()
 
 
-def _insert(services, dataset: Dataset) -> None:
+def _insert(services, dataset: Dataset, idempotency: Remembered) -> DatasetOut:
     with transaction(services.sessions) as session:
         session.add(dataset)
+        session.flush()
+        out = DatasetOut.model_validate(dataset, from_attributes=True)
+        if idempotency.key:
+            response = out.model_dump(mode="json")
+            remember(
+                session,
+                idempotency.project_id,
+                "upload_dataset",
+                idempotency.key,
+                idempotency.request_sha256,
+                201,
+                response,
+            )
+    return out
 
 
 @router.get("", response_model=Page[DatasetOut])
@@ -93,7 +143,7 @@ def read_dataset(dataset_id: str, session: SessionDep, project_id: ProjectDep) -
     return owned(session, Dataset, dataset_id, project_id)
 
 
-@router.delete("/{dataset_id}", response_model=Deleted)
+@router.delete("/{dataset_id}", response_model=Deleted, responses=error_responses(409))
 def delete_dataset(dataset_id: str, project_id: ProjectDep, services: ServicesDep) -> Deleted:
     """Refused while a queued or running job uses the dataset; finished jobs keep their history."""
     with transaction(services.sessions) as session:

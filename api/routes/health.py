@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+from typing import Literal
 
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, Field
 from sqlalchemy import text
 
 from api.deps import ServicesDep
@@ -21,7 +23,18 @@ def health() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/ready", responses={503: {"description": "A dependency is unreachable"}})
+class Readiness(BaseModel):
+    status: Literal["ok", "unavailable"]
+    checks: dict[str, str] = Field(description="database, broker, storage: `ok` or why unreachable.")
+
+
+@router.get(
+    "/ready",
+    responses={
+        200: {"model": Readiness, "description": "Every dependency is reachable"},
+        503: {"model": Readiness, "description": "A dependency is unreachable"},
+    },
+)
 def ready(services: ServicesDep) -> JSONResponse:
     """Whether the database, the broker and the object storage are reachable."""
     checks = {"database": _check_database, "broker": _check_broker, "storage": lambda s: s.storage.check()}
@@ -47,7 +60,16 @@ def _check_broker(services) -> None:
         connection.ensure_connection(max_retries=1, timeout=2)
 
 
-@router.get("/metrics", response_class=Response)
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={
+        200: {
+            "content": {"text/plain": {"schema": {"type": "string"}}},
+            "description": "Prometheus text format",
+        }
+    },
+)
 def metrics() -> Response:
     """Prometheus text format."""
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

@@ -7,12 +7,13 @@ import re
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from api.deps import CursorQuery, LimitQuery, ProjectDep, ServicesDep, SessionDep, owned
-from api.errors import APIError
+from api.errors import APIError, error_responses
+from api.idempotency import ConcurrentDuplicate, IdempotencyKeyHeader, fingerprint, remember, replay
 from api.pagination import ascending_page, page_of
 from api.routes.rewards import joined, validated_spec
 from api.schemas import (
@@ -27,7 +28,7 @@ from api.schemas import (
 from core.base_models import REGISTRY
 from core.config import ConfigError, parse_config
 from service.db import transaction
-from service.queue import enqueue_job
+from service.queue import dispatch_job
 from service.tables import (
     Artifact,
     Checkpoint,
@@ -162,54 +163,76 @@ def build_config(
     return config.model_dump(mode="json")
 
 
-@router.post("", status_code=201, response_model=JobOut)
-def create_job(body: JobCreate, project_id: ProjectDep, services: ServicesDep) -> JobOut:
-    with transaction(services.sessions) as session:
-        # Shared locks: a concurrent delete of these datasets waits for this job (or wins before it).
-        train = _locked_dataset(session, project_id, body.training_dataset, "training_dataset")
-        heldout = (
-            _locked_dataset(session, project_id, body.validation_dataset, "validation_dataset")
-            if body.validation_dataset
-            else None
+@router.post("", status_code=201, response_model=JobOut, responses=error_responses(404))
+def create_job(
+    body: JobCreate,
+    project_id: ProjectDep,
+    services: ServicesDep,
+    idempotency_key: IdempotencyKeyHeader = None,
+) -> JobOut | JSONResponse:
+    """Validate and queue a job. With an `Idempotency-Key`, a retry returns the first job."""
+    request_sha256 = fingerprint(body.model_dump(mode="json"))
+    try:
+        with transaction(services.sessions) as session:
+            if idempotency_key and (
+                first := replay(session, project_id, "create_job", idempotency_key, request_sha256)
+            ):
+                return first
+            job = _new_job(session, body, project_id)
+            out = job_out(job)
+            if idempotency_key:
+                response = out.model_dump(mode="json")
+                remember(session, project_id, "create_job", idempotency_key, request_sha256, 201, response)
+    except ConcurrentDuplicate:
+        with services.sessions() as session:
+            return replay(session, project_id, "create_job", idempotency_key, request_sha256)
+    dispatch_job(services.celery, services.sessions, job.id)  # after the commit, so the worker finds the row
+    return out
+
+
+def _new_job(session: Session, body: JobCreate, project_id: str) -> Job:
+    # Shared locks: a concurrent delete of these datasets waits for this job (or wins before it).
+    train = _locked_dataset(session, project_id, body.training_dataset, "training_dataset")
+    heldout = (
+        _locked_dataset(session, project_id, body.validation_dataset, "validation_dataset")
+        if body.validation_dataset
+        else None
+    )
+    if body.method != "sft" and body.reward_id is None and body.reward is None:
+        raise APIError(
+            422,
+            "invalid_job",
+            f"method {body.method!r} needs a reward: give reward_id or reward",
+            "reward",
         )
-        if body.method != "sft" and body.reward_id is None and body.reward is None:
-            raise APIError(
-                422,
-                "invalid_job",
-                f"method {body.method!r} needs a reward: give reward_id or reward",
-                "reward",
-            )
-        if body.reward_id and body.reward:
-            raise APIError(
-                422, "invalid_job", "give either reward_id or an inline reward, not both", "reward"
-            )
-        reward = body.reward
-        if body.reward_id:
-            reward = owned(session, RewardSpecRecord, body.reward_id, project_id, "reward_id").spec
-        elif reward is not None:
-            reward = validated_spec(reward, "reward").model_dump(mode="json")
-        config = build_config(body, reward, train, heldout)
-        job = Job(
-            id=new_id("job"),
-            project_id=project_id,
-            status=JobStatus.QUEUED,
-            model=body.model,
-            method=body.method,
-            config=config,
-            training_dataset_id=train.id,
-            validation_dataset_id=heldout.id if heldout else None,
-            reward_spec_id=body.reward_id,
-            suffix=body.suffix,
-            user_metadata=body.metadata,
-            seed=config["seed"],
-            total_steps=config["training"]["steps"],
-        )
-        session.add(job)
-        session.add(
-            JobEvent(job_id=job.id, level="info", message=f"job created: {body.method} on {body.model}")
-        )
-    enqueue_job(services.celery, job.id)  # after the commit, so the worker finds the row
-    return job_out(job)
+    if body.reward_id and body.reward:
+        raise APIError(422, "invalid_job", "give either reward_id or an inline reward, not both", "reward")
+    reward = body.reward
+    if body.reward_id:
+        reward = owned(session, RewardSpecRecord, body.reward_id, project_id, "reward_id").spec
+    elif reward is not None:
+        reward = validated_spec(reward, "reward").model_dump(mode="json")
+    config = build_config(body, reward, train, heldout)
+    job = Job(
+        id=new_id("job"),
+        project_id=project_id,
+        status=JobStatus.QUEUED,
+        model=body.model,
+        method=body.method,
+        config=config,
+        training_dataset_id=train.id,
+        validation_dataset_id=heldout.id if heldout else None,
+        reward_spec_id=body.reward_id,
+        suffix=body.suffix,
+        user_metadata=body.metadata,
+        seed=config["seed"],
+        total_steps=config["training"]["steps"],
+        dispatched_at=utcnow(),
+    )
+    session.add(job)
+    session.add(JobEvent(job_id=job.id, level="info", message=f"job created: {body.method} on {body.model}"))
+    session.flush()  # defaults (created_at, ...) for the response
+    return job
 
 
 def _locked_dataset(session: Session, project_id: str, dataset_id: str, param: str) -> Dataset:
@@ -237,7 +260,7 @@ def read_job(job_id: str, session: SessionDep, project_id: ProjectDep) -> JobOut
     return job_out(get_job(session, project_id, job_id))
 
 
-@router.post("/{job_id}/cancel", response_model=JobOut)
+@router.post("/{job_id}/cancel", response_model=JobOut, responses=error_responses(409))
 def cancel_job(job_id: str, project_id: ProjectDep, services: ServicesDep) -> JobOut:
     """A queued job is cancelled at once; a running one stops at its next step and ends `cancelled`."""
     with transaction(services.sessions) as session:

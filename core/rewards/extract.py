@@ -5,10 +5,24 @@ from __future__ import annotations
 import re
 from typing import Literal
 
+import regex
+
 Extractor = Literal["none", "last_number", "boxed", "last_line", "answer_tag"]
 
 _NUMBER = re.compile(r"[-+]?(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+)(?:[eE][-+]?\d+)?")
 _ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+# User patterns run with the `regex` module, which can stop a match: with `re`, one pattern such as
+# (x+x+)+y backtracks for hours while holding the GIL, freezing the API (reward tests) or the worker.
+USER_PATTERN_TIMEOUT_SECONDS = 1.0
+
+
+def user_pattern_matches(pattern: str, text: str, how: str = "finditer"):
+    """regex.<how>(pattern, text) with DOTALL, stopped by TimeoutError after USER_PATTERN_TIMEOUT_SECONDS.
+
+    `concurrent` lets other threads run while it matches.
+    """
+    match = getattr(regex, how)
+    return match(pattern, text, flags=regex.DOTALL, timeout=USER_PATTERN_TIMEOUT_SECONDS, concurrent=True)
 
 
 def last_number(text: str) -> str | None:
@@ -49,7 +63,7 @@ def extract_answer(text: str, how: Extractor = "none", pattern: str | None = Non
     None means nothing could be extracted, which every grader scores as 0.
     """
     if pattern is not None:
-        matches = list(re.finditer(pattern, text, flags=re.DOTALL))
+        matches = list(user_pattern_matches(pattern, text))
         if not matches:
             return None
         last = matches[-1]

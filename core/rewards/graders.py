@@ -7,17 +7,22 @@ A binary grader scores exactly 0 or 1, which lets the trainer report accuracy.
 
 from __future__ import annotations
 
+import ast
 import json
 import math
 import re
+import sys
 import threading
 from functools import cached_property
 from typing import Any, ClassVar, Literal
 
 import jsonschema
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+import regex
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from core.rewards.extract import Extractor, extract_answer
+from core.rewards.extract import Extractor, extract_answer, user_pattern_matches
+from core.rewards.sandbox import GraderProgram
+from core.rewards.sandbox_server import ALLOWED_PACKAGES
 
 
 class GraderBase(BaseModel):
@@ -37,8 +42,8 @@ class GraderBase(BaseModel):
     def _compiles(cls, pattern: str | None) -> str | None:
         if pattern is not None:
             try:
-                re.compile(pattern)
-            except re.error as exc:
+                regex.compile(pattern)
+            except regex.error as exc:
                 raise ValueError(f"not a valid regular expression: {exc}") from None
         return pattern
 
@@ -123,8 +128,8 @@ class RegexMatch(GraderBase):
     @classmethod
     def _pattern_compiles(cls, pattern: str) -> str:
         try:
-            re.compile(pattern)
-        except re.error as exc:
+            regex.compile(pattern)
+        except regex.error as exc:
             raise ValueError(f"not a valid regular expression: {exc}") from None
         return pattern
 
@@ -132,8 +137,7 @@ class RegexMatch(GraderBase):
         answer = self.answer(completion)
         if answer is None:
             return 0.0
-        match = re.fullmatch if self.mode == "fullmatch" else re.search
-        return float(match(self.pattern, answer, flags=re.DOTALL) is not None)
+        return float(user_pattern_matches(self.pattern, answer, self.mode) is not None)
 
 
 def parse_number(text: str) -> float | None:
@@ -295,3 +299,122 @@ DECLARATIVE_GRADERS: tuple[type[GraderBase], ...] = (
     LengthWithin,
     FormatTags,
 )
+
+
+# ----- user code --------------------------------------------------------------------------------
+
+MAX_SOURCE_BYTES = 256 * 1024
+_IMPORTABLE = frozenset(sys.stdlib_module_names) | frozenset(ALLOWED_PACKAGES)
+_ALLOWED_TEXT = "the standard library, " + ", ".join(ALLOWED_PACKAGES)
+
+
+class PythonGrader(BaseModel):
+    """User code, run in the reward sandbox (core/rewards/sandbox.py), never in the service.
+
+    `def reward(completion: str, example: dict) -> float` is called once per completion; a
+    function with a `completions` or `prompts` parameter is called once per batch with TRL's
+    convention, `(prompts=..., completions=..., **columns) -> list[float]`.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    binary: ClassVar[bool] = False
+    type: Literal["python"] = "python"
+    name: str | None = Field(None, description="Name in per-grader metrics; default: the type.")
+    weight: float = Field(1.0, description="Weight in the spec's total.")
+    source: str = Field(
+        description=f"Python source defining the function (at most {MAX_SOURCE_BYTES // 1024} kB); "
+        f"it may import {_ALLOWED_TEXT}."
+    )
+    function: str = Field(
+        "reward",
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        validate_default=True,
+        description="The function to call, defined at top level.",
+    )
+
+    @field_validator("source")
+    @classmethod
+    def _compiles(cls, source: str) -> str:
+        size = len(source.encode())
+        if size > MAX_SOURCE_BYTES:
+            raise ValueError(
+                f"source is {size} bytes, over the limit of {MAX_SOURCE_BYTES} ({MAX_SOURCE_BYTES // 1024} kB)"
+            )
+        try:
+            compile(source, "reward.py", "exec", dont_inherit=True)  # every SyntaxError, with its text
+            tree = ast.parse(source, "reward.py")
+        except SyntaxError as exc:
+            where = f"line {exc.lineno}" + (f", column {exc.offset}" if exc.offset else "")
+            lines = source.splitlines()
+            text = exc.text or (lines[exc.lineno - 1] if exc.lineno and exc.lineno <= len(lines) else "")
+            code = f": {text.strip()!r}" if text.strip() else ""
+            raise ValueError(f"{where}: {exc.msg}{code}") from None
+        except (ValueError, RecursionError, MemoryError) as exc:
+            raise ValueError(f"source cannot be compiled: {type(exc).__name__}: {exc}") from None
+        refused = [
+            f"line {node.lineno}: module {top!r} cannot be imported (reward code may import {_ALLOWED_TEXT})"
+            for node, top in _imports(tree)
+            if top not in _IMPORTABLE
+        ]
+        if refused:
+            raise ValueError("; ".join(refused))
+        return source
+
+    @field_validator("function")
+    @classmethod
+    def _defined(cls, function: str, info: ValidationInfo) -> str:
+        if "source" in info.data:  # else the source itself was refused
+            call_form(info.data["source"], function)
+        return function
+
+    @property
+    def label(self) -> str:
+        return self.name or self.type
+
+    def fields_needed(self) -> set[str]:
+        return set()  # unknown: user code reads what it reads
+
+    @property
+    def form(self) -> Literal["sample", "batch"]:
+        return call_form(self.source, self.function)
+
+    @cached_property
+    def program(self) -> GraderProgram:
+        return GraderProgram(self.source, self.function, self.form)
+
+
+def call_form(source: str, function: str) -> Literal["sample", "batch"]:
+    """How the sandbox calls `function`, read from its signature; ValueError if it cannot be called."""
+    tree = ast.parse(source)
+    found = [
+        n for n in tree.body if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef) and n.name == function
+    ]
+    if not found:
+        raise ValueError(
+            f"the source defines no top-level function {function!r} "
+            f"(def {function}(completion, example): ... returning a number)"
+        )
+    node = found[-1]
+    if isinstance(node, ast.AsyncFunctionDef):
+        raise ValueError(f"{function!r} must be a plain def, not async def")
+    args = node.args
+    names = {a.arg for a in [*args.posonlyargs, *args.args, *args.kwonlyargs]}
+    if names & {"completions", "prompts"}:
+        return "batch"
+    if len(args.posonlyargs) + len(args.args) >= 2 or args.vararg is not None:
+        return "sample"
+    raise ValueError(
+        f"{function!r} must take (completion, example), or TRL's (prompts, completions, **columns) for a batch"
+    )
+
+
+def _imports(tree: ast.AST) -> list[tuple[ast.stmt, str]]:
+    """Every absolute import in the code, with the top-level module it names."""
+    found: list[tuple[ast.stmt, str]] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(node, alias.name.partition(".")[0]) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):  # a relative import names no package reward code has
+            found.append((node, "." * node.level + (node.module or "").partition(".")[0]))
+    return found

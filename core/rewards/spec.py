@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import time
 import traceback
 from dataclasses import dataclass, field
 from typing import Annotated, Any
@@ -17,9 +19,11 @@ from core.rewards.graders import (
     LengthWithin,
     MathMatch,
     NumericMatch,
+    PythonGrader,
     RegexMatch,
     Similarity,
 )
+from core.rewards.sandbox import OUT_OF_TIME, SandboxPool, SandboxUnavailable
 
 Grader = Annotated[
     ExactMatch
@@ -30,7 +34,8 @@ Grader = Annotated[
     | JsonSchemaValid
     | Similarity
     | LengthWithin
-    | FormatTags,
+    | FormatTags
+    | PythonGrader,
     Field(discriminator="type"),
 ]
 
@@ -68,49 +73,110 @@ class RewardSpec(BaseModel):
     def fields_needed(self) -> set[str]:
         return set().union(*(g.fields_needed() for g in self.graders))
 
+    @property
+    def runs_user_code(self) -> bool:
+        """True when a grader is user code, which needs the sandbox."""
+        return any(isinstance(g, PythonGrader) for g in self.graders)
+
+
+# A score outside this range is refused: one huge reward would swamp a whole group's advantages.
+MAX_ABS_SCORE = 1e6
+
 
 @dataclass
 class RewardResult:
     totals: list[float]
     per_grader: dict[str, list[float]]
-    errors: dict[str, int] = field(default_factory=dict)
-    error_messages: list[str] = field(default_factory=list)
+    errors: dict[str, int] = field(default_factory=dict)  # per grader: samples it failed on
+    failures: dict[str, list[str | None]] = field(default_factory=dict)  # per grader and sample: why
+    outputs: dict[str, list[str]] = field(default_factory=dict)  # python graders: what they printed
+    seconds: dict[str, float] = field(default_factory=dict)  # per grader: time spent scoring
     correct: list[bool] | None = None  # set when the spec is binary
 
     @property
     def error_count(self) -> int:
         return sum(self.errors.values())
 
+    @property
+    def error_messages(self) -> list[str]:
+        """The first few failures, one line each: `grader 'x': KeyError: ...`."""
+        lines = [
+            f"grader {label!r}: {failure.strip().splitlines()[-1]}"
+            for label, failures in self.failures.items()
+            for failure in failures
+            if failure
+        ]
+        return lines[:_MAX_ERROR_MESSAGES]
+
 
 _MAX_ERROR_MESSAGES = 5
 
 
+def checked_score(value: float) -> float:
+    if not math.isfinite(value):
+        raise ValueError(f"score is not a finite number: {value}")
+    if abs(value) > MAX_ABS_SCORE:
+        raise ValueError(f"score {value:g} is outside [-{MAX_ABS_SCORE:g}, {MAX_ABS_SCORE:g}]")
+    return value
+
+
 def score_completions(
-    spec: RewardSpec, completions: list[str], examples: list[dict[str, Any]]
+    spec: RewardSpec,
+    completions: list[str],
+    examples: list[dict[str, Any]],
+    prompts: list[Any] | None = None,
+    sandbox: SandboxPool | None = None,
+    deadline: float | None = None,
+    owner: str = "",
 ) -> RewardResult:
     """Score each completion with every grader; a grader that fails on a sample scores 0 there.
 
-    Failures (exceptions, NaN, non-numbers) are counted per grader and the first few messages
-    kept, so one bad sample never stops a training step.
+    Failures (exceptions, timeouts, NaN, non-numbers, scores out of range) are counted per grader
+    with what went wrong, so one bad sample never stops a training step. Python graders run in
+    `sandbox`; they see each example with its `prompt` (`prompts`, when given). `deadline`
+    (time.monotonic()) bounds the time spent; `owner` keeps sandbox processes of different
+    owners (projects) apart.
     """
+    if len(completions) != len(examples) or (prompts is not None and len(prompts) != len(completions)):
+        raise ValueError("completions, examples and prompts must have the same length")
     per_grader: dict[str, list[float]] = {}
-    errors: dict[str, int] = {}
-    messages: list[str] = []
+    failures: dict[str, list[str | None]] = {}
+    outputs: dict[str, list[str]] = {}
+    seconds: dict[str, float] = {}
     for grader in spec.graders:
-        scores = []
-        for completion, example in zip(completions, examples, strict=True):
-            try:
-                value = float(grader.score(completion, example))
-                if not math.isfinite(value):
-                    raise ValueError(f"score is not a finite number: {value}")
-            except Exception as exc:
-                value = 0.0
-                errors[grader.label] = errors.get(grader.label, 0) + 1
-                if len(messages) < _MAX_ERROR_MESSAGES:
-                    last = traceback.format_exception_only(type(exc), exc)[-1].strip()
-                    messages.append(f"grader {grader.label!r}: {last}")
-            scores.append(value)
-        per_grader[grader.label] = scores
+        started = time.perf_counter()
+        if isinstance(grader, PythonGrader):
+            if sandbox is None:
+                raise SandboxUnavailable("the reward has python graders, which need a sandbox pool")
+            if prompts is None:
+                prompts = [e.get("prompt", e.get("messages", "")) for e in examples]
+            full = [
+                e if "prompt" in e else {**e, "prompt": p} for e, p in zip(examples, prompts, strict=True)
+            ]
+            program = dataclasses.replace(grader.program, owner=owner)
+            outcomes = sandbox.score(program, prompts, completions, full, deadline)
+            raw = [(o.score, o.error) for o in outcomes]
+            outputs[grader.label] = [o.output for o in outcomes]
+        else:
+            raw = [
+                _score_trusted(grader, c, e)
+                if deadline is None or time.monotonic() < deadline
+                else _OUT_OF_TIME
+                for c, e in zip(completions, examples, strict=True)
+            ]
+        scores, reasons = [], []
+        for value, error in raw:
+            if error is None:
+                try:
+                    value = checked_score(float(value))  # type: ignore[arg-type]
+                except (TypeError, ValueError) as exc:
+                    error = f"{type(exc).__name__}: {exc}"
+            scores.append(value if error is None else 0.0)
+            reasons.append(error)
+        per_grader[grader.label] = scores  # type: ignore[assignment]
+        failures[grader.label] = reasons
+        seconds[grader.label] = time.perf_counter() - started
+    errors = {label: n for label, reasons in failures.items() if (n := sum(r is not None for r in reasons))}
     totals = [sum(g.weight * per_grader[g.label][i] for g in spec.graders) for i in range(len(completions))]
     correct = None
     if spec.is_binary:
@@ -118,4 +184,15 @@ def score_completions(
             all(per_grader[g.label][i] == 1.0 for g in spec.graders if g.weight > 0)
             for i in range(len(completions))
         ]
-    return RewardResult(totals, per_grader, errors, messages, correct)
+    return RewardResult(totals, per_grader, errors, failures, outputs, seconds, correct)
+
+
+_OUT_OF_TIME = (None, OUT_OF_TIME)
+
+
+def _score_trusted(grader: Any, completion: str, example: dict[str, Any]) -> tuple[float | None, str | None]:
+    """A declarative grader, in this process: (score, None) or (None, the exception's last line)."""
+    try:
+        return float(grader.score(completion, example)), None
+    except Exception as exc:
+        return None, traceback.format_exception_only(type(exc), exc)[-1].strip()

@@ -60,13 +60,13 @@ def job_body(dataset_id: str, steps: int, **extra) -> dict:
     }
 
 
-def wait_for(http, job_id: str, done, timeout: float = 180, worker=None) -> dict:
+def wait_for(http, job_id: str, done, timeout: float = 180, worker=None, every: float = 0.3) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         job = http.get(f"/v1/jobs/{job_id}").json()
         if done(job):
             return job
-        time.sleep(0.3)
+        time.sleep(every)
     log = worker.log()[-3000:] if worker else ""
     raise AssertionError(f"job {job_id} did not get there in {timeout} s: {job}\n{log}")
 
@@ -144,7 +144,10 @@ def test_a_job_on_postgres_redis_s3_and_a_worker_process(
         )
     # What the API says is stored is what is in the bucket.
     keys = api.app.state.services.storage.list_keys(f"jobs/{job_id}/")
-    assert f"jobs/{job_id}/adapter.tar.gz" in keys and len([k for k in keys if "checkpoints" in k]) == 3
+    assert (
+        f"jobs/{job_id}/attempt-1/adapter.tar.gz" in keys
+        and len([k for k in keys if "checkpoints" in k]) == 3
+    )
 
 
 def test_cancel_stops_a_running_job_at_its_next_step(pg_settings, start_worker):

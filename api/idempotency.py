@@ -1,0 +1,86 @@
+"""`Idempotency-Key` on create requests: a retried request gets the first response, not a twin.
+
+The key's row is written in the same transaction as the resource it created, so either both exist
+or neither does. Two concurrent requests with one key race on the row's primary key: the loser's
+transaction (its resource included) rolls back, and it answers with the winner's response.
+The same key with a different request is refused (422). The reaper forgets keys after
+settings.idempotency_hours (at least 24).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Annotated, Any
+
+from fastapi import Header
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from api.errors import APIError
+from service.tables import IdempotencyKey
+
+IdempotencyKeyHeader = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        min_length=1,
+        max_length=255,
+        pattern=r"^[\x21-\x7e]+$",  # printable ASCII without spaces, like Stripe's and IETF's keys
+        description="Retry safely: the same key and request return the first response (kept 24 h or more).",
+    ),
+]
+PARAM = "Idempotency-Key"
+
+
+class ConcurrentDuplicate(Exception):
+    """Another request with the same key committed first; answer with its response."""
+
+
+def fingerprint(request: Any) -> str:
+    """sha256 of the request in a canonical JSON form."""
+    return hashlib.sha256(json.dumps(request, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def replay(
+    session: Session, project_id: str, operation: str, key: str, request_sha256: str
+) -> JSONResponse | None:
+    """The first response to this key, or None if the key is new."""
+    row = session.get(IdempotencyKey, (project_id, operation, key))
+    if row is None:
+        return None
+    if row.request_sha256 != request_sha256:
+        raise APIError(
+            422,
+            "idempotency_key_reused",
+            f"the Idempotency-Key {key!r} was already used with a different request; use a new key",
+            PARAM,
+        )
+    return JSONResponse(row.response, row.status_code, headers={"Idempotent-Replayed": "true"})
+
+
+def remember(
+    session: Session,
+    project_id: str,
+    operation: str,
+    key: str,
+    request_sha256: str,
+    status_code: int,
+    response: dict[str, Any],
+) -> None:
+    """Store the response with the resource, in its transaction; raises ConcurrentDuplicate if
+    another request with this key got there first (PostgreSQL waits here for it to commit)."""
+    row = IdempotencyKey(
+        project_id=project_id,
+        operation=operation,
+        key=key,
+        request_sha256=request_sha256,
+        status_code=status_code,
+        response=response,
+    )
+    try:
+        with session.begin_nested():
+            session.add(row)
+    except IntegrityError as exc:
+        raise ConcurrentDuplicate(key) from exc

@@ -1,0 +1,85 @@
+"""Python graders in a real (tiny) training run: the reward_errors metric, events, the error-rate limit."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from core.rewards import SandboxLimits
+from core.trainer import RewardErrorRateExceeded, Trainer
+from tests.core.test_trainer import Recorder, make_config, write_dataset
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(os.geteuid() != 0, reason="the sandbox's namespaces need root here"),
+]
+LIMITS = SandboxLimits(timeout_seconds=0.5, cpu_seconds=10, memory_mb=256, workers=2)
+
+
+class EventRecorder(Recorder):
+    def __init__(self):
+        super().__init__()
+        self.events: list[tuple[str, str, dict]] = []
+
+    def on_event(self, message, level="info", data=None):
+        self.events.append((message, level, data))
+
+
+@pytest.fixture
+def numbered(tmp_path) -> Path:
+    rows = [{"prompt": f"say something {i}", "demonstration": "a b c", "i": i} for i in range(8)]
+    return write_dataset(tmp_path / "numbered.jsonl", rows)
+
+
+def python_reward(source: str, name: str = "user") -> dict:
+    return {"graders": [{"type": "python", "name": name, "source": source}]}
+
+
+def test_a_grader_failing_on_some_samples_is_counted_and_reported_once(numbered, tmp_path):
+    # Odd examples make the grader raise; the prompt reaches it inside the example.
+    source = (
+        "def reward(completion, example):\n"
+        "    assert example['prompt'].startswith('say something')\n"
+        "    return 1.0 / (example['i'] % 2 == 0)\n"
+    )
+    config = make_config(
+        numbered,
+        tmp_path / "run",
+        reward=python_reward(source),
+        training__steps=3,
+        training__max_reward_error_rate=1.0,
+    )
+    recorder = EventRecorder()
+    trainer = Trainer(config, [recorder], sandbox_limits=LIMITS)
+    trainer.train()
+
+    assert len(recorder.steps) == 3
+    for metrics in recorder.steps:
+        prompts = trainer._batch_at(metrics["step"] - 1, trainer.train_examples, 2, salt=1)
+        odd = sum(e.example.fields["i"] % 2 for e in prompts)
+        assert metrics["reward_errors"] == metrics["reward_errors/user"] == 4 * odd  # 4 rollouts each
+        assert metrics["reward_mean"] == 1.0 - odd / 2
+    assert any(m["reward_errors"] for m in recorder.steps), "no step drew an odd example"
+    [(message, level, data)] = recorder.events  # the same error again is counted, not re-reported
+    assert level == "warning" and message.startswith("reward grader 'user' failed on ")
+    assert " of 8 samples at step " in message
+    assert "ZeroDivisionError" in message
+    assert 'File "reward.py", line 3, in reward' in data["traceback"] and data["grader"] == "user"
+
+
+def test_a_grader_that_keeps_failing_fails_the_run_naming_it(numbered, tmp_path):
+    source = "import time\ndef reward(completion, example):\n    time.sleep(60)\n"
+    config = make_config(
+        numbered, tmp_path / "run", reward=python_reward(source, "slowpoke"), training__reward_error_steps=2
+    )
+    recorder = EventRecorder()
+    with pytest.raises(RewardErrorRateExceeded) as caught:
+        Trainer(config, [recorder], sandbox_limits=LIMITS).train()
+    message = str(caught.value)
+    assert message.startswith("reward grader 'slowpoke' failed on more than 50% of the samples for 2 steps")
+    assert "time limit of 0.5 s" in message  # the deployment's limit reached the trainer
+    assert [m["reward_errors"] for m in recorder.steps] == [8]  # it failed during step 2
+    assert recorder.events and recorder.events[0][2]["grader"] == "slowpoke"
+    assert isinstance(caught.value, ValueError)  # the worker reports it as invalid input, not a crash
