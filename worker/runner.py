@@ -161,6 +161,7 @@ class JobRun:
                 add_event(session, self.job_id, f"cancelled at step {result.steps_done}")
 
             self.commit(cancelled)
+            self._remove_orphans()
             return
         self._store_adapter(job, result, workdir)
 
@@ -214,6 +215,7 @@ class JobRun:
             self.services.storage.delete(key)  # no row will ever point at it
             raise
         self.log.info("job %s: succeeded, adapter %s (%d bytes)", self.job_id, digest[:12], size)
+        self._remove_orphans()
 
     def _succeed(self, session: Session, key: str, digest: str, size: int, name: str, result) -> None:
         # The unique job_id of artifacts makes a second success impossible; the fence makes
@@ -244,6 +246,26 @@ class JobRun:
             data={"initial_eval": _finite(result.initial_eval), "final_eval": _finite(final)},
         )
 
+    def _remove_orphans(self) -> None:
+        """Delete the job's objects that no row points at: uploads of an attempt that was killed
+        between storing an object and committing its row. Best effort; the job is finished."""
+        try:
+            with self.services.sessions() as session:
+                kept = set(
+                    session.scalars(select(Checkpoint.storage_key).where(Checkpoint.job_id == self.job_id))
+                )
+                kept |= set(
+                    session.scalars(select(Artifact.storage_key).where(Artifact.job_id == self.job_id))
+                )
+            for key in self.services.storage.list_keys(f"jobs/{self.job_id}/"):
+                if key not in kept:
+                    self.services.storage.delete(key)
+                    self.log.info(
+                        "job %s: removed %s, stored by an attempt that did not finish", self.job_id, key
+                    )
+        except Exception:
+            self.log.warning("job %s: could not remove orphaned objects", self.job_id, exc_info=True)
+
     def _fail(self, code: str, message: str) -> None:
         def failed(session: Session) -> None:
             finish_job(
@@ -259,6 +281,8 @@ class JobRun:
             self.commit(failed)
         except LostJob:
             self.log.warning("job %s: failed, but the job is no longer ours", self.job_id)
+            return
+        self._remove_orphans()
 
     def _retry_or_fail(self, code: str, message: str) -> None:
         error = {"code": code, "message": message[:4000]}
@@ -270,6 +294,8 @@ class JobRun:
             return
         if status == JobStatus.QUEUED:
             self._dispatch()
+        else:
+            self._remove_orphans()
 
     def _dispatch(self) -> None:
         dispatch_job(self.services.celery, self.services.sessions, self.job_id)

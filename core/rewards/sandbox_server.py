@@ -165,15 +165,16 @@ def _build_root(root: str, binds: list[str], tmp_mb: int, uid: int) -> None:
     for link in ("/bin", "/lib", "/lib32", "/lib64", "/libx32"):
         if os.path.islink(link):  # merged /usr: keep the loader's paths (/lib64/ld-linux...) valid
             os.symlink(os.readlink(link), root + link)
+    # /tmp first: packages installed under /tmp (a checkout there) are then bound inside it.
+    os.makedirs(root + "/tmp")
+    _mount(
+        "tmpfs", root + "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, f"size={tmp_mb}m,mode=700,uid={uid},gid={uid}"
+    )
     for path in binds:
         _bind_read_only(path, root + path)
     os.makedirs(root + "/dev")
     for name in DEVICES:
         _bind_read_only(f"/dev/{name}", f"{root}/dev/{name}", nodev=False)
-    os.makedirs(root + "/tmp")
-    _mount(
-        "tmpfs", root + "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, f"size={tmp_mb}m,mode=700,uid={uid},gid={uid}"
-    )
     _mount(None, root, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV, "size=1m,mode=755")
     os.chroot(root)
     os.chdir("/tmp")

@@ -6,6 +6,7 @@ and is followed by a good sample on the same pool. Limits are small (1 s, 256 MB
 
 from __future__ import annotations
 
+import ast
 import math
 import os
 import shutil
@@ -21,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from core.rewards import RewardSpec, SandboxLimits, SandboxPool, SandboxUnavailable, score_completions
-from core.rewards.sandbox import GraderProgram
+from core.rewards.sandbox import GraderProgram, sandbox_paths
 from core.rewards.sandbox_server import SANDBOX_UID_BASE
 
 REPO = Path(__file__).resolve().parents[2]
@@ -366,9 +367,10 @@ def test_secrets_in_the_environment_and_files_outside_the_working_directory_are_
     assert result.per_grader["user"] == [1.0], result.failures
     assert SECRET not in output and "GOT" not in output, output
     assert "PREFIX_RFT" not in output and "PATH" not in output.split("environ", 1)[1].split("\n")[0]
-    assert (
-        "'proc'" not in output and "'home'" not in output and "'work'" in output
-    )  # only the runtime's paths
+    # Only the runtime's paths: the top directories of what the sandbox binds, /dev and /tmp.
+    listing = ast.literal_eval(output.split("listing ", 1)[1].splitlines()[0])
+    runtime = {path.split("/")[1] for path in sandbox_paths()[0]} | {"bin", "lib", "lib32", "lib64", "libx32"}
+    assert set(listing) <= runtime | {"dev", "tmp"} and "proc" not in listing and "home" not in listing
     assert_still_serving(pool)
 
 
@@ -404,7 +406,11 @@ def test_the_grader_runs_as_an_unprivileged_user_in_a_scratch_directory(pool):
     """
     result = score(pool, facts)
     output = result.outputs["user"][0]
-    assert reported_uid(output) >= SANDBOX_UID_BASE and "cwd /tmp files ['scratch.txt']" in output
+    assert reported_uid(output) >= SANDBOX_UID_BASE and "cwd /tmp files " in output
+    files = ast.literal_eval(output.split("files ", 1)[1].splitlines()[0])
+    # Besides its own file: only the (read-only) bind of an install that lives under /tmp, if any.
+    under_tmp = {path.split("/")[2] for path in sandbox_paths()[0] if path.startswith("/tmp/")}
+    assert "scratch.txt" in files and set(files) <= {"scratch.txt"} | under_tmp
 
 
 def test_closing_the_pool_ends_every_sandbox_process():

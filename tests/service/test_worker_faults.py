@@ -110,6 +110,10 @@ def kill_group(worker, sig: int = signal.SIGKILL) -> None:
 
 def test_a_job_survives_three_sigkills_and_matches_an_uninterrupted_run(api, settings, start_worker):
     job_id = start_job(api)
+    # What a kill between an upload and its row leaves behind (timing decides whether the kills
+    # below do): the finished job must have removed it.
+    orphan = f"jobs/{job_id}/checkpoints/step-000001-attempt-9.tar"
+    api.app.state.services.storage.put_bytes(orphan, b"left by a killed attempt")
     worker = start_worker(settings)
     kills: list[int] = []
     for attempt, target in enumerate((5, 15, 25), start=1):
