@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup example example-job serve test lint benchmark-throughput benchmark-learning
+.PHONY: setup example example-job serve test lint benchmark-throughput benchmark-learning benchmark-serving
 
 setup: $(STAMP)
 
@@ -34,6 +34,9 @@ benchmark-throughput: setup
 
 benchmark-learning: setup
 	$(PY) -m benchmarks.learning --steps 20 --eval-every 10 --jobs 2 --out docs/benchmarks/learning
+
+benchmark-serving: setup
+	$(PY) -m benchmarks.serving --out docs/benchmarks/serving.json
 
 # The service on the embedded defaults (SQLite, local storage, a broker kept in files).
 serve: setup
