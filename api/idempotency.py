@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import Header
@@ -43,44 +44,46 @@ def fingerprint(request: Any) -> str:
     return hashlib.sha256(json.dumps(request, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def replay(
-    session: Session, project_id: str, operation: str, key: str, request_sha256: str
-) -> JSONResponse | None:
-    """The first response to this key, or None if the key is new."""
-    row = session.get(IdempotencyKey, (project_id, operation, key))
-    if row is None:
-        return None
-    if row.request_sha256 != request_sha256:
-        raise APIError(
-            422,
-            "idempotency_key_reused",
-            f"the Idempotency-Key {key!r} was already used with a different request; use a new key",
-            PARAM,
+@dataclass(frozen=True)
+class IdempotentRequest:
+    """A create request's Idempotency-Key (None: the request has none) and its fingerprint."""
+
+    project_id: str
+    operation: str  # keys of different operations never meet: "create_job", "upload_dataset"
+    key: str | None
+    request_sha256: str
+
+    def replay(self, session: Session) -> JSONResponse | None:
+        """The first response to this key, or None if there is no key or it is new."""
+        if self.key is None:
+            return None
+        row = session.get(IdempotencyKey, (self.project_id, self.operation, self.key))
+        if row is None:
+            return None
+        if row.request_sha256 != self.request_sha256:
+            raise APIError(
+                422,
+                "idempotency_key_reused",
+                f"the Idempotency-Key {self.key!r} was already used with a different request; use a new key",
+                PARAM,
+            )
+        return JSONResponse(row.response, row.status_code, headers={"Idempotent-Replayed": "true"})
+
+    def remember(self, session: Session, status_code: int, response: dict[str, Any]) -> None:
+        """Store the response with the resource, in its transaction; raises ConcurrentDuplicate if
+        another request with this key got there first (PostgreSQL waits here for it to commit)."""
+        if self.key is None:
+            return
+        row = IdempotencyKey(
+            project_id=self.project_id,
+            operation=self.operation,
+            key=self.key,
+            request_sha256=self.request_sha256,
+            status_code=status_code,
+            response=response,
         )
-    return JSONResponse(row.response, row.status_code, headers={"Idempotent-Replayed": "true"})
-
-
-def remember(
-    session: Session,
-    project_id: str,
-    operation: str,
-    key: str,
-    request_sha256: str,
-    status_code: int,
-    response: dict[str, Any],
-) -> None:
-    """Store the response with the resource, in its transaction; raises ConcurrentDuplicate if
-    another request with this key got there first (PostgreSQL waits here for it to commit)."""
-    row = IdempotencyKey(
-        project_id=project_id,
-        operation=operation,
-        key=key,
-        request_sha256=request_sha256,
-        status_code=status_code,
-        response=response,
-    )
-    try:
-        with session.begin_nested():
-            session.add(row)
-    except IntegrityError as exc:
-        raise ConcurrentDuplicate(key) from exc
+        try:
+            with session.begin_nested():
+                session.add(row)
+        except IntegrityError as exc:
+            raise ConcurrentDuplicate(self.key) from exc

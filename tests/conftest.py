@@ -39,12 +39,23 @@ REDIS_URL = os.environ.get("PREFIX_RFT_TEST_REDIS", "redis://127.0.0.1:6379/11")
 REPO = Path(__file__).resolve().parents[2]
 
 
-def require(service: str, problem: str) -> None:
-    """A required server is missing: fail under CI, skip elsewhere."""
-    message = f"{service} is not reachable ({problem}); .ci/run starts it"
+def missing(message: str) -> None:
+    """Something a test needs is missing: fail under CI, skip elsewhere."""
     if os.environ.get("CI") == "true":
         pytest.fail(message, pytrace=False)
     pytest.skip(message)
+
+
+def require(service: str, problem: str) -> None:
+    """A required server is missing."""
+    missing(f"{service} is not reachable ({problem}); .ci/run starts it")
+
+
+@pytest.fixture
+def sandbox_privileges() -> None:
+    """The reward sandbox builds namespaces, which needs root (CAP_SYS_ADMIN) on this machine."""
+    if os.geteuid() != 0:
+        missing("the reward sandbox needs root (CAP_SYS_ADMIN) to build its namespaces")
 
 
 MOTO_START_SECONDS = 30

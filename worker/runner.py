@@ -36,7 +36,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from core.config import ConfigError, parse_config
 from core.rewards import SandboxLimits, SandboxUnavailable
-from core.trainer import Trainer, TrainerCallback
+from core.trainer import Trainer, TrainerCallback, TrainResult
 from service.db import make_engine, make_sessionmaker, transaction
 from service.lifecycle import (
     LostJob,
@@ -202,7 +202,7 @@ class JobRun:
         self.commit(resuming)
         return target
 
-    def _store_adapter(self, job: Job, result, workdir: Path) -> None:
+    def _store_adapter(self, job: Job, result: TrainResult, workdir: Path) -> None:
         archive = workdir / "adapter.tar.gz"
         write_archive(result.adapter_dir, archive, arcname="adapter")
         digest, size = sha256_of(archive), archive.stat().st_size
@@ -217,7 +217,9 @@ class JobRun:
         self.log.info("job %s: succeeded, adapter %s (%d bytes)", self.job_id, digest[:12], size)
         self._remove_orphans()
 
-    def _succeed(self, session: Session, key: str, digest: str, size: int, name: str, result) -> None:
+    def _succeed(
+        self, session: Session, key: str, digest: str, size: int, name: str, result: TrainResult
+    ) -> None:
         # The unique job_id of artifacts makes a second success impossible; the fence makes
         # sure that only the current attempt gets here.
         finish_job(

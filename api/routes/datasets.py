@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 from fastapi import APIRouter, Request
@@ -13,7 +12,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api.deps import CursorQuery, LimitQuery, ProjectDep, ServicesDep, SessionDep, owned
 from api.errors import APIError, error_responses
-from api.idempotency import ConcurrentDuplicate, IdempotencyKeyHeader, fingerprint, remember, replay
+from api.idempotency import ConcurrentDuplicate, IdempotencyKeyHeader, IdempotentRequest, fingerprint
 from api.pagination import page_of
 from api.schemas import DatasetOut, Deleted, Page
 from api.uploads import UPLOAD_OPENAPI, receive_file
@@ -73,34 +72,29 @@ async def upload_dataset(
             field_counts=report.field_counts,
         )
         dataset.storage_key = f"datasets/{project_id}/{dataset.id}.jsonl"
-        key = Remembered(
-            project_id, idempotency_key, fingerprint([upload.sha256, upload.fields, upload.filename])
+        request = IdempotentRequest(
+            project_id,
+            "upload_dataset",
+            idempotency_key,
+            fingerprint([upload.sha256, upload.fields, upload.filename]),
         )
-        if idempotency_key and (first := await run_in_threadpool(key.replay, services)):
+        if first := await run_in_threadpool(_replay, services, request):
             return first
         # The object first, then its row: a failure in between leaves an object that is removed here.
         await run_in_threadpool(services.storage.put_file, dataset.storage_key, path)
     try:
-        return await run_in_threadpool(_insert, services, dataset, key)
+        return await run_in_threadpool(_insert, services, dataset, request)
     except ConcurrentDuplicate:
         await run_in_threadpool(services.storage.delete, dataset.storage_key)
-        return await run_in_threadpool(key.replay, services)
+        return await run_in_threadpool(_replay, services, request)
     except Exception:
         await run_in_threadpool(services.storage.delete, dataset.storage_key)
         raise
 
 
-@dataclass
-class Remembered:
-    """An upload's Idempotency-Key (if any) with the request's fingerprint."""
-
-    project_id: str
-    key: str | None
-    request_sha256: str
-
-    def replay(self, services) -> JSONResponse | None:
-        with services.sessions() as session:
-            return replay(session, self.project_id, "upload_dataset", self.key, self.request_sha256)
+def _replay(services, request: IdempotentRequest) -> JSONResponse | None:
+    with services.sessions() as session:
+        return request.replay(session)
 
 
 def _printable(text: str) -> str:
@@ -108,22 +102,12 @@ def _printable(text: str) -> str:
     return "".join(ch for ch in text if ch.isprintable()).strip()
 
 
-def _insert(services, dataset: Dataset, idempotency: Remembered) -> DatasetOut:
+def _insert(services, dataset: Dataset, request: IdempotentRequest) -> DatasetOut:
     with transaction(services.sessions) as session:
         session.add(dataset)
         session.flush()
         out = DatasetOut.model_validate(dataset, from_attributes=True)
-        if idempotency.key:
-            response = out.model_dump(mode="json")
-            remember(
-                session,
-                idempotency.project_id,
-                "upload_dataset",
-                idempotency.key,
-                idempotency.request_sha256,
-                201,
-                response,
-            )
+        request.remember(session, 201, out.model_dump(mode="json"))
     return out
 
 

@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 
 from api.deps import CursorQuery, LimitQuery, ProjectDep, ServicesDep, SessionDep, owned
 from api.errors import APIError, error_responses
-from api.idempotency import ConcurrentDuplicate, IdempotencyKeyHeader, fingerprint, remember, replay
+from api.idempotency import ConcurrentDuplicate, IdempotencyKeyHeader, IdempotentRequest, fingerprint
 from api.pagination import ascending_page, page_of
 from api.routes.rewards import joined, validated_spec
 from api.schemas import (
@@ -171,21 +171,19 @@ def create_job(
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> JobOut | JSONResponse:
     """Validate and queue a job. With an `Idempotency-Key`, a retry returns the first job."""
-    request_sha256 = fingerprint(body.model_dump(mode="json"))
+    request = IdempotentRequest(
+        project_id, "create_job", idempotency_key, fingerprint(body.model_dump(mode="json"))
+    )
     try:
         with transaction(services.sessions) as session:
-            if idempotency_key and (
-                first := replay(session, project_id, "create_job", idempotency_key, request_sha256)
-            ):
+            if first := request.replay(session):
                 return first
             job = _new_job(session, body, project_id)
             out = job_out(job)
-            if idempotency_key:
-                response = out.model_dump(mode="json")
-                remember(session, project_id, "create_job", idempotency_key, request_sha256, 201, response)
+            request.remember(session, 201, out.model_dump(mode="json"))
     except ConcurrentDuplicate:
         with services.sessions() as session:
-            return replay(session, project_id, "create_job", idempotency_key, request_sha256)
+            return request.replay(session)
     dispatch_job(services.celery, services.sessions, job.id)  # after the commit, so the worker finds the row
     return out
 

@@ -6,7 +6,6 @@ a good reward. The deployment's sandbox settings are small (1 s, 256 MB) to keep
 
 from __future__ import annotations
 
-import os
 import textwrap
 import threading
 import time
@@ -21,7 +20,7 @@ from service.keys import create_key
 from service.settings import Settings
 from tests.conftest import ApiClient
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the sandbox's namespaces need root here")
+pytestmark = pytest.mark.usefixtures("sandbox_privileges")
 
 SANDBOX = {
     "sandbox_timeout_seconds": 1,

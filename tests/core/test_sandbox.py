@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import ast
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -24,8 +23,8 @@ import pytest
 from core.rewards import RewardSpec, SandboxLimits, SandboxPool, SandboxUnavailable, score_completions
 from core.rewards.sandbox import GraderProgram, sandbox_paths
 from core.rewards.sandbox_server import SANDBOX_UID_BASE
+from tests.conftest import REPO, missing
 
-REPO = Path(__file__).resolve().parents[2]
 LIMITS = SandboxLimits(
     timeout_seconds=1,
     cpu_seconds=4,
@@ -37,7 +36,7 @@ LIMITS = SandboxLimits(
 )
 SECRET = "s3cret-value-that-must-not-leak"
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the sandbox's namespaces need root here")
+pytestmark = pytest.mark.usefixtures("sandbox_privileges")
 
 
 @pytest.fixture(scope="module")
@@ -439,8 +438,10 @@ pool.close()
 """
 
 
-@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs util-linux's setpriv")
 def test_without_the_privilege_to_isolate_user_code_is_refused_unless_the_deployment_opts_out():
+    if shutil.which("setpriv") is None:
+        missing("util-linux's setpriv is needed to drop CAP_SYS_ADMIN")
+
     def run(required: bool) -> str:
         command = [*WITHOUT_SYS_ADMIN, sys.executable, "-c", PROBE.format(required=required)]
         done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=60)

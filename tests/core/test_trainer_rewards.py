@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,7 @@ from tests.core.test_trainer import Recorder, make_config, write_dataset
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(os.geteuid() != 0, reason="the sandbox's namespaces need root here"),
+    pytest.mark.usefixtures("sandbox_privileges"),
 ]
 LIMITS = SandboxLimits(timeout_seconds=0.5, cpu_seconds=10, memory_mb=256, workers=2)
 

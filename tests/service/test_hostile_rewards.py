@@ -6,7 +6,6 @@ worker's reward sandbox with the deployment's default limits.
 
 from __future__ import annotations
 
-import os
 import textwrap
 
 import pytest
@@ -16,7 +15,7 @@ from tests.service.test_end_to_end import addition_lines, finished, job_body, wa
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(os.geteuid() != 0, reason="the sandbox's namespaces need root here"),
+    pytest.mark.usefixtures("sandbox_privileges"),
 ]
 
 # Every sample meets another kind of hostility, none of which may hurt the worker.
