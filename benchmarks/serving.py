@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from core.models import load_base_model
     from core.rollout import stop_token_ids
-    from core.serving import BatchedPrefixEngine, GenerationRequest, SamplingParams, load_prefix_adapter
+    from core.serving import BatchedEngine, GenerationRequest, SamplingParams, load_adapter
 
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
@@ -137,8 +137,8 @@ def main(argv: list[str] | None = None) -> int:
 
         # The engine: the same requests in one batch over the plain base model.
         base = peft_model.get_base_model()
-        engine = BatchedPrefixEngine(base, tokenizer)
-        adapters = [load_prefix_adapter(d, base) for d in adapter_dirs]
+        engine = BatchedEngine(base, tokenizer)
+        adapters = [load_adapter(d, base) for d in adapter_dirs]
         requests = [
             GenerationRequest(
                 prompts[i], adapters[which[i]], SamplingParams(max_tokens=args.max_tokens, temperature=0)

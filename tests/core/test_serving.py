@@ -1,4 +1,5 @@
-"""The batched multi-adapter engine decodes exactly what PEFT decodes for each request alone."""
+"""The batched multi-adapter engine decodes exactly what PEFT decodes for each request alone,
+whether requests start together or join a running batch, for prefix and LoRA adapters alike."""
 
 from __future__ import annotations
 
@@ -12,11 +13,15 @@ from core.adapters import attach_adapter, export_adapter
 from core.config import LoraAdapterConfig, PrefixAdapterConfig
 from core.models import load_base_model
 from core.serving import (
-    BatchedPrefixEngine,
+    BatchedEngine,
     GenerationRequest,
+    LoraWeights,
+    PrefixKV,
     SamplingParams,
     UnsupportedAdapter,
-    load_prefix_adapter,
+    _Row,
+    held_back,
+    load_adapter,
     nucleus_filter,
     prefix_kv_from_embedding,
 )
@@ -37,6 +42,18 @@ def make_prefix_adapter(directory, n: int, projection: bool, noise: float, seed:
     return export_adapter(policy, directory, "tiny-random")
 
 
+def make_lora_adapter(directory, seed: int):
+    """A LoRA adapter whose B matrices are not zero (a fresh one would decode as the base model)."""
+    model, tokenizer = load_base_model("tiny-random")
+    policy = attach_adapter(model, tokenizer, LoraAdapterConfig(r=4))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in policy.parameters():
+            if p.requires_grad:
+                p.add_(0.5 * torch.randn(p.shape, generator=generator))
+    return export_adapter(policy, directory, "tiny-random")
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("adapters")
@@ -44,10 +61,12 @@ def setup(tmp_path_factory):
         "a": make_prefix_adapter(root / "a", n=3, projection=False, noise=2.0, seed=1),
         "b": make_prefix_adapter(root / "b", n=7, projection=True, noise=0.05, seed=2),
         "c": make_prefix_adapter(root / "c", n=5, projection=False, noise=1.0, seed=3),
+        "l1": make_lora_adapter(root / "l1", seed=4),
+        "l2": make_lora_adapter(root / "l2", seed=5),
     }
     model, tokenizer = load_base_model("tiny-random")
-    engine = BatchedPrefixEngine(model, tokenizer)
-    adapters = {name: load_prefix_adapter(d, model) for name, d in dirs.items()}
+    engine = BatchedEngine(model, tokenizer)
+    adapters = {name: load_adapter(d, model) for name, d in dirs.items()}
     return engine, adapters, dirs
 
 
@@ -92,7 +111,11 @@ def test_mixed_batch_is_token_identical_to_peft_generate_alone(setup):
     ]
     # A stop string on row 1: two characters in the middle of what it would say.
     full_text = tokenizer.decode(expected[1], skip_special_tokens=True)
-    stop = next(full_text[i : i + 2] for i in range(3, len(full_text)) if full_text[i : i + 2].isprintable())
+    stop = next(
+        full_text[i : i + 2]
+        for i in range(3, len(full_text))
+        if full_text[i : i + 2].isprintable() and "\ufffd" not in full_text[i : i + 2]  # settled text only
+    )
     cut = next(j for j in range(len(expected[1])) if stop in tokenizer.decode(expected[1][: j + 1]))
     stopped_tokens, stopped_text = expected[1][: cut + 1], full_text[: full_text.index(stop)]
 
@@ -178,18 +201,22 @@ def test_prefix_layout_matches_peft(setup):
     assert adapters["c"].length == 5
 
 
-def test_lora_and_foreign_adapters_are_refused_clearly(tmp_path):
-    model, tokenizer = load_base_model("tiny-random")
-    lora = attach_adapter(model, tokenizer, LoraAdapterConfig(r=2))
-    export_adapter(lora, tmp_path / "lora", "tiny-random")
-    with pytest.raises(UnsupportedAdapter, match=r"LORA.*prefix-tuning adapters only"):
-        load_prefix_adapter(tmp_path / "lora", model)
+def test_adapter_kinds_are_told_apart_and_foreign_ones_refused_clearly(setup, tmp_path):
+    engine, adapters, _ = setup
+    assert isinstance(adapters["a"], PrefixKV) and isinstance(adapters["l1"], LoraWeights)
+    (tmp_path / "ia3").mkdir()
+    (tmp_path / "ia3" / "adapter_config.json").write_text(json.dumps({"peft_type": "IA3"}))
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(1)}, tmp_path / "ia3" / "adapter_model.safetensors")
+    with pytest.raises(UnsupportedAdapter, match=r"IA3; prefix-tuning and LoRA adapters are served"):
+        load_adapter(tmp_path / "ia3", engine.model)
+    model = engine.model
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match=r"pickled adapter_model\.bin is not loaded"):
-        load_prefix_adapter(tmp_path / "empty", model)
+        load_adapter(tmp_path / "empty", model)
     with pytest.raises(UnsupportedAdapter, match="another base model"):
         prefix_kv_from_embedding("x", torch.zeros(4, 100), num_layers=2, kv_heads=2, head_dim=24)
-    assert json.loads((tmp_path / "lora" / "adapter_config.json").read_text())["peft_type"] == "LORA"
 
 
 def test_requests_are_validated(setup):
@@ -205,3 +232,137 @@ def test_requests_are_validated(setup):
     with pytest.raises(ValueError, match="more than the model"):
         engine.generate([GenerationRequest([5] * 10, None, SamplingParams(max_tokens=2000))])
     assert engine.generate([]) == []
+
+
+def test_requests_joining_a_running_batch_decode_as_if_alone(setup):
+    """Rows admitted mid-decode (other adapters, other prompt lengths) and a cancelled row."""
+    engine, adapters, dirs = setup
+    tokenizer = engine.tokenizer
+    cases = {  # key: adapter, prompt, max_tokens, the step at which it is admitted
+        "first": ("a", "a first request that starts the batch", 18, 0),
+        "base": (None, "hi", 12, 0),
+        "late": ("b", "one that comes later with a longer prompt than the others had", 10, 3),
+        "later": ("c", "x", 9, 7),
+        "lora": ("l1", "a LoRA row among prefix rows", 11, 2),
+    }
+    prompts = {key: encode(tokenizer, text) for key, (_, text, _, _) in cases.items()}
+    expected = {
+        key: reference(dirs[name] if name else None, prompts[key], n)
+        for key, (name, _, n, _) in cases.items()
+    }
+    doomed = GenerationRequest(
+        encode(tokenizer, "cancel me"), adapters["c"], SamplingParams(max_tokens=50, temperature=0)
+    )
+
+    text = {key: "" for key in cases}
+    done = {}
+    step = 0
+    widths = []
+    while len(done) < len(cases):
+        arriving = [
+            (
+                key,
+                GenerationRequest(
+                    prompts[key],
+                    adapters[name] if name else None,
+                    SamplingParams(max_tokens=n, temperature=0),
+                ),
+            )
+            for key, (name, _, n, at) in cases.items()
+            if at == step
+        ]
+        if step == 0:
+            arriving.append(("doomed", doomed))
+        progress = engine.add(arriving) if arriving else []
+        if step == 5:
+            assert engine.cancel("doomed") and not engine.cancel("doomed")
+        progress += engine.step()
+        for p in progress:
+            assert p.key != "doomed" or step < 5
+            text[p.key] = text.get(p.key, "") + p.text
+            if p.completion is not None:
+                done[p.key] = p.completion
+        widths.append(engine.cache_width)
+        step += 1
+
+    assert engine.running == 0 and "doomed" not in done
+    for key, completion in done.items():
+        assert completion.token_ids == expected[key], key
+        assert text[key] == completion.text == tokenizer.decode(expected[key], skip_special_tokens=True)
+    assert max(widths) > widths[-2]  # columns of rows that left are dropped, not kept forever
+
+
+def test_lora_and_prefix_rows_share_a_batch(setup):
+    engine, adapters, dirs = setup
+    tokenizer = engine.tokenizer
+    cases = [
+        ("l1", "hello", 10),
+        ("a", "hello", 10),
+        ("l2", "hello", 10),
+        (None, "hello", 10),
+        ("l1", "other", 6),
+    ]
+    prompts = [encode(tokenizer, text) for _, text, _ in cases]
+    results = engine.generate(
+        [
+            GenerationRequest(
+                prompt, adapters[name] if name else None, SamplingParams(max_tokens=n, temperature=0)
+            )
+            for (name, _, n), prompt in zip(cases, prompts, strict=True)
+        ]
+    )
+    for (name, _, n), prompt, result in zip(cases, prompts, results, strict=True):
+        assert result.token_ids == reference(dirs[name] if name else None, prompt, n), name
+    assert len({tuple(r.token_ids) for r in results[:4]}) == 4  # four adapters, four different outputs
+    assert engine.installed_lora == {"l1", "l2"}
+    engine.remove_lora("l2")
+    assert engine.installed_lora == {"l1"}
+    again = engine.generate(
+        [GenerationRequest(prompts[0], adapters["l1"], SamplingParams(max_tokens=10, temperature=0))]
+    )
+    assert again[0].token_ids == results[0].token_ids
+
+
+def test_held_back_by_hand():
+    assert held_back("hello wor", ("world",)) == 3
+    assert held_back("hello", ("world",)) == 0
+    assert held_back("abc", ("c", "bcd")) == 2  # a whole stop string is found elsewhere; "bc" may start "bcd"
+    assert held_back("xx#", ("##", "#!")) == 1
+    assert held_back("", ("ab",)) == 0
+
+
+def test_streamed_text_adds_up_to_the_completion_and_never_shows_half_a_character(setup):
+    """Byte-level tokens: a multi-byte character arrives over several tokens."""
+    engine, _, _ = setup
+    tokenizer = engine.tokenizer
+    generator = torch.Generator().manual_seed(0)
+    samples = ["héllo wörld €5 ✓ 日本", "plain", "ends in half: é"]
+    for text in samples:
+        ids = encode(tokenizer, text)
+        for stop in ((), ("wör",), ("日",)):
+            row = _Row(
+                "k",
+                GenerationRequest([1], None, SamplingParams(max_tokens=len(ids), stop=stop)),
+                torch.device("cpu"),
+            )
+            shown = ""
+            for token in ids[:-1] if text.startswith("ends") else ids:
+                progress = row.append(token, set(), tokenizer)
+                assert "\ufffd" not in progress.text
+                shown += progress.text
+                if progress.completion is not None:
+                    break
+            if row.finish_reason is None:  # cut short: what is pending comes with the last progress
+                row.request = GenerationRequest(
+                    [1], None, SamplingParams(max_tokens=len(row.tokens) + 1, stop=stop)
+                )
+                shown += row.append(EOS, {EOS}, tokenizer).text
+            full = tokenizer.decode(row.tokens, skip_special_tokens=True)
+            cut = min([full.find(s) for s in stop if s in full], default=len(full))
+            assert shown == row.text == full[:cut], (text, stop)
+    random_ids = torch.randint(
+        3, 200, (300,), generator=generator
+    ).tolist()  # arbitrary bytes, invalid UTF-8 too
+    row = _Row("k", GenerationRequest([1], None, SamplingParams(max_tokens=300)), torch.device("cpu"))
+    shown = "".join(row.append(t, set(), tokenizer).text for t in random_ids)
+    assert shown == tokenizer.decode(random_ids, skip_special_tokens=True)
