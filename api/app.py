@@ -11,12 +11,13 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI
 from prometheus_client import Counter, Histogram
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.deps import Services
 from api.errors import document_error_responses, install_error_handlers
-from api.routes import datasets, health, jobs, models, rewards
+from api.routes import completions, datasets, health, jobs, models, rewards
 from core.rewards import SandboxLimits, SandboxPool
 from service.db import make_engine, make_sessionmaker
 from service.queue import make_celery
@@ -68,17 +69,35 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.services = services
     install_error_handlers(app)
     document_error_responses(app)
-    for module in (datasets, rewards, jobs, models, health):
+    for module in (datasets, rewards, jobs, models, completions, health):
         app.include_router(module.router)
 
-    @app.middleware("http")
-    async def record_metrics(request: Request, call_next) -> Response:
-        started = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")  # the template, so ids do not explode the labels
-        LATENCY.labels(request.method, path).observe(time.perf_counter() - started)
-        REQUESTS.labels(request.method, path, str(response.status_code)).inc()
-        return response
-
+    app.add_middleware(RecordMetrics)
     return app
+
+
+class RecordMetrics:
+    """Counts requests and times them to the start of the response (a stream's first byte).
+
+    A plain ASGI middleware: Starlette's BaseHTTPMiddleware would hide a client's disconnect
+    from the handlers (`Request.is_disconnected`), which inference needs to free its rows.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+
+        async def timed_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                route = scope.get("route")
+                path = getattr(route, "path", "unmatched")  # the template, so ids do not explode the labels
+                LATENCY.labels(scope["method"], path).observe(time.perf_counter() - started)
+                REQUESTS.labels(scope["method"], path, str(message["status"])).inc()
+            await send(message)
+
+        await self.app(scope, receive, timed_send)

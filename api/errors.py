@@ -69,7 +69,9 @@ def install_error_handlers(app: FastAPI) -> None:
         details = [_validation_detail(e) for e in exc.errors()]
         message = "; ".join(f"{d['param']}: {d['message']}" if d["param"] else d["message"] for d in details)
         first = details[0]["param"] if details else None
-        return JSONResponse(error_body(422, "invalid_request", message, first, details), 422)
+        # The OpenAI-compatible routes answer 400, as OpenAI does (its clients raise BadRequestError).
+        status = 400 if request.url.path in OPENAI_COMPATIBLE_PATHS else 422
+        return JSONResponse(error_body(status, "invalid_request", message, first, details), status)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -102,6 +104,7 @@ def install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(error_body(500, "internal_error", "internal server error"), 500)
 
 
+OPENAI_COMPATIBLE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 MISSING_KEY = ("missing_api_key", "send an API key as 'Authorization: Bearer <key>'")
 BEARER_CHALLENGE = {"WWW-Authenticate": "Bearer"}
 
@@ -142,13 +145,14 @@ class ErrorResponse(BaseModel):
 
 
 ERROR_DESCRIPTIONS = {
-    400: "The request is malformed (e.g. an upload that is not multipart/form-data).",
+    400: "The request is malformed: an upload that is not multipart/form-data, or an invalid body of an "
+    "OpenAI-compatible route (those answer 400 where the others answer 422).",
     401: "No API key, or one that is unknown or revoked.",
     404: "No such resource in the caller's project.",
     409: "The resource's state does not allow this.",
     413: "The upload is larger than the limit.",
     422: "Invalid input; `details` lists every problem.",
-    503: "A dependency (the database, the reward sandbox) is unavailable; retry later.",
+    503: "A dependency (the database, the reward sandbox, the model server) is unavailable; retry later.",
 }
 _ERROR_HEADERS = {
     401: {"WWW-Authenticate": {"description": "`Bearer`", "schema": {"type": "string"}}},

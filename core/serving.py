@@ -306,6 +306,10 @@ class BatchedEngine:
     def installed_lora(self) -> set[str]:
         return set(self._peft.peft_config) if self._peft is not None else set()
 
+    @property
+    def lora_in_use(self) -> set[str]:
+        return {row.lora for row in self._rows} - {"__base__"}
+
     def check(self, request: GenerationRequest) -> None:
         if not request.prompt_ids:
             raise ValueError("a request needs at least one prompt token")
@@ -377,7 +381,7 @@ class BatchedEngine:
 
     def remove_lora(self, name: str) -> None:
         """Uninstall a LoRA adapter; it must not be in use by a running row."""
-        if any(row.lora == name for row in self._rows):
+        if name in self.lora_in_use:
             raise RuntimeError(f"LoRA adapter {name!r} is in use by a running request")
         if name in self.installed_lora:
             self._peft.delete_adapter(name)

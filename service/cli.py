@@ -1,7 +1,8 @@
 """`prefix-rft`: the trainer's commands, the service, and a client of its REST API.
 
 prefix-rft train | eval | data validate | models           the trainer, locally (core.cli)
-prefix-rft serve [--host H] [--port P]                      API + worker on the embedded defaults
+prefix-rft serve [--host H] [--port P]                      API + worker + model server, embedded defaults
+prefix-rft model-server [--host H] [--port P]               the model server alone (inference)
 prefix-rft init                                             migrate the database, create the bucket
 prefix-rft keys create --project NAME                       a new API key, shown once
 prefix-rft datasets upload FILE | list
@@ -45,8 +46,20 @@ def _add_service_commands(commands: argparse._SubParsersAction) -> None:
     serve = commands.add_parser("serve", help="run the API and a worker on this machine")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--no-worker", action="store_true", help="the API only (workers run elsewhere)")
+    serve.add_argument("--no-worker", action="store_true", help="no worker (workers run elsewhere)")
+    serve.add_argument(
+        "--no-model-server",
+        action="store_true",
+        help="no model server (PREFIX_RFT_INFERENCE_URL is elsewhere)",
+    )
     serve.set_defaults(handler=_serve)
+
+    model_server = commands.add_parser(
+        "model-server", help="the model server: OpenAI-compatible inference the API forwards to"
+    )
+    model_server.add_argument("--host", default="127.0.0.1")
+    model_server.add_argument("--port", type=int, default=8001)
+    model_server.set_defaults(handler=_model_server)
 
     commands.add_parser(
         "init", help="migrate the database to head and create the storage bucket"
@@ -62,7 +75,22 @@ def _add_service_commands(commands: argparse._SubParsersAction) -> None:
 def _serve(args: argparse.Namespace) -> int:
     from service.server import serve
 
-    return serve(args.host, args.port, with_worker=not args.no_worker)
+    return serve(
+        args.host, args.port, with_worker=not args.no_worker, with_model_server=not args.no_model_server
+    )
+
+
+def _model_server(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from inference.server import create_model_server
+    from service.settings import get_settings
+
+    settings = get_settings()
+    uvicorn.run(
+        create_model_server(settings), host=args.host, port=args.port, log_level=settings.log_level.lower()
+    )
+    return 0
 
 
 def _init(_args: argparse.Namespace) -> int:

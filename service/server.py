@@ -1,7 +1,8 @@
 """`prefix-rft serve`: the whole service on one machine, on the embedded defaults.
 
 SQLite, a local object directory and a broker kept in files, all under the data directory;
-the API runs in this process and a Celery worker in a child process, as in production.
+the API runs in this process, a Celery worker and the model server in child processes, as in
+production.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+from urllib.parse import urlsplit
 
 from sqlalchemy import func, select
 
@@ -62,7 +64,22 @@ def worker_command() -> list[str]:
     ]
 
 
-def serve(host: str, port: int, with_worker: bool = True) -> int:
+def model_server_command(settings: Settings) -> list[str]:
+    """The model server on the host and port of PREFIX_RFT_INFERENCE_URL."""
+    url = urlsplit(settings.inference_url)
+    return [
+        sys.executable,
+        "-m",
+        "service.cli",
+        "model-server",
+        "--host",
+        url.hostname or "127.0.0.1",
+        "--port",
+        str(url.port or 80),
+    ]
+
+
+def serve(host: str, port: int, with_worker: bool = True, with_model_server: bool = True) -> int:
     import uvicorn
 
     from api.app import create_app
@@ -76,11 +93,15 @@ def serve(host: str, port: int, with_worker: bool = True) -> int:
             f"  export PREFIX_RFT_API_KEY={key}\n",
             flush=True,
         )
-    worker = None
+    # Children in their own process groups, so a Ctrl-C in this terminal reaches them only through us.
+    children = []
     if with_worker:
-        # Its own process group, so a Ctrl-C in this terminal reaches it only through us.
-        worker = subprocess.Popen(worker_command(), env=os.environ.copy(), start_new_session=True)
-        log.info("worker started (pid %d)", worker.pid)
+        children.append(subprocess.Popen(worker_command(), env=os.environ.copy(), start_new_session=True))
+        log.info("worker started (pid %d)", children[-1].pid)
+    if with_model_server:
+        command = model_server_command(settings)
+        children.append(subprocess.Popen(command, env=os.environ.copy(), start_new_session=True))
+        log.info("model server started on %s (pid %d)", settings.inference_url, children[-1].pid)
     print(
         f"API on http://{host}:{port} (docs: http://{host}:{port}/docs); data in {settings.data_dir}",
         flush=True,
@@ -91,8 +112,8 @@ def serve(host: str, port: int, with_worker: bool = True) -> int:
     try:
         uvicorn.run(create_app(settings), host=host, port=port, log_level=settings.log_level.lower())
     finally:
-        if worker is not None:
-            stop_process(worker)
+        for child in children:
+            stop_process(child)
     return 0
 
 

@@ -56,6 +56,22 @@ class Settings(BaseSettings):
     idempotency_hours: int = Field(48, ge=24, description="How long an Idempotency-Key is remembered.")
     log_level: str = Field("INFO", description="Logging level of the API and worker.")
 
+    # ----- inference -----------------------------------------------------------------------------
+    inference_url: str = Field(
+        "",
+        description="The model server the API forwards /v1/chat/completions and /v1/completions to; "
+        "default: http://127.0.0.1:8001 (the one `prefix-rft serve` starts).",
+    )
+    inference_adapter_cache_mb: int = Field(
+        1024, ge=1, description="Memory the model server keeps trained adapters in, per base model (LRU)."
+    )
+    inference_max_batch: int = Field(
+        64, ge=1, description="Rows one base model decodes at once; later requests wait for a free row."
+    )
+    inference_timeout_seconds: float = Field(
+        600, gt=0, description="How long the API waits for a non-streamed completion (and a model to load)."
+    )
+
     # ----- reward sandbox -----------------------------------------------------------------------
     # Limits of the processes that run python graders (core.rewards.sandbox.SandboxLimits, same
     # defaults; docs/sandbox.md). The API's reward test endpoint and the worker both use them.
@@ -99,6 +115,7 @@ class Settings(BaseSettings):
         self.database_url = self.database_url or f"sqlite:///{self.data_dir / 'service.db'}"
         self.broker_url = self.broker_url or "filesystem://"
         self.storage_url = self.storage_url or (self.data_dir / "objects").as_uri()
+        self.inference_url = (self.inference_url or "http://127.0.0.1:8001").rstrip("/")
         return self
 
     @property

@@ -280,6 +280,16 @@ def _b_posts(a: ProjectA, b: ApiClient) -> dict[str, list[tuple[dict[str, Any], 
         "/v1/rewards/test": [
             ({**REWARD, "samples": [{"completion": "1", "example": {"answer": "1"}}]}, 200, None, "")
         ],
+        # A's adapter is not a model B can call: the same 404 as a name that does not exist.
+        "/v1/chat/completions": [
+            (
+                {"model": a.fine_tuned_model, "messages": [{"role": "user", "content": "hi"}]},
+                404,
+                "model",
+                "model",
+            )
+        ],
+        "/v1/completions": [({"model": a.fine_tuned_model, "prompt": "hi"}, 404, "model", "model")],
     }
 
 
@@ -303,7 +313,12 @@ def test_routes_without_ids_keep_projects_apart(projects: tuple[ProjectA, ApiCli
             for body, status, param, kind in posts[path]:
                 response = b.http.post(path, json=body)
                 assert response.status_code == status, (path, body, response.text)
-                if status == 404:
+                if status == 404 and kind == "model":
+                    error = response.json()["error"]
+                    assert (error["code"], error["param"]) == ("model_not_found", "model"), error
+                    unknown = b.http.post(path, json={**body, "model": "ft:x:y:job_0"}).json()["error"]
+                    assert error["message"] == unknown["message"].replace("ft:x:y:job_0", body["model"])
+                elif status == 404:
                     assert_not_found(response, kind, body[param], param)
                 else:
                     assert not any(s in response.text for s in a.secrets), (path, response.text)

@@ -189,6 +189,7 @@ def test_the_embedded_default_serves_a_whole_job(tmp_path):
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFIX_RFT_")}
     env["PREFIX_RFT_DATA_DIR"] = str(tmp_path / "data")
+    env["PREFIX_RFT_INFERENCE_URL"] = f"http://127.0.0.1:{free_port()}"
     log_path = tmp_path / "serve.log"
     with log_path.open("wb") as log:
         server = subprocess.Popen(
@@ -228,6 +229,21 @@ def test_the_embedded_default_serves_a_whole_job(tmp_path):
             [*cli, "download", job_id, "-o", str(tmp_path / "dl")], env=client_env, cwd=REPO, check=True
         )
         assert_loads_with_peft(tmp_path / "dl" / "adapter")
+
+        # The trained adapter answers at once through the model server `serve` started.
+        chat = http.post(
+            "/v1/chat/completions",
+            json={
+                "model": job["fine_tuned_model"],
+                "messages": [{"role": "user", "content": "What is 2 + 3?"}],
+                "max_tokens": 8,
+                "temperature": 0,
+            },
+            timeout=120,
+        )
+        assert chat.status_code == 200, chat.text
+        assert chat.json()["model"] == job["fine_tuned_model"]
+        assert 1 <= chat.json()["usage"]["completion_tokens"] <= 8
     finally:
         server.terminate()
         try:
@@ -240,3 +256,7 @@ def test_the_embedded_default_serves_a_whole_job(tmp_path):
     while Path(f"/proc/{worker_pid}").exists() and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not Path(f"/proc/{worker_pid}").exists(), "the worker outlived prefix-rft serve"
+    model_server_pid = int(
+        re.search(r"model server started on \S+ \(pid (\d+)\)", log_path.read_text()).group(1)
+    )
+    assert not Path(f"/proc/{model_server_pid}").exists(), "the model server outlived prefix-rft serve"

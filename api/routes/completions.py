@@ -1,0 +1,155 @@
+"""OpenAI-compatible inference: `/v1/chat/completions` and `/v1/completions`.
+
+The API checks the key, validates the body (400 naming the field), resolves `model` to a base
+model or one of the caller's trained adapters (anything else, another project's adapter
+included, is a 404), and forwards to the model server (`inference.server`), relaying its answer
+or its event stream byte for byte. This process never loads a model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, TypeVar
+
+import httpx
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel
+from sqlalchemy import select
+from starlette.concurrency import run_in_threadpool
+
+from api.deps import ProjectDep, Services, ServicesDep
+from api.errors import APIError, error_responses
+from core.base_models import REGISTRY
+from inference.protocol import (
+    CHAT_PATH,
+    COMPLETIONS_PATH,
+    AdapterRef,
+    ChatCompletionRequest,
+    CompletionRequest,
+    ForwardedChat,
+    ForwardedCompletion,
+    Target,
+)
+from service.tables import Artifact, Job, JobStatus
+
+router = APIRouter(tags=["inference"])
+
+DISCONNECT_POLL_SECONDS = 0.1  # cheap; a gone client must not hold its rows long
+_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "The completion; with `stream: true`, server-sent events of chunks ending in `[DONE]`",
+        "content": {"application/json": {}, "text/event-stream": {"schema": {"type": "string"}}},
+    },
+    **error_responses(400, 404, 503),
+}
+
+
+@router.post(CHAT_PATH, responses=_RESPONSES)
+async def chat_completions(
+    body: ChatCompletionRequest, request: Request, project_id: ProjectDep, services: ServicesDep
+) -> Response:
+    """A chat completion from a base model or a trained adapter (`model` = its `ft:...` name)."""
+    target = await run_in_threadpool(resolve_model, services, project_id, body.model)
+    return await _forward(
+        services, request, CHAT_PATH, ForwardedChat(target=target, request=body), body.stream
+    )
+
+
+@router.post(COMPLETIONS_PATH, responses=_RESPONSES)
+async def completions(
+    body: CompletionRequest, request: Request, project_id: ProjectDep, services: ServicesDep
+) -> Response:
+    """A text completion of `prompt` (no chat template), from a base model or a trained adapter."""
+    target = await run_in_threadpool(resolve_model, services, project_id, body.model)
+    forwarded = ForwardedCompletion(target=target, request=body)
+    return await _forward(services, request, COMPLETIONS_PATH, forwarded, body.stream)
+
+
+def resolve_model(services: Services, project_id: str, name: str) -> Target:
+    """A base model of the registry, or an adapter of a succeeded job of this project."""
+    if name in {info.name for info in REGISTRY}:
+        return Target(name=name, base_model=name)
+    if name.startswith("ft:"):
+        job_id = name.rsplit(":", 1)[-1]
+        with services.sessions() as session:
+            row = session.execute(
+                select(Job, Artifact)
+                .join(Artifact, Artifact.job_id == Job.id)
+                .where(Job.id == job_id, Job.project_id == project_id, Job.status == JobStatus.SUCCEEDED)
+            ).first()
+        if row is not None and row.Job.fine_tuned_model == name:
+            adapter = AdapterRef(storage_key=row.Artifact.storage_key, sha256=row.Artifact.sha256)
+            return Target(name=name, base_model=row.Job.model, adapter=adapter)
+    raise APIError(
+        404,
+        "model_not_found",
+        f"The model {name!r} does not exist or you do not have access to it "
+        "(GET /v1/models lists the base models and your trained adapters).",
+        "model",
+    )
+
+
+async def _forward(
+    services: Services, request: Request, path: str, forwarded: BaseModel, stream: bool
+) -> Response:
+    # A client per request: it lives as long as the (streamed) answer, on this request's loop.
+    settings = services.settings
+    client = httpx.AsyncClient(
+        base_url=settings.inference_url, timeout=httpx.Timeout(settings.inference_timeout_seconds, connect=5)
+    )
+    upstream_request = client.build_request("POST", path, json=forwarded.model_dump(mode="json"))
+    try:
+        upstream = await _unless_disconnected(request, client.send(upstream_request, stream=True))
+    except httpx.TransportError as exc:
+        await client.aclose()
+        raise APIError(
+            503,
+            "inference_unavailable",
+            f"the model server is unavailable ({type(exc).__name__}); retry in a few seconds",
+            headers={"Retry-After": "5"},
+        ) from None
+    if upstream is None:  # the caller went away while the model loaded; nothing to answer
+        await client.aclose()
+        return Response(status_code=499)
+    if not stream or upstream.status_code != 200:
+        try:
+            body = await _unless_disconnected(request, upstream.aread())
+        finally:
+            await upstream.aclose()
+            await client.aclose()
+        media_type = upstream.headers.get("content-type", "application/json")
+        return Response(body or b"", upstream.status_code, media_type=media_type)
+
+    async def relay() -> AsyncIterator[bytes]:
+        # Closing the upstream stream (the caller disconnected, so Starlette stops this generator)
+        # closes the connection to the model server, which then drops the rows from its batch.
+        try:
+            async for chunk in upstream.aiter_raw():
+                yield chunk
+        finally:
+            await upstream.aclose()
+            await client.aclose()
+
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    return StreamingResponse(relay(), media_type="text/event-stream", headers=headers)
+
+
+T = TypeVar("T")
+
+
+async def _unless_disconnected(request: Request, awaitable: Awaitable[T]) -> T | None:
+    """Await, but give up (cancelling it) if the caller disconnects meanwhile; None then."""
+    task = asyncio.ensure_future(awaitable)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_SECONDS)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                task.cancel()
+                return None
+    finally:
+        if not task.done():
+            task.cancel()

@@ -1,0 +1,1 @@
+"""The model server: OpenAI-compatible inference over base models and trained adapters."""

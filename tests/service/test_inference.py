@@ -1,0 +1,371 @@
+"""OpenAI-compatible inference through the real parts: the official `openai` client, the API
+served by uvicorn (PostgreSQL behind it), and the model server in its own process, loading
+adapters from object storage.
+
+The adapters are made here (perturbed, so each decodes differently) and stored as a succeeded
+job's artifact, exactly as the worker stores them; what they decode is compared with the engine
+run in this process on the same adapter directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+import uvicorn
+
+from core.adapters import attach_adapter, export_adapter
+from core.config import LoraAdapterConfig, PrefixAdapterConfig
+from core.models import load_base_model
+from core.serving import BatchedEngine, GenerationRequest, SamplingParams, load_adapter
+from service.db import make_engine, make_sessionmaker, transaction
+from service.settings import Settings
+from service.storage import open_storage
+from service.tables import Artifact, Job, JobStatus, utcnow
+from tests.conftest import REPO, ApiClient, free_port, settings_env
+from worker.runner import write_archive
+
+pytestmark = pytest.mark.slow
+
+
+@dataclass
+class Deployment:
+    api: ApiClient  # the caller's project
+    base_url: str
+    model_server: str
+    adapters: dict[str, str]  # kind -> fine-tuned model name
+    dirs: dict[str, Path]
+
+    def client(self, key: str | None = None) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.base_url}/v1", api_key=key or self.api.key, max_retries=0)
+
+    def stats(self) -> dict:
+        return httpx.get(f"{self.model_server}/stats").json().get("tiny-random", {})
+
+
+def make_adapter(directory: Path, kind: str, seed: int) -> Path:
+    model, tokenizer = load_base_model("tiny-random")
+    config = PrefixAdapterConfig(num_virtual_tokens=6) if kind == "prefix" else LoraAdapterConfig(r=4)
+    policy = attach_adapter(model, tokenizer, config)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in policy.parameters():
+            if p.requires_grad:
+                p.add_((1.0 if kind == "prefix" else 0.5) * torch.randn(p.shape, generator=generator))
+    return export_adapter(policy, directory, "tiny-random")
+
+
+def store_as_succeeded_job(settings: Settings, project_id: str, adapter_dir: Path, suffix: str) -> str:
+    """Put the adapter where a worker puts one, with the rows of a job that produced it."""
+    archive = adapter_dir.parent / f"{suffix}.tar.gz"
+    write_archive(adapter_dir, archive, arcname="adapter")
+    sessions = make_sessionmaker(make_engine(settings.database_url))
+    with transaction(sessions) as session:
+        job = Job(
+            project_id=project_id,
+            status=JobStatus.SUCCEEDED,
+            model="tiny-random",
+            method="prefix_rft",
+            config={},
+            seed=1,
+            total_steps=1,
+            suffix=suffix,
+            finished_at=utcnow(),
+        )
+        session.add(job)
+        session.flush()
+        job.fine_tuned_model = f"ft:tiny-random:{suffix}:{job.id}"
+        key = f"jobs/{job.id}/attempt-1/adapter.tar.gz"
+        open_storage(settings.storage_url).put_file(key, archive)
+        session.add(
+            Artifact(
+                job_id=job.id,
+                storage_key=key,
+                sha256=hashlib.sha256(archive.read_bytes()).hexdigest(),
+                bytes=archive.stat().st_size,
+            )
+        )
+        return job.fine_tuned_model
+
+
+def wait_until_up(url: str, process: subprocess.Popen | None, log: Path | None) -> None:
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(f"{url}/health").status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if process is not None:
+            assert process.poll() is None, log.read_text() if log else "exited"
+        assert time.monotonic() < deadline, f"{url} did not start"
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory, migrated_postgres: str, redis_url: str) -> Iterator[Deployment]:
+    root = tmp_path_factory.mktemp("inference")
+    model_server = f"http://127.0.0.1:{free_port()}"
+    settings = Settings(
+        data_dir=root / "data",
+        database_url=migrated_postgres,
+        broker_url=redis_url,
+        inference_url=model_server,
+        reaper_seconds=0,
+        inference_adapter_cache_mb=64,
+    )
+    open_storage(settings.storage_url).prepare()
+    log = root / "model-server.log"
+    env = settings_env(settings) | {"PREFIX_RFT_INFERENCE_ADAPTER_CACHE_MB": "64"}
+    port = model_server.rsplit(":", 1)[1]
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "model-server", "--port", port],
+            cwd=REPO,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    api = ApiClient(settings)
+    server = uvicorn.Server(uvicorn.Config(api.app, host="127.0.0.1", port=free_port(), log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        base_url = f"http://127.0.0.1:{server.config.port}"
+        wait_until_up(base_url, None, None)
+        wait_until_up(model_server, process, log)
+        dirs = {
+            "prefix": make_adapter(root / "prefix", "prefix", seed=1),
+            "prefix2": make_adapter(root / "prefix2", "prefix", seed=2),
+            "lora": make_adapter(root / "lora", "lora", seed=3),
+        }
+        names = {kind: store_as_succeeded_job(settings, api.project_id, d, kind) for kind, d in dirs.items()}
+        yield Deployment(api, base_url, model_server, names, dirs)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        process.terminate()
+        process.wait(timeout=30)
+        api.http.close()
+
+
+@pytest.fixture(scope="module")
+def engine() -> BatchedEngine:
+    return BatchedEngine(*load_base_model("tiny-random"))
+
+
+def expected(engine: BatchedEngine, adapter_dir: Path | None, prompt: list[int], **params) -> str:
+    adapter = load_adapter(adapter_dir, engine.model) if adapter_dir else None
+    return engine.generate([GenerationRequest(prompt, adapter, SamplingParams(**params))])[0]
+
+
+def chat_ids(engine: BatchedEngine, content: str) -> list[int]:
+    messages = [{"role": "user", "content": content}]
+    return list(
+        engine.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=True
+        )["input_ids"]
+    )
+
+
+def test_chat_and_completions_with_the_official_client(deployment: Deployment, engine: BatchedEngine):
+    client = deployment.client()
+    for kind in ("prefix", "lora"):
+        name = deployment.adapters[kind]
+        reply = client.chat.completions.create(
+            model=name, messages=[{"role": "user", "content": "hello there"}], max_tokens=12, temperature=0
+        )
+        want = expected(
+            engine, deployment.dirs[kind], chat_ids(engine, "hello there"), max_tokens=12, temperature=0
+        )
+        assert reply.model == name and reply.object == "chat.completion"
+        assert reply.choices[0].message.role == "assistant"
+        assert reply.choices[0].message.content == want.text
+        assert reply.choices[0].finish_reason == want.finish_reason
+        assert reply.usage.prompt_tokens == want.prompt_tokens
+        assert reply.usage.completion_tokens == want.completion_tokens
+        assert reply.usage.total_tokens == want.prompt_tokens + want.completion_tokens
+
+    prompt_ids = engine.tokenizer("Once upon a time")["input_ids"]
+    text = client.completions.create(
+        model="tiny-random", prompt="Once upon a time", max_tokens=9, temperature=0
+    )
+    want = expected(engine, None, prompt_ids, max_tokens=9, temperature=0)
+    assert text.object == "text_completion" and text.choices[0].text == want.text
+    assert text.usage.completion_tokens == want.completion_tokens
+
+    # The adapters change what is said: a row served with the wrong adapter would not pass.
+    outputs = {
+        kind: client.chat.completions.create(
+            model=deployment.adapters[kind] if kind != "base" else "tiny-random",
+            messages=[{"role": "user", "content": "hello there"}],
+            max_tokens=12,
+            temperature=0,
+        )
+        .choices[0]
+        .message.content
+        for kind in ("prefix", "prefix2", "lora", "base")
+    }
+    assert len(set(outputs.values())) == 4, outputs
+
+    models = {m.id for m in client.models.list().data}
+    assert {"tiny-random", *deployment.adapters.values()} <= models
+
+
+def test_streaming_chunks_add_up_to_the_completion(deployment: Deployment):
+    client = deployment.client()
+    request = {
+        "model": deployment.adapters["prefix"],
+        "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "tell me more"}],
+        "max_tokens": 40,
+        "temperature": 0,
+    }
+    whole = client.chat.completions.create(**request)
+    chunks = list(
+        client.chat.completions.create(**request, stream=True, stream_options={"include_usage": True})
+    )
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert {c.id for c in chunks} == {chunks[0].id} and chunks[0].object == "chat.completion.chunk"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == [whole.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.model_dump() == whole.usage.model_dump()
+
+    # Completions stream too, n choices each with its own index; a seed makes them reproducible.
+    stream = client.completions.create(
+        model="tiny-random", prompt="abc", max_tokens=10, n=2, seed=5, temperature=1.0, stream=True
+    )
+    texts = ["", ""]
+    for chunk in stream:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.text
+    again = client.completions.create(
+        model="tiny-random", prompt="abc", max_tokens=10, n=2, seed=5, temperature=1.0
+    )
+    assert texts == [c.text for c in again.choices]
+
+
+def test_stop_strings_end_the_text_before_them(deployment: Deployment):
+    client = deployment.client()
+    request = {"model": "tiny-random", "prompt": "The", "max_tokens": 30, "temperature": 0}
+    full = client.completions.create(**request).choices[0].text
+    stop = next(full[i : i + 2] for i in range(2, len(full) - 2) if "\ufffd" not in full[i : i + 2])
+    cut = client.completions.create(**request, stop=[stop])
+    assert cut.choices[0].text == full[: full.index(stop)] and cut.choices[0].finish_reason == "stop"
+    streamed = "".join(
+        c.choices[0].text for c in client.completions.create(**request, stop=stop, stream=True)
+    )
+    assert streamed == cut.choices[0].text
+
+
+def test_concurrent_requests_are_decoded_together(deployment: Deployment, engine: BatchedEngine):
+    """Requests for two prefix adapters, a LoRA adapter and the base model, sent at once."""
+    client = deployment.client()
+    kinds = ["prefix", "prefix2", "lora", "base"] * 3
+    questions = [f"question number {i}" for i in range(len(kinds))]
+
+    def ask(i: int):
+        model = deployment.adapters[kinds[i]] if kinds[i] != "base" else "tiny-random"
+        return client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": questions[i]}], max_tokens=24, temperature=0
+        )
+
+    ask(0)  # adapters loaded, so that the timed requests arrive together
+    for kind in ("prefix2", "lora"):
+        ask(kinds.index(kind))
+    steps_before = deployment.stats()["steps"]
+    with ThreadPoolExecutor(len(kinds)) as pool:
+        replies = list(pool.map(ask, range(len(kinds))))
+    steps = deployment.stats()["steps"] - steps_before
+    tokens = sum(r.usage.completion_tokens for r in replies)
+    for i, reply in enumerate(replies):
+        adapter_dir = deployment.dirs.get(kinds[i])
+        want = expected(engine, adapter_dir, chat_ids(engine, questions[i]), max_tokens=24, temperature=0)
+        assert reply.choices[0].message.content == want.text, i
+    # One at a time would take one step per token; together, far fewer.
+    assert steps < tokens / 3, (steps, tokens)
+
+
+def test_bad_requests_get_openai_errors(deployment: Deployment):
+    client = deployment.client()
+    hello = [{"role": "user", "content": "hi"}]
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.chat.completions.create(model="no-such-model", messages=hello)
+    assert caught.value.code == "model_not_found" and caught.value.param == "model"
+
+    # Another project's adapter does not exist for this caller.
+    other = deployment.api.other_project()
+    with pytest.raises(openai.NotFoundError):
+        deployment.client(other.key).chat.completions.create(
+            model=deployment.adapters["prefix"], messages=hello
+        )
+    # A name that only looks like ours (the right job id, another base or suffix) is not ours either.
+    forged = deployment.adapters["prefix"].replace(":prefix:", ":other:")
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model=forged, messages=hello)
+
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="tiny-random", messages=hello, max_tokens=5000)
+    assert caught.value.code == "context_length_exceeded" and "1024" in caught.value.message
+
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="tiny-random", messages=[{"role": "robot", "content": "hi"}])
+    assert caught.value.param == "messages[0].role"
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="tiny-random", messages=[{"role": "user"}])
+    assert caught.value.param == "messages[0].content"
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="tiny-random", messages=[])
+    assert caught.value.param == "messages"
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="tiny-random", messages=hello, logit_bias={"5": 10})
+    assert caught.value.param == "logit_bias"  # refused, not silently ignored
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(model="tiny-random", prompt="x", temperature=3)
+    assert caught.value.param == "temperature"
+    with pytest.raises(openai.AuthenticationError):
+        deployment.client("prk_not-a-key").models.list()
+    # And the service still answers.
+    assert client.chat.completions.create(model="tiny-random", messages=hello, max_tokens=2).choices
+
+
+def test_a_client_that_goes_away_frees_its_rows(deployment: Deployment):
+    body = {"model": "tiny-random", "prompt": "a long story:", "max_tokens": 900, "temperature": 0}
+    headers = {"Authorization": f"Bearer {deployment.api.key}"}
+    # A request that would decode 900 tokens, to be sure the rows are cut, not finished.
+    assert deployment.client().completions.create(**body).choices[0].finish_reason == "length"
+
+    steps = deployment.stats()["steps"]
+    with httpx.stream(
+        "POST", f"{deployment.base_url}/v1/completions", json={**body, "stream": True}, headers=headers
+    ) as stream:
+        for _ in zip(stream.iter_lines(), range(6), strict=False):
+            pass  # a few chunks, then the client hangs up
+    _wait_for_idle(deployment)
+    assert deployment.stats()["steps"] - steps < 600
+
+    steps = deployment.stats()["steps"]
+    with pytest.raises(httpx.ReadTimeout):  # not streamed: the client gives up waiting
+        httpx.post(f"{deployment.base_url}/v1/completions", json=body, headers=headers, timeout=0.3)
+    _wait_for_idle(deployment)
+    assert deployment.stats()["steps"] - steps < 600
+
+
+def _wait_for_idle(deployment: Deployment) -> None:
+    deadline = time.monotonic() + 10
+    while deployment.stats()["running"] or deployment.stats()["queued"]:
+        assert time.monotonic() < deadline, deployment.stats()
+        time.sleep(0.05)
