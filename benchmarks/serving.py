@@ -1,14 +1,18 @@
-"""Batched multi-adapter decoding (core.serving) vs serving the same requests one by one with PEFT.
+"""Serving many prefix adapters at once (the model server) vs one by one with PEFT `generate`.
 
     python -m benchmarks.serving --out docs/benchmarks/serving.json
 
 SmolLM2-135M-Instruct (float32, CPU), 16 chat requests spread over 4 prefix adapters of different
 lengths (8, 12, 16, 20 virtual tokens, each initialised from the chat template's activations and
 then perturbed, so every adapter decodes differently), greedy, 64 new tokens at most (a row also
-stops at EOS). The baseline is what one would write without the engine: one `PeftModel`, each
-adapter loaded with `load_adapter`, and `generate` per request, one after the other. The engine
-decodes all 16 requests in one batch. Both run in this process, one after the other, after one
-warm-up request each; adapter loading is not timed. Throughput is completion tokens / wall time.
+stops at EOS). The baseline is what one would write without the server: one `PeftModel`, each
+adapter loaded with `load_adapter`, and `generate` per request, one after the other, in this
+process. Then `prefix-rft model-server` runs in its own process, with the adapters in object
+storage (a local directory), and the 16 requests are sent to it at once, streamed, from 16
+threads. Adapter and model loading are not timed (one warm-up request per adapter first).
+Throughput is completion tokens / wall time; time to first token (TTFT) is counted from the
+moment all 16 requests arrived, so a request served later in the baseline waits for those
+before it. Outputs are compared as text.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import json
 import logging
 import os
 import platform
+import socket
 import sys
 import tempfile
 import time
@@ -78,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="write the JSON result here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
     import peft
     import torch
@@ -86,7 +92,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from core.models import load_base_model
     from core.rollout import stop_token_ids
-    from core.serving import BatchedEngine, GenerationRequest, SamplingParams, load_adapter
 
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
@@ -113,9 +118,27 @@ def main(argv: list[str] | None = None) -> int:
             peft_model.load_adapter(directory, adapter_name=name)
         peft_model.eval()
 
-        def one_by_one(indices: list[int]) -> list[list[int]]:
-            outputs = []
+        class FirstToken:
+            """A `generate` streamer that notes when the first new token came (the prompt comes first)."""
+
+            def __init__(self) -> None:
+                self.calls, self.at = 0, None
+
+            def put(self, _value) -> None:
+                self.calls += 1
+                if self.calls == 2:
+                    self.at = time.perf_counter()
+
+            def end(self) -> None:
+                pass
+
+        def one_by_one(
+            indices: list[int], arrived: float | None = None
+        ) -> tuple[list[list[int]], list[float]]:
+            """Each request's tokens, and its time to first token counted from `arrived` (all came then)."""
+            outputs, ttft = [], []
             for i in indices:
+                streamer = FirstToken()
                 peft_model.set_adapter(names[which[i]])
                 ids = torch.tensor([prompts[i]])
                 with torch.inference_mode():
@@ -126,35 +149,26 @@ def main(argv: list[str] | None = None) -> int:
                         do_sample=False,
                         eos_token_id=eos,
                         pad_token_id=tokenizer.pad_token_id,
+                        streamer=streamer,
                     )
                 outputs.append(out[0, len(prompts[i]) :].tolist())
-            return outputs
+                ttft.append((streamer.at or time.perf_counter()) - (arrived or 0))
+            return outputs, ttft
 
         one_by_one([0])  # warm-up
         started = time.perf_counter()
-        sequential = one_by_one(list(range(args.requests)))
+        sequential, sequential_ttft = one_by_one(list(range(args.requests)), started)
         sequential_s = time.perf_counter() - started
 
-        # The engine: the same requests in one batch over the plain base model.
-        base = peft_model.get_base_model()
-        engine = BatchedEngine(base, tokenizer)
-        adapters = [load_adapter(d, base) for d in adapter_dirs]
-        requests = [
-            GenerationRequest(
-                prompts[i], adapters[which[i]], SamplingParams(max_tokens=args.max_tokens, temperature=0)
-            )
-            for i in range(args.requests)
-        ]
-        engine.generate(requests[:1])  # warm-up
-        started = time.perf_counter()
-        batched = engine.generate(requests)
-        batched_s = time.perf_counter() - started
+        # The model server: the same requests sent at once, streamed, adapters from storage.
+        texts = [tokenizer.decode(t, skip_special_tokens=True) for t in sequential]
+        served, served_ttft, served_s, steps = serve_concurrently(Path(tmp), adapter_dirs, which, args)
 
     sequential_tokens = sum(len(t) for t in sequential)
-    batched_tokens = sum(c.completion_tokens for c in batched)
-    mismatched = [i for i, (s, b) in enumerate(zip(sequential, batched, strict=True)) if s != b.token_ids]
-    sequential_tps, batched_tps = sequential_tokens / sequential_s, batched_tokens / batched_s
-    speedup = batched_tps / sequential_tps
+    served_tokens = sum(r["completion_tokens"] for r in served)
+    mismatched = [i for i, (want, got) in enumerate(zip(texts, served, strict=True)) if want != got["text"]]
+    sequential_tps, served_tps = sequential_tokens / sequential_s, served_tokens / served_s
+    speedup = served_tps / sequential_tps
     result = {
         "benchmark": "serving",
         "command": "python -m benchmarks.serving " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -171,18 +185,23 @@ def main(argv: list[str] | None = None) -> int:
             "tokens": sequential_tokens,
             "seconds": round(sequential_s, 3),
             "tokens_per_s": round(sequential_tps, 2),
+            "ttft_p50_s": round(percentile(sequential_ttft, 50), 3),
+            "ttft_p99_s": round(percentile(sequential_ttft, 99), 3),
         },
-        "batched": {
-            "tokens": batched_tokens,
-            "seconds": round(batched_s, 3),
-            "tokens_per_s": round(batched_tps, 2),
+        "model_server": {
+            "tokens": served_tokens,
+            "seconds": round(served_s, 3),
+            "tokens_per_s": round(served_tps, 2),
+            "ttft_p50_s": round(percentile(served_ttft, 50), 3),
+            "ttft_p99_s": round(percentile(served_ttft, 99), 3),
+            "decode_steps": steps,
         },
         "speedup": round(speedup, 2),
         "target_speedup": TARGET_SPEEDUP,
         "identical_outputs": not mismatched,
         "mismatched_requests": mismatched,
-        "finish_reasons": {r: sum(c.finish_reason == r for c in batched) for r in ("stop", "length")},
-        "distinct_outputs": len({tuple(c.token_ids) for c in batched}),
+        "finish_reasons": {r: sum(x["finish_reason"] == r for x in served) for r in ("stop", "length")},
+        "distinct_outputs": len({x["text"] for x in served}),
         "versions": {
             "torch": torch.__version__,
             "transformers": transformers.__version__,
@@ -192,16 +211,143 @@ def main(argv: list[str] | None = None) -> int:
         # Other work on the same cores slows both runs (the longer sequential one more): check these.
         "load_average_1m_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
     }
-    log.info("%-22s %12s %12s", "", "one by one", "batched")
-    log.info("%-22s %12d %12d", "completion tokens", sequential_tokens, batched_tokens)
-    log.info("%-22s %12.2f %12.2f", "seconds", sequential_s, batched_s)
-    log.info("%-22s %12.2f %12.2f", "tokens/s", sequential_tps, batched_tps)
+    log.info("%-22s %12s %12s", "", "one by one", "model server")
+    log.info("%-22s %12d %12d", "completion tokens", sequential_tokens, served_tokens)
+    log.info("%-22s %12.2f %12.2f", "seconds", sequential_s, served_s)
+    log.info("%-22s %12.2f %12.2f", "tokens/s", sequential_tps, served_tps)
+    for q in (50, 99):
+        log.info(
+            "%-22s %12.3f %12.3f",
+            f"TTFT p{q} (s)",
+            result["sequential"][f"ttft_p{q}_s"],
+            result["model_server"][f"ttft_p{q}_s"],
+        )
     log.info("speedup %.2fx (target %.1fx); identical outputs: %s", speedup, TARGET_SPEEDUP, not mismatched)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")
         log.info("wrote %s", args.out)
     return 0
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q / 100
+    low = int(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def serve_concurrently(tmp: Path, adapter_dirs: list[Path], which: list[int], args) -> tuple:
+    """Start `prefix-rft model-server`, store the adapters, send every request at once (streamed)."""
+    import hashlib
+    import subprocess
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    from service.storage import open_storage
+    from worker.runner import write_archive
+
+    storage_root = tmp / "objects"
+    storage = open_storage(storage_root.as_uri())
+    refs = []
+    for i, directory in enumerate(adapter_dirs):
+        archive = tmp / f"adapter-{i}.tar.gz"
+        write_archive(directory, archive, arcname="adapter")
+        storage.put_file(f"adapters/{i}.tar.gz", archive)
+        refs.append(
+            {
+                "storage_key": f"adapters/{i}.tar.gz",
+                "sha256": hashlib.sha256(archive.read_bytes()).hexdigest(),
+            }
+        )
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "PREFIX_RFT_STORAGE_URL": storage_root.as_uri()}
+    log_file = (tmp / "model-server.log").open("wb")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "model-server", "--port", str(port)],
+        env=env,
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"{url}/health").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError((tmp / "model-server.log").read_text()[-3000:])
+            time.sleep(0.2)
+
+        def body(i: int) -> dict:
+            return {
+                "target": {"name": f"adapter-{which[i]}", "base_model": MODEL, "adapter": refs[which[i]]},
+                "request": {
+                    "model": f"adapter-{which[i]}",
+                    "messages": [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}],
+                    "max_tokens": args.max_tokens,
+                    "temperature": 0,
+                    "stream": True,
+                    "stream_options": {"include_usage": True},
+                },
+            }
+
+        # One client for all threads, made before the clock starts (a client per request would
+        # time the building of 16 SSL contexts on the machine that decodes).
+        limits = httpx.Limits(max_connections=args.requests, max_keepalive_connections=args.requests)
+        http = httpx.Client(base_url=url, timeout=600, limits=limits)
+        gate = threading.Barrier(args.requests + 1)
+        started = [0.0]
+
+        def ask(i: int) -> dict:
+            gate.wait()
+            text, first, usage, finish = "", None, None, None
+            with http.stream("POST", "/v1/chat/completions", json=body(i)) as response:
+                response.raise_for_status()
+                for line in response.iter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    chunk = json.loads(line.removeprefix("data: "))
+                    for choice in chunk["choices"]:
+                        if choice["delta"].get("content"):
+                            first = first or time.perf_counter()
+                            text += choice["delta"]["content"]
+                        finish = choice["finish_reason"] or finish
+                    usage = chunk.get("usage") or usage
+            return {
+                "text": text,
+                "ttft": (first or time.perf_counter()) - started[0],
+                "completion_tokens": usage["completion_tokens"],
+                "finish_reason": finish,
+            }
+
+        # Warm-up, not timed: the base model and every adapter loaded (one request each).
+        for i in range(len(adapter_dirs)):
+            warm = body(i)
+            warm["request"]["stream"] = False
+            warm["request"].pop("stream_options")
+            httpx.post(f"{url}/v1/chat/completions", json=warm, timeout=600).raise_for_status()
+        steps_before = httpx.get(f"{url}/stats").json()[MODEL]["steps"]
+        with ThreadPoolExecutor(args.requests) as pool:
+            futures = [pool.submit(ask, i) for i in range(args.requests)]
+            gate.wait()
+            started[0] = time.perf_counter()
+            results = [f.result() for f in futures]
+        seconds = time.perf_counter() - started[0]
+        steps = httpx.get(f"{url}/stats").json()[MODEL]["steps"] - steps_before
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+        log_file.close()
+    return results, [r["ttft"] for r in results], seconds, steps
 
 
 if __name__ == "__main__":

@@ -67,7 +67,9 @@ def prefix_kv_from_embedding(
             "was it trained on another base model?"
         )
     kv = embedding.view(n, num_layers * 2, kv_heads, head_dim).permute(1, 2, 0, 3)
-    return PrefixKV(name, kv.reshape(num_layers, 2, kv_heads, n, head_dim).contiguous())
+    # A view, no copy: the model server loads adapters off the decode thread, and a copy there
+    # would start a second OpenMP team that slows every decode step (inference/scheduler.py).
+    return PrefixKV(name, kv.reshape(num_layers, 2, kv_heads, n, head_dim))
 
 
 @dataclass(frozen=True)
@@ -383,7 +385,10 @@ class BatchedEngine:
         """Uninstall a LoRA adapter; it must not be in use by a running row."""
         if name in self.lora_in_use:
             raise RuntimeError(f"LoRA adapter {name!r} is in use by a running request")
-        if name in self.installed_lora:
+        if self.installed_lora == {name}:  # the last one: give the model its plain layers back
+            self._peft.unload()
+            self._peft = None
+        elif name in self.installed_lora:
             self._peft.delete_adapter(name)
 
     # ----- internals ------------------------------------------------------------------------

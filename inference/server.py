@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
@@ -61,24 +62,25 @@ class ModelPool:
     async def get(self, name: str) -> ModelWorker:
         async with self._lock:
             if name not in self.workers:
-                self.workers[name] = await run_in_threadpool(self._load, name)
+                loop = asyncio.get_running_loop()
+                self.workers[name] = await run_in_threadpool(self._start, name, loop)
             return self.workers[name]
 
-    def _load(self, name: str) -> ModelWorker:
+    def _start(self, name: str, loop: asyncio.AbstractEventLoop) -> ModelWorker:
         started = time.perf_counter()
-        try:
-            model, tokenizer = load_base_model(name)
-        except ModelNotFound as exc:
-            raise APIError(404, "model_not_found", str(exc), "model") from None
-        adapters = AdapterCache(
-            self.storage,
-            model,
-            self.settings.inference_adapter_cache_mb << 20,
-            self.settings.scratch_dir / "inference",
-        )
-        worker = ModelWorker(
-            name, BatchedEngine(model, tokenizer), adapters, self.settings.inference_max_batch
-        )
+
+        def load() -> tuple[BatchedEngine, AdapterCache]:  # on the worker's own thread
+            try:
+                model, tokenizer = load_base_model(
+                    name, device="cuda" if torch.cuda.is_available() else "cpu"
+                )
+            except ModelNotFound as exc:
+                raise APIError(404, "model_not_found", str(exc), "model") from None
+            capacity = self.settings.inference_adapter_cache_mb << 20
+            adapters = AdapterCache(self.storage, model, capacity, self.settings.scratch_dir / "inference")
+            return BatchedEngine(model, tokenizer), adapters
+
+        worker = ModelWorker(name, load, self.settings.inference_max_batch, loop)
         log.info("model %s loaded in %.1f s", name, time.perf_counter() - started)
         return worker
 
@@ -206,15 +208,12 @@ async def _respond(
 ):
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[tuple[int, Progress | BaseException]] = asyncio.Queue()
-    keys: list[int] = []
-    for row in rows:
-        key_box: list[int] = []
 
-        def sink(item, key_box=key_box) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, (key_box[0], item))
+    def sink(key: int, item: Progress | BaseException) -> None:  # runs on this loop
+        if request.stream or not isinstance(item, Progress) or item.completion is not None:
+            queue.put_nowait((key, item))
 
-        key_box.append(worker.submit(row, sink))
-        keys.append(key_box[0])
+    keys = [worker.submit(row, sink) for row in rows]
     # A prompt is counted once however many choices it has (n), as OpenAI does.
     prompt_tokens = sum(len(row.prompt_ids) for row in rows[:: request.n])
     reply = _Reply(target.name, chat, {key: index for index, key in enumerate(keys)}, prompt_tokens)

@@ -18,8 +18,8 @@ COMPOSE_FILE = ROOT / "docker-compose.yml"
 API_DOCKERFILE = ROOT / "docker" / "api.Dockerfile"
 WORKER_DOCKERFILE = ROOT / "docker" / "worker.Dockerfile"
 
-SERVICES = {"postgres", "redis", "minio", "migrate", "api", "worker"}
-APP_SERVICES = ("migrate", "api", "worker")
+SERVICES = {"postgres", "redis", "minio", "migrate", "api", "worker", "inference"}
+APP_SERVICES = ("migrate", "api", "worker", "inference")
 CONDITIONS = {"service_started", "service_healthy", "service_completed_successfully"}
 # Installed by the project's dependencies: uvicorn[standard] and celery[redis].
 THIRD_PARTY_SCRIPTS = {"uvicorn", "celery"}
@@ -31,6 +31,7 @@ SHARED_SETTINGS = (
     "AWS_ACCESS_KEY_ID",
     "AWS_SECRET_ACCESS_KEY",
     "AWS_DEFAULT_REGION",
+    "PREFIX_RFT_INFERENCE_URL",
 )
 
 
@@ -127,7 +128,7 @@ def defines(path: Path, name: str) -> bool:
 # --- docker-compose.yml ------------------------------------------------------------------------
 
 
-def test_compose_names_exactly_the_six_services(services):
+def test_compose_names_exactly_the_seven_services(services):
     assert set(services) == SERVICES
 
 
@@ -165,7 +166,7 @@ def test_migrate_runs_once_and_gates_the_api_and_the_worker(services):
     assert migrate["image"] == services["api"]["image"]  # migrations ship with the API image
     for name in ("postgres", "minio"):
         assert migrate["depends_on"][name]["condition"] == "service_healthy"
-    for name in ("api", "worker"):
+    for name in ("api", "worker", "inference"):
         condition = services[name]["depends_on"]["migrate"]["condition"]
         assert condition == "service_completed_successfully", name
 
@@ -184,6 +185,12 @@ def test_app_services_share_the_database_broker_and_storage_settings(services):
     assert urlsplit(env["PREFIX_RFT_S3_ENDPOINT_URL"]).hostname == "minio"
     assert env["PREFIX_RFT_STORAGE_URL"].startswith("s3://")
     assert env["PREFIX_RFT_ENVIRONMENT"] in {"local", "production"}
+    # The API reaches the model server at the host and port the inference service listens on.
+    inference_url = urlsplit(env["PREFIX_RFT_INFERENCE_URL"])
+    command = services["inference"]["command"]
+    assert inference_url.hostname == "inference"
+    assert str(inference_url.port) == command[command.index("--port") + 1]
+    assert "ports" not in services["inference"], "the model server trusts its callers: keep it internal"
 
 
 def test_the_app_uses_the_credentials_the_backing_services_are_started_with(services):

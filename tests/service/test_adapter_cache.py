@@ -1,0 +1,112 @@
+"""The model server's adapter cache and decode thread, in this process, on local storage."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+from core.adapters import attach_adapter, export_adapter
+from core.config import LoraAdapterConfig, PrefixAdapterConfig
+from core.models import load_base_model
+from core.serving import BatchedEngine, GenerationRequest, Progress, SamplingParams, adapter_bytes
+from inference.adapters import AdapterCache, AdapterUnavailable
+from inference.protocol import AdapterRef
+from inference.scheduler import ModelWorker
+from service.storage import LocalStorage
+from worker.runner import write_archive
+
+
+class CountingStorage(LocalStorage):
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.downloads = 0
+
+    def download(self, key: str, target: Path) -> None:
+        self.downloads += 1
+        time.sleep(0.05)  # long enough for concurrent requests to overlap
+        super().download(key, target)
+
+
+def store(storage: LocalStorage, tmp: Path, name: str, kind: str = "prefix") -> AdapterRef:
+    model, tokenizer = load_base_model("tiny-random")
+    config = PrefixAdapterConfig(num_virtual_tokens=4) if kind == "prefix" else LoraAdapterConfig(r=2)
+    directory = export_adapter(attach_adapter(model, tokenizer, config), tmp / name, "tiny-random")
+    archive = tmp / f"{name}.tar.gz"
+    write_archive(directory, archive, arcname="adapter")
+    storage.put_file(f"adapters/{name}.tar.gz", archive)
+    return AdapterRef(
+        storage_key=f"adapters/{name}.tar.gz", sha256=hashlib.sha256(archive.read_bytes()).hexdigest()
+    )
+
+
+def test_adapters_load_once_are_verified_and_the_least_recently_used_goes(tmp_path: Path):
+    storage = CountingStorage(tmp_path / "objects")
+    model, _ = load_base_model("tiny-random")
+    refs = {name: store(storage, tmp_path, name) for name in "abc"}
+    one = 2 * 2 * 2 * 4 * 24 * 4  # layers x (key, value) x kv heads x 4 tokens x head dim x fp32 bytes
+    cache = AdapterCache(storage, model, capacity_bytes=2 * one, scratch=tmp_path / "scratch")
+
+    with ThreadPoolExecutor(8) as pool:  # eight requests for a new adapter: one download
+        loaded = list(pool.map(lambda _: cache.get(refs["a"]), range(8)))
+    assert storage.downloads == 1 and all(x is loaded[0] for x in loaded)
+    assert adapter_bytes(loaded[0]) == one
+
+    cache.get(refs["b"])
+    cache.get(refs["a"])  # a is now the most recently used
+    cache.get(refs["c"])  # over the bound: b goes
+    assert cache.size_bytes == 2 * one
+    assert storage.downloads == 3
+    cache.get(refs["a"])
+    assert storage.downloads == 3  # still cached
+    cache.get(refs["b"])
+    assert storage.downloads == 4  # evicted, so loaded again
+
+    tampered = AdapterRef(storage_key=refs["a"].storage_key, sha256="0" * 64)
+    with pytest.raises(AdapterUnavailable, match="expected 0000"):
+        cache.get(tampered)
+    with pytest.raises(AdapterUnavailable, match="could not be read"):
+        cache.get(AdapterRef(storage_key="adapters/missing.tar.gz", sha256="1" * 64))
+    assert not list((tmp_path / "scratch").iterdir())  # nothing left behind
+
+
+def test_an_evicted_lora_adapter_leaves_the_model_once_no_row_uses_it(tmp_path: Path):
+    storage = LocalStorage(tmp_path / "objects")
+    model, tokenizer = load_base_model("tiny-random")
+    first, second = store(storage, tmp_path, "l1", "lora"), store(storage, tmp_path, "l2", "lora")
+    cache = AdapterCache(storage, model, capacity_bytes=1, scratch=tmp_path / "scratch")  # one at a time
+    worker = ModelWorker("tiny-random", lambda: (BatchedEngine(model, tokenizer), cache), max_batch=8)
+    try:
+
+        def run(adapter) -> None:
+            done = threading.Event()
+            last: list[Progress | BaseException] = []
+
+            def sink(_key: int, item: Progress | BaseException) -> None:
+                if isinstance(item, BaseException) or item.completion is not None:
+                    last.append(item)
+                    done.set()
+
+            worker.submit(GenerationRequest([5, 6, 7], adapter, SamplingParams(max_tokens=3)), sink)
+            assert done.wait(30)
+            assert isinstance(last[0], Progress), last
+
+        lora = cache.get(first)
+        run(lora)
+        assert worker.engine.installed_lora == {lora.name}
+        cache.get(second)  # evicts the first from the cache ...
+        run(None)  # ... and the next decode loop takes it out of the model
+        deadline = time.monotonic() + 5
+        while worker.engine.installed_lora and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert worker.engine.installed_lora == set()
+        assert worker.stats()["running"] == 0
+        run(lora)  # a request still holding the evicted adapter installs it again and is served
+    finally:
+        worker.stop()
+    assert torch.is_grad_enabled()  # the decode thread's setting stays on its thread
