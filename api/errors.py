@@ -15,7 +15,12 @@ from starlette.routing import Match
 
 log = logging.getLogger(__name__)
 
-_TYPES = {401: "authentication_error", 404: "invalid_request_error", 503: "service_unavailable"}
+_TYPES = {
+    401: "authentication_error",
+    404: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "service_unavailable",
+}
 
 
 class APIError(Exception):
@@ -119,12 +124,25 @@ def _validation_detail(error: dict[str, Any]) -> dict[str, Any]:
 
 
 def _param(loc: tuple[Any, ...] | list[Any]) -> str | None:
-    """`("body", "hyperparameters", "steps")` -> `hyperparameters.steps`; list indices as `[0]`."""
-    parts = [p for p in loc if p not in ("body", "query", "path", "header")]
+    """`("body", "hyperparameters", "steps")` -> `hyperparameters.steps`; list indices as `[0]`.
+
+    Pydantic names the member of a union that failed (`content.constrained-str`,
+    `content.list[TextPart]`); those names are not fields and are left out.
+    """
+    parts = [p for p in loc if p not in ("body", "query", "path", "header") and not _union_member(p)]
     text = ""
     for part in parts:
         text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
     return text or None
+
+
+def _union_member(part: Any) -> bool:
+    if not isinstance(part, str):
+        return False
+    return any(c in part for c in "[]") or part.startswith(("constrained-", "function-")) or part in _TYPE_TAGS
+
+
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "none", "list", "dict"})
 
 
 # ----- errors in the OpenAPI schema ------------------------------------------------------------
@@ -151,11 +169,13 @@ ERROR_DESCRIPTIONS = {
     404: "No such resource in the caller's project.",
     409: "The resource's state does not allow this.",
     413: "The upload is larger than the limit.",
+    429: "Too many requests wait for the model; retry after `Retry-After` seconds.",
     422: "Invalid input; `details` lists every problem.",
     503: "A dependency (the database, the reward sandbox, the model server) is unavailable; retry later.",
 }
 _ERROR_HEADERS = {
     401: {"WWW-Authenticate": {"description": "`Bearer`", "schema": {"type": "string"}}},
+    429: {"Retry-After": {"description": "Seconds to wait.", "schema": {"type": "string"}}},
     503: {"Retry-After": {"description": "Seconds to wait, when known.", "schema": {"type": "string"}}},
 }
 

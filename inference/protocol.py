@@ -13,13 +13,16 @@ from pydantic import BaseModel, ConfigDict, Field
 
 MAX_STOP_STRINGS = 4
 MAX_CHOICES = 16  # n, and n x prompts of one completions request
-StopString = Annotated[str, Field(min_length=1)]
+MAX_TEXT_CHARS = 1_000_000  # per message or prompt: far beyond any context window, cheap to refuse
+MAX_MESSAGES = 1024
+StopString = Annotated[str, Field(min_length=1, max_length=1000)]
+Text = Annotated[str, Field(max_length=MAX_TEXT_CHARS)]
 
 
 class TextPart(BaseModel):
     model_config = ConfigDict(extra="forbid")
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(BaseModel):
@@ -27,10 +30,10 @@ class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant"] = Field(
         description="`developer` is read as `system`."
     )
-    content: str | Annotated[list[TextPart], Field(min_length=1)] = Field(
+    content: Text | Annotated[list[TextPart], Field(min_length=1, max_length=MAX_MESSAGES)] = Field(
         description="Text, or a list of text parts (images and audio are not supported)."
     )
-    name: str | None = None
+    name: str | None = Field(None, max_length=256)
 
     @property
     def text(self) -> str:
@@ -46,7 +49,9 @@ class _Sampling(BaseModel):
     """Fields both endpoints share; unknown fields are refused (a silently ignored option misleads)."""
 
     model_config = ConfigDict(extra="forbid")
-    model: str = Field(min_length=1, description="A base model id, or a trained adapter's `ft:...` name.")
+    model: str = Field(
+        min_length=1, max_length=500, description="A base model id, or a trained adapter's `ft:...` name."
+    )
     max_tokens: int | None = Field(None, ge=1, description="Completion tokens at most.")
     temperature: float = Field(1.0, ge=0, le=2, description="0 is greedy.")
     top_p: float = Field(1.0, gt=0, le=1)
@@ -71,7 +76,7 @@ class _Sampling(BaseModel):
 
 
 class ChatCompletionRequest(_Sampling):
-    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
     max_completion_tokens: int | None = Field(None, ge=1, description="The newer name of `max_tokens`.")
 
     @property
@@ -80,7 +85,7 @@ class ChatCompletionRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | Annotated[list[str], Field(min_length=1, max_length=MAX_CHOICES)]
+    prompt: Text | Annotated[list[Text], Field(min_length=1, max_length=MAX_CHOICES)]
     max_tokens: int | None = Field(16, ge=1, description="Completion tokens at most (default 16, as OpenAI).")
 
     @property

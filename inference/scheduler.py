@@ -32,6 +32,10 @@ log = logging.getLogger(__name__)
 Sink = Callable[[int, Progress | BaseException], None]
 
 
+class Overloaded(RuntimeError):
+    """Too many rows wait already: the caller should retry later (429)."""
+
+
 @dataclass(frozen=True)
 class _Submission:
     key: int
@@ -55,10 +59,12 @@ class ModelWorker:
         load: Callable[[], tuple[BatchedEngine, AdapterCache]],
         max_batch: int,
         loop: asyncio.AbstractEventLoop | None = None,
+        max_queue: int = 256,
     ) -> None:
         self.name = name
         self.loop = loop
         self.max_batch = max_batch
+        self.max_queue = max_queue  # rows waiting for a place in the batch; more are refused
         self._keys = itertools.count()
         self._pending: deque[_Submission] = deque()
         self._cancelled: set[int] = set()
@@ -75,13 +81,17 @@ class ModelWorker:
         if self._load_error is not None:
             raise self._load_error
 
-    def submit(self, request: GenerationRequest, sink: Sink) -> int:
-        self.engine.check(request)  # a request that cannot run is refused now, not on the decode thread
+    def submit(self, requests: list[GenerationRequest], sink: Sink) -> list[int]:
+        """Queue a request's rows (all or none); their keys, in order."""
+        for request in requests:
+            self.engine.check(request)  # a request that cannot run is refused now, not on the decode thread
         with self._wake:
-            key = next(self._keys)
-            self._pending.append(_Submission(key, request, sink))
+            if len(self._pending) + len(requests) > self.max_queue:
+                raise Overloaded(f"{len(self._pending)} rows are waiting for {self.name}; retry shortly")
+            keys = [next(self._keys) for _ in requests]
+            self._pending.extend(_Submission(k, r, sink) for k, r in zip(keys, requests, strict=True))
             self._wake.notify()
-        return key
+        return keys
 
     def cancel(self, key: int) -> None:
         with self._wake:

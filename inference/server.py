@@ -39,7 +39,7 @@ from inference.protocol import (
     ForwardedCompletion,
     Target,
 )
-from inference.scheduler import ModelWorker
+from inference.scheduler import ModelWorker, Overloaded
 from service.settings import Settings, get_settings
 from service.storage import open_storage
 
@@ -80,7 +80,8 @@ class ModelPool:
             adapters = AdapterCache(self.storage, model, capacity, self.settings.scratch_dir / "inference")
             return BatchedEngine(model, tokenizer), adapters
 
-        worker = ModelWorker(name, load, self.settings.inference_max_batch, loop)
+        settings = self.settings
+        worker = ModelWorker(name, load, settings.inference_max_batch, loop, settings.inference_max_queue)
         log.info("model %s loaded in %.1f s", name, time.perf_counter() - started)
         return worker
 
@@ -114,7 +115,7 @@ def create_model_server(settings: Settings | None = None) -> FastAPI:
     @app.post(CHAT_PATH)
     async def chat_completions(body: ForwardedChat, request: Request):
         worker, adapter = await _model_and_adapter(pool, body.target)
-        prompt = _chat_prompt_ids(worker.engine, body.request)
+        prompt = await run_in_threadpool(_chat_prompt_ids, worker.engine, body.request)
         rows = _generation_requests(worker.engine, [prompt], adapter, body.request, "messages")
         return await _respond(request, worker, rows, body.target, body.request, chat=True)
 
@@ -122,7 +123,7 @@ def create_model_server(settings: Settings | None = None) -> FastAPI:
     async def completions(body: ForwardedCompletion, request: Request):
         worker, adapter = await _model_and_adapter(pool, body.target)
         tokenizer = worker.engine.tokenizer
-        prompts = [tokenizer(text)["input_ids"] for text in body.request.prompts]
+        prompts = await run_in_threadpool(lambda: [tokenizer(t)["input_ids"] for t in body.request.prompts])
         if len(prompts) * body.request.n > MAX_CHOICES:
             raise APIError(
                 400, "invalid_request", f"n x the number of prompts must be at most {MAX_CHOICES}", "n"
@@ -184,7 +185,7 @@ def _generation_requests(
                 f"{prefix + len(prompt) + max(limit, 0)} tokens ({len(prompt)} in the {prompt_param}, "
                 f"{prefix} in the adapter's prefix, {max(limit, 0)} in the completion). Please reduce "
                 f"the length of the {prompt_param} or the completion.",
-                prompt_param if request.token_limit is None else "max_tokens",
+                prompt_param if prefix + len(prompt) >= window else "max_tokens",  # what to shorten
             )
         for i in range(request.n):
             params = SamplingParams(
@@ -213,7 +214,10 @@ async def _respond(
         if request.stream or not isinstance(item, Progress) or item.completion is not None:
             queue.put_nowait((key, item))
 
-    keys = [worker.submit(row, sink) for row in rows]
+    try:
+        keys = worker.submit(rows, sink)
+    except Overloaded as exc:
+        raise APIError(429, "rate_limit_exceeded", str(exc), headers={"Retry-After": "1"}) from None
     # A prompt is counted once however many choices it has (n), as OpenAI does.
     prompt_tokens = sum(len(row.prompt_ids) for row in rows[:: request.n])
     reply = _Reply(target.name, chat, {key: index for index, key in enumerate(keys)}, prompt_tokens)

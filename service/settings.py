@@ -68,6 +68,9 @@ class Settings(BaseSettings):
     inference_max_batch: int = Field(
         64, ge=1, description="Rows one base model decodes at once; later requests wait for a free row."
     )
+    inference_max_queue: int = Field(
+        256, ge=1, description="Rows that may wait for a place in a base model's batch; more answer 429."
+    )
     inference_timeout_seconds: float = Field(
         600, gt=0, description="How long the API waits for a non-streamed completion (and a model to load)."
     )

@@ -42,7 +42,7 @@ _RESPONSES: dict[int | str, dict[str, Any]] = {
         "description": "The completion; with `stream: true`, server-sent events of chunks ending in `[DONE]`",
         "content": {"application/json": {}, "text/event-stream": {"schema": {"type": "string"}}},
     },
-    **error_responses(400, 404, 503),
+    **error_responses(400, 404, 429, 503),
 }
 
 

@@ -369,3 +369,64 @@ def _wait_for_idle(deployment: Deployment) -> None:
     while deployment.stats()["running"] or deployment.stats()["queued"]:
         assert time.monotonic() < deadline, deployment.stats()
         time.sleep(0.05)
+
+
+def test_choices_roles_and_the_default_length(deployment: Deployment):
+    client = deployment.client()
+    two = client.chat.completions.create(
+        model="tiny-random", messages=[{"role": "user", "content": "hey"}], n=2, seed=3, max_tokens=5
+    )
+    assert [c.index for c in two.choices] == [0, 1]
+    one = client.chat.completions.create(
+        model="tiny-random", messages=[{"role": "user", "content": "hey"}], seed=3, max_tokens=5
+    )
+    other = client.chat.completions.create(
+        model="tiny-random", messages=[{"role": "user", "content": "hey"}], seed=4, max_tokens=5
+    )
+    assert two.usage.prompt_tokens == one.usage.prompt_tokens  # the prompt counts once for n choices
+    assert two.usage.completion_tokens == one.usage.completion_tokens + other.usage.completion_tokens
+    assert two.choices[1].message.content == other.choices[0].message.content  # choice i: seed + i
+    assert two.choices[0].message.content == one.choices[0].message.content  # choice 0 uses the seed itself
+
+    system = [{"role": "system", "content": "be terse"}, {"role": "user", "content": "hey"}]
+    developer = [{"role": "developer", "content": "be terse"}, {"role": "user", "content": "hey"}]
+    as_system, as_developer = (
+        client.chat.completions.create(model="tiny-random", messages=m, max_tokens=8, temperature=0)
+        for m in (system, developer)
+    )
+    assert as_system.choices[0].message.content == as_developer.choices[0].message.content
+    parts = [{"role": "user", "content": [{"type": "text", "text": "he"}, {"type": "text", "text": "y"}]}]
+    assert (
+        client.chat.completions.create(model="tiny-random", messages=parts, max_tokens=5, seed=3).choices[0]
+        == one.choices[0]
+    )
+
+    # Without max_tokens a chat completion may use the rest of the context window (1024 here).
+    endless = client.chat.completions.create(
+        model="tiny-random", messages=[{"role": "user", "content": "go"}]
+    )
+    usage = endless.usage
+    if endless.choices[0].finish_reason == "length":
+        assert usage.prompt_tokens + usage.completion_tokens == 1024
+    else:
+        assert usage.prompt_tokens + usage.completion_tokens < 1024
+
+
+def test_models_can_be_retrieved_by_the_project_that_owns_them(deployment: Deployment):
+    client = deployment.client()
+    adapter = client.models.retrieve(deployment.adapters["lora"])
+    assert adapter.id == deployment.adapters["lora"] and adapter.owned_by == deployment.api.project_id
+    assert client.models.retrieve("tiny-random").owned_by == "prefix-rft"
+    with pytest.raises(openai.NotFoundError):
+        deployment.client(deployment.api.other_project().key).models.retrieve(deployment.adapters["lora"])
+
+
+def test_oversized_text_is_refused_before_any_work(deployment: Deployment):
+    client = deployment.client()
+    huge = "x" * 1_000_001
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="tiny-random", messages=[{"role": "user", "content": huge}])
+    assert caught.value.param == "messages[0].content"
+    with pytest.raises(openai.BadRequestError) as caught:  # under the cap, over the context window
+        client.completions.create(model="tiny-random", prompt="x" * 5000, max_tokens=1)
+    assert caught.value.code == "context_length_exceeded" and caught.value.param == "prompt"

@@ -1,4 +1,4 @@
-"""The model server's adapter cache and decode thread, in this process, on local storage."""
+"""The model server's parts in this process: the adapter cache (local storage) and the decode thread."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from core.models import load_base_model
 from core.serving import BatchedEngine, GenerationRequest, Progress, SamplingParams, adapter_bytes
 from inference.adapters import AdapterCache, AdapterUnavailable
 from inference.protocol import AdapterRef
-from inference.scheduler import ModelWorker
+from inference.scheduler import ModelWorker, Overloaded
 from service.storage import LocalStorage
 from worker.runner import write_archive
 
@@ -92,7 +92,7 @@ def test_an_evicted_lora_adapter_leaves_the_model_once_no_row_uses_it(tmp_path: 
                     last.append(item)
                     done.set()
 
-            worker.submit(GenerationRequest([5, 6, 7], adapter, SamplingParams(max_tokens=3)), sink)
+            worker.submit([GenerationRequest([5, 6, 7], adapter, SamplingParams(max_tokens=3))], sink)
             assert done.wait(30)
             assert isinstance(last[0], Progress), last
 
@@ -110,3 +110,43 @@ def test_an_evicted_lora_adapter_leaves_the_model_once_no_row_uses_it(tmp_path: 
     finally:
         worker.stop()
     assert torch.is_grad_enabled()  # the decode thread's setting stays on its thread
+
+
+def test_a_full_queue_refuses_a_whole_request_and_the_worker_goes_on(tmp_path: Path):
+    model, tokenizer = load_base_model("tiny-random")
+    cache = AdapterCache(LocalStorage(tmp_path), model, capacity_bytes=1 << 20, scratch=tmp_path / "scratch")
+    gate = threading.Event()
+    engine = BatchedEngine(model, tokenizer)
+    real_add = engine.add
+
+    def slow_add(requests):  # the decode thread holds on, so that rows pile up in the queue
+        gate.wait(10)
+        return real_add(requests)
+
+    engine.add = slow_add
+    worker = ModelWorker("tiny-random", lambda: (engine, cache), max_batch=1, max_queue=3)
+    finished = []
+
+    def sink(key: int, item) -> None:
+        if isinstance(item, BaseException) or item.completion is not None:
+            finished.append(key)
+
+    row = GenerationRequest([5, 6], None, SamplingParams(max_tokens=2, temperature=0))
+    try:
+        first = worker.submit([row], sink)  # taken by the decode thread, which waits at the gate
+        deadline = time.monotonic() + 5
+        while worker.stats()["queued"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        queued = worker.submit([row, row, row], sink)  # fills the queue
+        with pytest.raises(Overloaded, match="3 rows are waiting"):
+            worker.submit([row], sink)
+        assert worker.stats()["queued"] == 3  # the refused request left nothing behind
+        gate.set()
+        deadline = time.monotonic() + 10
+        while len(finished) < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert sorted(finished) == sorted(first + queued)
+        assert worker.submit([row], sink)  # room again
+    finally:
+        gate.set()
+        worker.stop()
