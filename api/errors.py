@@ -139,7 +139,9 @@ def _param(loc: tuple[Any, ...] | list[Any]) -> str | None:
 def _union_member(part: Any) -> bool:
     if not isinstance(part, str):
         return False
-    return any(c in part for c in "[]") or part.startswith(("constrained-", "function-")) or part in _TYPE_TAGS
+    return (
+        any(c in part for c in "[]") or part.startswith(("constrained-", "function-")) or part in _TYPE_TAGS
+    )
 
 
 _TYPE_TAGS = frozenset({"str", "int", "float", "bool", "none", "list", "dict"})

@@ -44,3 +44,14 @@ expected=$(grep -i '^x-content-sha256:' headers.txt | awk '{print $2}' | tr -d '
 echo "$expected  adapter.tar.gz" | sha256sum -c -
 mkdir -p "runs/$job" && tar -xzf adapter.tar.gz -C "runs/$job" && rm adapter.tar.gz headers.txt
 echo "adapter in examples/addition/runs/$job/adapter"
+
+# The trained adapter answers at once through the OpenAI-compatible endpoint.
+model=$(curl -sf -H "$AUTH" "$API/v1/jobs/$job" | field "['fine_tuned_model']")
+curl -sf -H "$AUTH" -H 'Content-Type: application/json' "$API/v1/chat/completions" -d "{
+  \"model\": \"$model\",
+  \"messages\": [{\"role\": \"user\", \"content\": \"What is 27 + 38?\"}],
+  \"max_tokens\": 64, \"temperature\": 0
+}" | python3 -c "
+import json, sys
+reply = json.load(sys.stdin)
+print(reply['model'] + ':', reply['choices'][0]['message']['content'])"
