@@ -21,11 +21,30 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from prometheus_client import Counter, Gauge, Histogram
 
 from core.serving import BatchedEngine, GenerationRequest, Progress
 from inference.adapters import AdapterCache
 
 log = logging.getLogger(__name__)
+
+# Served on the model server's GET /metrics.
+ROWS = Counter("prefix_rft_inference_rows", "Rows (choices) ended, by how", ["model", "end"])
+TOKENS = Counter("prefix_rft_inference_tokens", "Prompt and completion tokens", ["model", "kind"])
+BATCH_ROWS = Gauge("prefix_rft_inference_batch_rows", "Rows being decoded", ["model"])
+QUEUED_ROWS = Gauge("prefix_rft_inference_queued_rows", "Rows waiting for a place in the batch", ["model"])
+STEP_SECONDS = Histogram(
+    "prefix_rft_inference_step_seconds",
+    "One decode iteration: the prefill of arriving rows, if any, and one token for every row",
+    ["model"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
+FIRST_TOKEN_SECONDS = Histogram(
+    "prefix_rft_inference_time_to_first_token_seconds",
+    "From a row's submission to its first token (queue wait and prefill)",
+    ["model"],
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
 
 # Called with a row's key and its progress (or the error that ended it): on the worker's event
 # loop when it has one, else on the decode thread. Must not block.
@@ -41,6 +60,7 @@ class _Submission:
     key: int
     request: GenerationRequest
     sink: Sink
+    submitted: float  # time.perf_counter()
 
 
 class ModelWorker:
@@ -89,7 +109,9 @@ class ModelWorker:
             if len(self._pending) + len(requests) > self.max_queue:
                 raise Overloaded(f"{len(self._pending)} rows are waiting for {self.name}; retry shortly")
             keys = [next(self._keys) for _ in requests]
-            self._pending.extend(_Submission(k, r, sink) for k, r in zip(keys, requests, strict=True))
+            now = time.perf_counter()
+            self._pending.extend(_Submission(k, r, sink, now) for k, r in zip(keys, requests, strict=True))
+            QUEUED_ROWS.labels(self.name).set(len(self._pending))
             self._wake.notify()
         return keys
 
@@ -137,9 +159,11 @@ class ModelWorker:
                     if submission.key in cancelled:
                         continue
                     arriving.append(submission)
+            QUEUED_ROWS.labels(self.name).set(len(self._pending))
             for key in cancelled:
                 if self._sinks.pop(key, None) is not None:
                     self.engine.cancel(key)
+                    ROWS.labels(self.name, "cancelled").inc()
             started = time.perf_counter()
             try:
                 self._advance(arriving)
@@ -149,7 +173,10 @@ class ModelWorker:
                     self.engine.cancel(key)
                 self._deliver([(sink, key, exc) for key, sink in self._sinks.items()])
                 self._sinks.clear()
-            self.busy_seconds += time.perf_counter() - started
+            elapsed = time.perf_counter() - started
+            self.busy_seconds += elapsed
+            STEP_SECONDS.labels(self.name).observe(elapsed)
+            BATCH_ROWS.labels(self.name).set(self.engine.running)
             self._uninstall_evicted_lora()
         stopping = RuntimeError("the model server is shutting down")
         self._deliver([(sink, key, stopping) for key, sink in self._sinks.items()])
@@ -159,6 +186,10 @@ class ModelWorker:
         if arriving:
             self._sinks.update((s.key, s.sink) for s in arriving)
             progress += self.engine.add([(s.key, s.request) for s in arriving])
+            now = time.perf_counter()
+            for s in arriving:
+                FIRST_TOKEN_SECONDS.labels(self.name).observe(now - s.submitted)
+                TOKENS.labels(self.name, "prompt").inc(len(s.request.prompt_ids))
         if self.engine.running:
             progress += self.engine.step()
             self.steps += 1
@@ -169,6 +200,8 @@ class ModelWorker:
                 continue
             if p.completion is not None:
                 del self._sinks[p.key]
+                ROWS.labels(self.name, p.completion.finish_reason).inc()
+                TOKENS.labels(self.name, "completion").inc(p.completion.completion_tokens)
             deliveries.append((sink, p.key, p))
         self._deliver(deliveries)
 

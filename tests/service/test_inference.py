@@ -430,3 +430,20 @@ def test_oversized_text_is_refused_before_any_work(deployment: Deployment):
     with pytest.raises(openai.BadRequestError) as caught:  # under the cap, over the context window
         client.completions.create(model="tiny-random", prompt="x" * 5000, max_tokens=1)
     assert caught.value.code == "context_length_exceeded" and caught.value.param == "prompt"
+
+
+def test_the_model_server_exports_prometheus_metrics(deployment: Deployment):
+    def sample(name: str, labels: str) -> float:
+        text = httpx.get(f"{deployment.model_server}/metrics").text
+        line = next((x for x in text.splitlines() if x.startswith(f"{name}{{{labels}}}")), None)
+        return float(line.rsplit(" ", 1)[1]) if line else 0.0
+
+    tokens = 'kind="completion",model="tiny-random"'
+    before = sample("prefix_rft_inference_tokens_total", tokens)
+    first = sample("prefix_rft_inference_time_to_first_token_seconds_count", 'model="tiny-random"')
+    reply = deployment.client().completions.create(model="tiny-random", prompt="abc", max_tokens=7, n=2)
+    assert sample("prefix_rft_inference_tokens_total", tokens) - before == reply.usage.completion_tokens
+    assert (
+        sample("prefix_rft_inference_time_to_first_token_seconds_count", 'model="tiny-random"') - first == 2
+    )
+    assert sample("prefix_rft_inference_batch_rows", 'model="tiny-random"') == 0
