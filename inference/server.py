@@ -127,13 +127,13 @@ def create_model_server(settings: Settings | None = None) -> FastAPI:
 
     @app.post(COMPLETIONS_PATH)
     async def completions(body: ForwardedCompletion, request: Request):
-        worker, adapter = await _model_and_adapter(pool, body.target)
-        tokenizer = worker.engine.tokenizer
-        prompts = await run_in_threadpool(lambda: [tokenizer(t)["input_ids"] for t in body.request.prompts])
-        if len(prompts) * body.request.n > MAX_CHOICES:
+        if len(body.request.prompts) * body.request.n > MAX_CHOICES:
             raise APIError(
                 400, "invalid_request", f"n x the number of prompts must be at most {MAX_CHOICES}", "n"
             )
+        worker, adapter = await _model_and_adapter(pool, body.target)
+        tokenizer = worker.engine.tokenizer
+        prompts = await run_in_threadpool(lambda: [tokenizer(t)["input_ids"] for t in body.request.prompts])
         rows = _generation_requests(worker.engine, prompts, adapter, body.request, "prompt")
         return await _respond(request, worker, rows, body.target, body.request, chat=False)
 
