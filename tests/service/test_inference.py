@@ -336,6 +336,9 @@ def test_bad_requests_get_openai_errors(deployment: Deployment):
     with pytest.raises(openai.BadRequestError) as caught:
         client.completions.create(model="tiny-random", prompt="x", temperature=3)
     assert caught.value.param == "temperature"
+    with pytest.raises(openai.BadRequestError) as caught:  # 5 prompts x 4 choices > 16 rows
+        client.completions.create(model="tiny-random", prompt=["a", "b", "c", "d", "e"], n=4)
+    assert caught.value.param == "n"
     with pytest.raises(openai.AuthenticationError):
         deployment.client("prk_not-a-key").models.list()
     # And the service still answers.
