@@ -181,21 +181,8 @@ def main(argv: list[str] | None = None) -> int:
         "prefix_lengths": list(PREFIX_LENGTHS),
         "max_tokens": args.max_tokens,
         "temperature": 0,
-        "sequential": {
-            "tokens": sequential_tokens,
-            "seconds": round(sequential_s, 3),
-            "tokens_per_s": round(sequential_tps, 2),
-            "ttft_p50_s": round(percentile(sequential_ttft, 50), 3),
-            "ttft_p99_s": round(percentile(sequential_ttft, 99), 3),
-        },
-        "model_server": {
-            "tokens": served_tokens,
-            "seconds": round(served_s, 3),
-            "tokens_per_s": round(served_tps, 2),
-            "ttft_p50_s": round(percentile(served_ttft, 50), 3),
-            "ttft_p99_s": round(percentile(served_ttft, 99), 3),
-            "decode_steps": steps,
-        },
+        "sequential": run_summary(sequential_tokens, sequential_s, sequential_ttft),
+        "model_server": {**run_summary(served_tokens, served_s, served_ttft), "decode_steps": steps},
         "speedup": round(speedup, 2),
         "target_speedup": TARGET_SPEEDUP,
         "identical_outputs": not mismatched,
@@ -228,6 +215,16 @@ def main(argv: list[str] | None = None) -> int:
         args.out.write_text(json.dumps(result, indent=2) + "\n")
         log.info("wrote %s", args.out)
     return 0
+
+
+def run_summary(tokens: int, seconds: float, ttft: list[float]) -> dict[str, float]:
+    return {
+        "tokens": tokens,
+        "seconds": round(seconds, 3),
+        "tokens_per_s": round(tokens / seconds, 2),
+        "ttft_p50_s": round(percentile(ttft, 50), 3),
+        "ttft_p99_s": round(percentile(ttft, 99), 3),
+    }
 
 
 def percentile(values: list[float], q: float) -> float:

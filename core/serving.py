@@ -420,32 +420,25 @@ class BatchedEngine:
     def _join(
         self, rows: list[_Row], cache: DynamicCache, mask: torch.Tensor, position: torch.Tensor
     ) -> None:
-        """Add the unfinished of freshly prefilled rows to the running batch."""
-        keep = [i for i, row in enumerate(rows) if row.finish_reason is None]
-        if not keep:
-            return
-        if len(keep) < len(rows):
-            index = torch.tensor(keep, device=mask.device)
-            cache.reorder_cache(index)
-            mask, position = mask.index_select(0, index), position.index_select(0, index)
-            rows = [rows[i] for i in keep]
+        """Add freshly prefilled rows to the running batch; those already finished leave again."""
         if not self._rows:
             self._rows, self._cache, self._mask, self._position = rows, cache, mask, position
-            return
-        # Left-pad the narrower of the two to the other's width; the mask hides the padding.
-        width = max(self._mask.shape[1], mask.shape[1])
-        layers = []
-        for old, new in zip(self._cache.layers, cache.layers, strict=True):
-            layers.append(
-                (
-                    torch.cat([_left_pad_to(old.keys, width), _left_pad_to(new.keys, width)]),
-                    torch.cat([_left_pad_to(old.values, width), _left_pad_to(new.values, width)]),
+        else:
+            # Left-pad the narrower of the two to the other's width; the mask hides the padding.
+            width = max(self._mask.shape[1], mask.shape[1])
+            layers = []
+            for old, new in zip(self._cache.layers, cache.layers, strict=True):
+                layers.append(
+                    (
+                        torch.cat([_left_pad_to(old.keys, width), _left_pad_to(new.keys, width)]),
+                        torch.cat([_left_pad_to(old.values, width), _left_pad_to(new.values, width)]),
+                    )
                 )
-            )
-        self._cache = self._cache_of(layers)
-        self._mask = torch.cat([_left_pad_to(self._mask, width, dim=1), _left_pad_to(mask, width, dim=1)])
-        self._position = torch.cat([self._position, position])
-        self._rows = self._rows + rows
+            self._cache = self._cache_of(layers)
+            self._mask = torch.cat([_left_pad_to(self._mask, width, dim=1), _left_pad_to(mask, width, dim=1)])
+            self._position = torch.cat([self._position, position])
+            self._rows = self._rows + rows
+        self._keep([i for i, row in enumerate(self._rows) if row.finish_reason is None])
 
     def _keep(self, kept: list[int]) -> None:
         """Keep these rows of the batch; drop the cache columns no remaining row attends to."""

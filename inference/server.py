@@ -26,6 +26,7 @@ from fastapi.responses import StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
+from api.disconnects import unless_disconnected
 from api.errors import APIError, install_error_handlers
 from core.models import ModelNotFound, load_base_model
 from core.serving import BatchedEngine, Completion, GenerationRequest, Progress, SamplingParams
@@ -45,8 +46,6 @@ from service.settings import Settings, get_settings
 from service.storage import open_storage
 
 log = logging.getLogger(__name__)
-
-DISCONNECT_POLL_SECONDS = 0.1  # cheap; a gone client must not hold its rows long
 
 
 class ModelPool:
@@ -213,7 +212,6 @@ async def _respond(
     request: ChatCompletionRequest | CompletionRequest,
     chat: bool,
 ):
-    loop = asyncio.get_running_loop()
     queue: asyncio.Queue[tuple[int, Progress | BaseException]] = asyncio.Queue()
 
     def sink(key: int, item: Progress | BaseException) -> None:  # runs on this loop
@@ -234,29 +232,25 @@ async def _respond(
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
     completions: dict[int, Completion] = {}
-    next_check = loop.time() + DISCONNECT_POLL_SECONDS
-    try:
+
+    async def collect() -> dict[int, Completion]:  # the sink passes only last progress and errors
         while len(completions) < len(keys):
-            try:
-                key, item = await asyncio.wait_for(queue.get(), DISCONNECT_POLL_SECONDS)
-            except TimeoutError:
-                key, item = -1, None
-            if loop.time() >= next_check:  # progress arrives every step: check by the clock
-                next_check = loop.time() + DISCONNECT_POLL_SECONDS
-                if await http.is_disconnected():
-                    log.info("client went away; %d row(s) cancelled", len(keys) - len(completions))
-                    return None
-            if item is None:
-                continue
+            key, item = await queue.get()
             if isinstance(item, BaseException):
                 raise APIError(500, "inference_failed", f"decoding failed: {item}")
-            if item.completion is not None:
-                completions[key] = item.completion
+            completions[key] = item.completion
+        return completions
+
+    try:
+        finished = await unless_disconnected(http, collect())
     finally:
         for key in keys:
             if key not in completions:
                 worker.cancel(key)
-    return reply.whole([completions[key] for key in keys])
+    if finished is None:
+        log.info("client went away; %d row(s) cancelled", len(keys) - len(completions))
+        return None
+    return reply.whole([finished[key] for key in keys])
 
 
 async def _stream(worker, queue, keys: list[int], reply: _Reply, include_usage: bool) -> AsyncIterator[str]:

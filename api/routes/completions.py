@@ -8,9 +8,8 @@ or its event stream byte for byte. This process never loads a model.
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator, Awaitable
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
 from fastapi import APIRouter, Request, Response
@@ -20,8 +19,9 @@ from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import ProjectDep, Services, ServicesDep
+from api.disconnects import unless_disconnected
 from api.errors import APIError, error_responses
-from core.base_models import REGISTRY
+from api.routes.models import BASE_MODELS, adapter_job
 from inference.protocol import (
     CHAT_PATH,
     COMPLETIONS_PATH,
@@ -32,11 +32,10 @@ from inference.protocol import (
     ForwardedCompletion,
     Target,
 )
-from service.tables import Artifact, Job, JobStatus
+from service.tables import Artifact
 
 router = APIRouter(tags=["inference"])
 
-DISCONNECT_POLL_SECONDS = 0.1  # cheap; a gone client must not hold its rows long
 _RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {
         "description": "The completion; with `stream: true`, server-sent events of chunks ending in `[DONE]`",
@@ -69,19 +68,14 @@ async def completions(
 
 def resolve_model(services: Services, project_id: str, name: str) -> Target:
     """A base model of the registry, or an adapter of a succeeded job of this project."""
-    if name in {info.name for info in REGISTRY}:
+    if name in BASE_MODELS:
         return Target(name=name, base_model=name)
-    if name.startswith("ft:"):
-        job_id = name.rsplit(":", 1)[-1]
-        with services.sessions() as session:
-            row = session.execute(
-                select(Job, Artifact)
-                .join(Artifact, Artifact.job_id == Job.id)
-                .where(Job.id == job_id, Job.project_id == project_id, Job.status == JobStatus.SUCCEEDED)
-            ).first()
-        if row is not None and row.Job.fine_tuned_model == name:
-            adapter = AdapterRef(storage_key=row.Artifact.storage_key, sha256=row.Artifact.sha256)
-            return Target(name=name, base_model=row.Job.model, adapter=adapter)
+    with services.sessions() as session:
+        job = adapter_job(session, project_id, name)
+        artifact = session.scalar(select(Artifact).where(Artifact.job_id == job.id)) if job else None
+        if artifact is not None:
+            adapter = AdapterRef(storage_key=artifact.storage_key, sha256=artifact.sha256)
+            return Target(name=name, base_model=job.model, adapter=adapter)
     raise APIError(
         404,
         "model_not_found",
@@ -99,57 +93,39 @@ async def _forward(
     client = httpx.AsyncClient(
         base_url=settings.inference_url, timeout=httpx.Timeout(settings.inference_timeout_seconds, connect=5)
     )
-    upstream_request = client.build_request("POST", path, json=forwarded.model_dump(mode="json"))
+    relaying = False
     try:
-        upstream = await _unless_disconnected(request, client.send(upstream_request, stream=True))
-    except httpx.TransportError as exc:
-        await client.aclose()
-        raise APIError(
-            503,
-            "inference_unavailable",
-            f"the model server is unavailable ({type(exc).__name__}); retry in a few seconds",
-            headers={"Retry-After": "5"},
-        ) from None
-    if upstream is None:  # the caller went away while the model loaded; nothing to answer
-        await client.aclose()
-        return Response(status_code=499)
-    if not stream or upstream.status_code != 200:
+        upstream_request = client.build_request("POST", path, json=forwarded.model_dump(mode="json"))
         try:
-            body = await _unless_disconnected(request, upstream.aread())
-        finally:
-            await upstream.aclose()
-            await client.aclose()
+            upstream = await unless_disconnected(request, client.send(upstream_request, stream=True))
+        except httpx.TransportError as exc:
+            raise APIError(
+                503,
+                "inference_unavailable",
+                f"the model server is unavailable ({type(exc).__name__}); retry in a few seconds",
+                headers={"Retry-After": "5"},
+            ) from None
+        if upstream is None:  # the caller went away while the model loaded; nothing to answer
+            return Response(status_code=499)
+        if stream and upstream.status_code == 200:
+            relaying = True
+            headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+            return StreamingResponse(
+                _relay(upstream, client), media_type="text/event-stream", headers=headers
+            )
+        body = await unless_disconnected(request, upstream.aread())
         media_type = upstream.headers.get("content-type", "application/json")
         return Response(body or b"", upstream.status_code, media_type=media_type)
-
-    async def relay() -> AsyncIterator[bytes]:
-        # Closing the upstream stream (the caller disconnected, so Starlette stops this generator)
-        # closes the connection to the model server, which then drops the rows from its batch.
-        try:
-            async for chunk in upstream.aiter_raw():
-                yield chunk
-        finally:
-            await upstream.aclose()
-            await client.aclose()
-
-    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    return StreamingResponse(relay(), media_type="text/event-stream", headers=headers)
-
-
-T = TypeVar("T")
-
-
-async def _unless_disconnected(request: Request, awaitable: Awaitable[T]) -> T | None:
-    """Await, but give up (cancelling it) if the caller disconnects meanwhile; None then."""
-    task = asyncio.ensure_future(awaitable)
-    try:
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_SECONDS)
-            if done:
-                return task.result()
-            if await request.is_disconnected():
-                task.cancel()
-                return None
     finally:
-        if not task.done():
-            task.cancel()
+        if not relaying:
+            await client.aclose()  # closes the upstream response's connection too
+
+
+async def _relay(upstream: httpx.Response, client: httpx.AsyncClient) -> AsyncIterator[bytes]:
+    # Closing the client (the caller disconnected, so Starlette stops this generator) closes the
+    # connection to the model server, which then drops the rows from its batch.
+    try:
+        async for chunk in upstream.aiter_raw():
+            yield chunk
+    finally:
+        await client.aclose()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from api.deps import ProjectDep, SessionDep
 from api.errors import not_found
@@ -31,12 +32,17 @@ def retrieve_model(model_id: str, session: SessionDep, project_id: ProjectDep) -
     """One model: a base model, or a trained adapter of the caller's project by its `ft:...` name."""
     if model_id in BASE_MODELS:
         return BASE_MODELS[model_id]
-    job = session.get(Job, model_id.rsplit(":", 1)[-1]) if model_id.startswith("ft:") else None
-    if job is None or job.project_id != project_id or job.status != JobStatus.SUCCEEDED:
-        raise not_found("model", model_id)
-    if job.fine_tuned_model != model_id:
+    job = adapter_job(session, project_id, model_id)
+    if job is None:
         raise not_found("model", model_id)
     return _adapter(job)
+
+
+def adapter_job(session: Session, project_id: str, name: str) -> Job | None:
+    """The project's succeeded job whose adapter is called `name` (`ft:<base>:<suffix>:<job id>`)."""
+    job = session.get(Job, name.rsplit(":", 1)[-1]) if name.startswith("ft:") else None
+    ok = job is not None and job.project_id == project_id and job.status == JobStatus.SUCCEEDED
+    return job if ok and job.fine_tuned_model == name else None
 
 
 BASE_MODELS = {
