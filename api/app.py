@@ -16,7 +16,7 @@ from prometheus_client import Counter, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.deps import Services
-from api.errors import document_error_responses, install_error_handlers
+from api.errors import document_error_responses, install_api_error_handlers
 from api.routes import completions, datasets, health, jobs, models, rewards
 from core.rewards import SandboxLimits, SandboxPool
 from service.db import make_engine, make_sessionmaker
@@ -67,7 +67,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.services = services
-    install_error_handlers(app)
+    install_api_error_handlers(app)
     document_error_responses(app)
     for module in (datasets, rewards, jobs, models, completions, health):
         app.include_router(module.router)

@@ -11,8 +11,9 @@ from celery import Celery
 from fastapi import Depends, Query, Request
 from sqlalchemy.orm import Session, sessionmaker
 
-from api.errors import BEARER_CHALLENGE, MISSING_KEY, APIError, not_found
+from api.errors import BEARER_CHALLENGE, MISSING_KEY, not_found
 from core.rewards import SandboxPool
+from protocol.errors import APIError
 from service.keys import project_for_key
 from service.settings import Settings
 from service.storage import Storage

@@ -1,4 +1,6 @@
-"""OpenAI-style error bodies: `{"error": {"type", "code", "message", "param"}}` for every failure."""
+"""The API's errors on top of the shared ones (protocol/errors.py): a missing key before a bad
+body, 400 on the OpenAI-compatible routes, 503 while the database is away, and the error bodies
+in the OpenAPI schema."""
 
 from __future__ import annotations
 
@@ -6,94 +8,25 @@ import logging
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Match
+
+from protocol.errors import APIError, error_body, install_error_handlers, joined
 
 log = logging.getLogger(__name__)
 
-_TYPES = {
-    401: "authentication_error",
-    404: "invalid_request_error",
-    429: "rate_limit_error",
-    503: "service_unavailable",
-}
-
-
-class APIError(Exception):
-    def __init__(
-        self,
-        status: int,
-        code: str,
-        message: str,
-        param: str | None = None,
-        details: list[dict[str, Any]] | None = None,
-        headers: dict[str, str] | None = None,
-    ):
-        super().__init__(message)
-        self.status, self.code, self.message, self.param, self.details = status, code, message, param, details
-        self.headers = headers
+OPENAI_COMPATIBLE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+MISSING_KEY = ("missing_api_key", "send an API key as 'Authorization: Bearer <key>'")
+BEARER_CHALLENGE = {"WWW-Authenticate": "Bearer"}
 
 
 def not_found(kind: str, resource_id: str, param: str | None = None) -> APIError:
     return APIError(404, f"{kind}_not_found", f"no {kind} with id {resource_id!r}", param)
 
 
-def error_body(
-    status: int,
-    code: str,
-    message: str,
-    param: str | None = None,
-    details: list[dict[str, Any]] | None = None,
-) -> dict[str, Any]:
-    error: dict[str, Any] = {
-        "type": _TYPES.get(status, "invalid_request_error" if status < 500 else "server_error"),
-        "code": code,
-        "message": message,
-        "param": param,
-    }
-    if details:
-        error["details"] = details
-    return {"error": error}
-
-
-def install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(APIError)
-    async def _api_error(_request: Request, exc: APIError) -> JSONResponse:
-        body = error_body(exc.status, exc.code, exc.message, exc.param, exc.details)
-        return JSONResponse(body, exc.status, headers=exc.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        # FastAPI reads the body before the key is checked; a caller without a key hears that first.
-        if request.url.path.startswith("/v1/") and not request.headers.get("authorization"):
-            return JSONResponse(error_body(401, *MISSING_KEY), 401, headers=BEARER_CHALLENGE)
-        details = [_validation_detail(e) for e in exc.errors()]
-        message = "; ".join(f"{d['param']}: {d['message']}" if d["param"] else d["message"] for d in details)
-        first = details[0]["param"] if details else None
-        # The OpenAI-compatible routes answer 400, as OpenAI does (its clients raise BadRequestError).
-        status = 400 if request.url.path in OPENAI_COMPATIBLE_PATHS else 422
-        return JSONResponse(error_body(status, "invalid_request", message, first, details), status)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        if exc.status_code == 400 and exc.__cause__ is not None:
-            # FastAPI's answer to a JSON body it could not decode (not UTF-8, nested too deeply):
-            # the same answer as to any other body that is not JSON.
-            reason = f"{type(exc.__cause__).__name__}: {exc.__cause__}"[:200]
-            error = {"type": "json_invalid", "loc": ("body",), "msg": "", "ctx": {"error": reason}}
-            return await _validation_error(request, RequestValidationError([error]))
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        body = error_body(exc.status_code, code, str(exc.detail))
-        headers = exc.headers
-        if exc.status_code == 405 and (allowed := allowed_methods(request)):
-            # Starlette's Allow names only the first route whose path matched, but GET and POST
-            # /v1/datasets are two routes: the header must list every method of the resource.
-            headers = {**(headers or {}), "Allow": ", ".join(allowed)}
-        return JSONResponse(body, exc.status_code, headers=headers)
+def install_api_error_handlers(app: FastAPI) -> None:
+    install_error_handlers(app, invalid_request=_invalid_request)
 
     @app.exception_handler(OperationalError)
     @app.exception_handler(InterfaceError)
@@ -103,48 +36,15 @@ def install_error_handlers(app: FastAPI) -> None:
         body = error_body(503, "database_unavailable", "the database is unavailable; retry in a few seconds")
         return JSONResponse(body, 503, headers={"Retry-After": "5"})
 
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return JSONResponse(error_body(500, "internal_error", "internal server error"), 500)
 
-
-OPENAI_COMPATIBLE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
-MISSING_KEY = ("missing_api_key", "send an API key as 'Authorization: Bearer <key>'")
-BEARER_CHALLENGE = {"WWW-Authenticate": "Bearer"}
-
-
-def _validation_detail(error: dict[str, Any]) -> dict[str, Any]:
-    if error["type"] == "json_invalid":
-        reason = error.get("ctx", {}).get("error", "")
-        return {"param": None, "message": f"the request body is not valid JSON ({reason})".replace(" ()", "")}
-    if error["type"] == "missing" and tuple(error["loc"]) == ("body",):
-        return {"param": None, "message": "a JSON request body is required"}
-    return {"param": _param(error["loc"]), "message": error["msg"].removeprefix("Value error, ")}
-
-
-def _param(loc: tuple[Any, ...] | list[Any]) -> str | None:
-    """`("body", "hyperparameters", "steps")` -> `hyperparameters.steps`; list indices as `[0]`.
-
-    Pydantic names the member of a union that failed (`content.constrained-str`,
-    `content.list[TextPart]`); those names are not fields and are left out.
-    """
-    parts = [p for p in loc if p not in ("body", "query", "path", "header") and not _union_member(p)]
-    text = ""
-    for part in parts:
-        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
-    return text or None
-
-
-def _union_member(part: Any) -> bool:
-    if not isinstance(part, str):
-        return False
-    return (
-        any(c in part for c in "[]") or part.startswith(("constrained-", "function-")) or part in _TYPE_TAGS
-    )
-
-
-_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "none", "list", "dict"})
+async def _invalid_request(request: Request, details: list[dict[str, Any]]) -> JSONResponse:
+    # FastAPI reads the body before the key is checked; a caller without a key hears that first.
+    if request.url.path.startswith("/v1/") and not request.headers.get("authorization"):
+        return JSONResponse(error_body(401, *MISSING_KEY), 401, headers=BEARER_CHALLENGE)
+    first = details[0]["param"] if details else None
+    # The OpenAI-compatible routes answer 400, as OpenAI does (its clients raise BadRequestError).
+    status = 400 if request.url.path in OPENAI_COMPATIBLE_PATHS else 422
+    return JSONResponse(error_body(status, "invalid_request", joined(details), first, details), status)
 
 
 # ----- errors in the OpenAPI schema ------------------------------------------------------------
@@ -245,16 +145,3 @@ def _error_response(status: int) -> dict[str, Any]:
     if status in _ERROR_HEADERS:
         response["headers"] = _ERROR_HEADERS[status]
     return response
-
-
-_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
-
-
-def allowed_methods(request: Request) -> list[str]:
-    """Every method that some route of the app serves at the request's path."""
-    routes = request.app.router.routes
-    return [
-        method
-        for method in _METHODS
-        if any(route.matches({**request.scope, "method": method})[0] == Match.FULL for route in routes)
-    ]

@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from api.errors import APIError
+from protocol.errors import APIError
 from service.tables import IdempotencyKey
 
 IdempotencyKeyHeader = Annotated[

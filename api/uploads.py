@@ -15,7 +15,7 @@ from python_multipart.multipart import MultipartParser, MultipartState, parse_op
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
 
-from api.errors import APIError
+from protocol.errors import APIError
 
 FILE_FIELD = "file"
 MAX_FIELD_CHARS = 1024  # text fields (name) are short

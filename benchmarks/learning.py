@@ -33,7 +33,7 @@ def run_one(method: str, adapter: str, settings: dict[str, Any], data_dir: str) 
 
     torch.set_num_threads(settings["threads"])
     _configure_logging()
-    from core.cli import _quiet_libraries
+    from cli.trainer_commands import _quiet_libraries
     from core.config import parse_config
     from core.trainer import Trainer, TrainerCallback
 

@@ -83,7 +83,7 @@ def throwaway_database(admin_url: str, prefix: str = "prefix_rft_bench") -> Iter
     from sqlalchemy import create_engine, text
 
     logging.getLogger("alembic").setLevel(logging.WARNING)  # its plugin set-up logs at INFO on import
-    from service.migrate import upgrade_to_head
+    from migrations import upgrade_to_head
 
     admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
     name = f"{prefix}_{uuid.uuid4().hex[:10]}"
@@ -180,9 +180,8 @@ def stop_server(process: subprocess.Popen) -> None:
 
 def seed_job(database_url: str) -> tuple[str, str]:
     """A project with a key, a dataset row and a running job row. Returns (key, job id)."""
-    from api.routes.jobs import build_config
-    from api.routes.rewards import validated_spec
     from api.schemas import JobCreate
+    from api.specs import build_config, validated_spec
     from core.base_models import SMOLLM2
     from service.db import make_engine, make_sessionmaker, transaction
     from service.keys import create_key

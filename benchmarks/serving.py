@@ -267,7 +267,7 @@ def serve_concurrently(tmp: Path, adapter_dirs: list[Path], which: list[int], ar
     env = {**os.environ, "PREFIX_RFT_STORAGE_URL": storage_root.as_uri()}
     log_file = (tmp / "model-server.log").open("wb")
     server = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "model-server", "--port", str(port)],
+        [sys.executable, "-m", "cli.main", "model-server", "--port", str(port)],
         env=env,
         stdout=log_file,
         stderr=subprocess.STDOUT,

@@ -137,7 +137,7 @@ def database(kind: str, admin_url: str, data_dir: Path) -> Iterator[str]:
         with throwaway_database(admin_url, prefix="prefix_rft_bench_upload") as url:
             yield url
         return
-    from service.migrate import upgrade_to_head
+    from migrations import upgrade_to_head
 
     data_dir.mkdir(parents=True, exist_ok=True)
     url = f"sqlite:///{data_dir / 'service.db'}"

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import torch
 from prometheus_client import Counter, Gauge, Histogram
 
-from core.serving import BatchedEngine, GenerationRequest, Progress
-from inference.adapters import AdapterCache
+from inference.adapter_cache import AdapterCache
+from inference.engine import BatchedEngine, GenerationRequest, Progress
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ class ModelWorker:
     """One base model in memory, its adapter cache, and the thread that owns them.
 
     The thread loads the model and decodes with it, and no other thread of the process runs
-    parallel torch work (adapters are unpacked as views, see core.serving): torch's OpenMP
+    parallel torch work (adapters are unpacked as views, see inference.engine): torch's OpenMP
     workers belong to the thread that starts parallel work, and once a second thread has its own,
     libgomp counts more threads than cores, stops spinning, and every decode step pays for
     waking its workers. On two cores the benchmark batch took 7.1 s that way instead of 5.1 s.

@@ -26,12 +26,11 @@ from fastapi.responses import StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
-from api.disconnects import unless_disconnected
-from api.errors import APIError, install_error_handlers
 from core.models import ModelNotFound, load_base_model
-from core.serving import BatchedEngine, Completion, GenerationRequest, Progress, SamplingParams
-from inference.adapters import AdapterCache, AdapterUnavailable
-from inference.protocol import (
+from inference.adapter_cache import AdapterCache, AdapterUnavailable
+from inference.engine import BatchedEngine, Completion, GenerationRequest, Progress, SamplingParams
+from inference.scheduler import ModelWorker, Overloaded
+from protocol.completions import (
     CHAT_PATH,
     COMPLETIONS_PATH,
     MAX_CHOICES,
@@ -41,7 +40,8 @@ from inference.protocol import (
     ForwardedCompletion,
     Target,
 )
-from inference.scheduler import ModelWorker, Overloaded
+from protocol.disconnects import unless_disconnected
+from protocol.errors import APIError, install_error_handlers
 from service.settings import Settings, get_settings
 from service.storage import open_storage
 

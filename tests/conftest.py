@@ -26,7 +26,7 @@ import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.pool import NullPool
 
-from service.server import stop_process, worker_command
+from cli.launcher import stop_process, worker_command
 from service.settings import Settings
 
 # Models and runs of a test session live in a throwaway directory, never in the user's cache.
@@ -236,7 +236,7 @@ def start_worker(tmp_path: Path) -> Iterator[Callable[[Settings], WorkerProcess]
 
 @pytest.fixture(scope="session")
 def migrated_postgres(postgres_url: str) -> str:
-    from service.migrate import upgrade_to_head
+    from migrations import upgrade_to_head
 
     upgrade_to_head(postgres_url)
     return postgres_url

@@ -19,10 +19,9 @@ from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import ProjectDep, Services, ServicesDep
-from api.disconnects import unless_disconnected
-from api.errors import APIError, error_responses
-from api.routes.models import BASE_MODELS, adapter_job
-from inference.protocol import (
+from api.errors import error_responses
+from api.model_names import BASE_MODELS, adapter_job
+from protocol.completions import (
     CHAT_PATH,
     COMPLETIONS_PATH,
     AdapterRef,
@@ -32,6 +31,8 @@ from inference.protocol import (
     ForwardedCompletion,
     Target,
 )
+from protocol.disconnects import unless_disconnected
+from protocol.errors import APIError
 from service.tables import Artifact
 
 router = APIRouter(tags=["inference"])

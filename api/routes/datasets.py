@@ -11,12 +11,13 @@ from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import CursorQuery, LimitQuery, ProjectDep, ServicesDep, SessionDep, owned
-from api.errors import APIError, error_responses
+from api.errors import error_responses
 from api.idempotency import ConcurrentDuplicate, IdempotencyKeyHeader, IdempotentRequest, fingerprint
 from api.pagination import page_of
 from api.schemas import DatasetOut, Deleted, Page
 from api.uploads import UPLOAD_OPENAPI, receive_file
 from core.data import iter_byte_lines, read_jsonl
+from protocol.errors import APIError
 from service.db import transaction
 from service.tables import ACTIVE_STATUSES, Dataset, Job, new_id
 

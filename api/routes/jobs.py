@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import random
-import re
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
@@ -12,10 +10,9 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from api.deps import CursorQuery, LimitQuery, ProjectDep, ServicesDep, SessionDep, owned
-from api.errors import APIError, error_responses
+from api.errors import error_responses
 from api.idempotency import ConcurrentDuplicate, IdempotencyKeyHeader, IdempotentRequest, fingerprint
 from api.pagination import ascending_page, page_of
-from api.routes.rewards import joined, validated_spec
 from api.schemas import (
     CheckpointList,
     EventPage,
@@ -25,8 +22,8 @@ from api.schemas import (
     Page,
     SamplePage,
 )
-from core.base_models import REGISTRY
-from core.config import ConfigError, parse_config
+from api.specs import build_config, validated_spec
+from protocol.errors import APIError
 from service.db import transaction
 from service.queue import dispatch_job
 from service.tables import (
@@ -46,9 +43,6 @@ from service.tables import (
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 MAX_INT, MAX_BIGINT = 2**31 - 1, 2**63 - 1  # the database's integer ranges bound the cursors
-
-# Where a config field lives in the request body, for error messages that point at the request.
-_BODY_PARAMS = {"training": "hyperparameters", "eval": "evaluation", "checkpoint.every": "checkpoint_every"}
 
 
 def job_out(job: Job) -> JobOut:
@@ -80,87 +74,6 @@ def job_out(job: Job) -> JobOut:
 
 def get_job(session: Session, project_id: str, job_id: str) -> Job:
     return owned(session, Job, job_id, project_id)
-
-
-def default_eval_size(examples: int) -> int:
-    """Held-out examples carved from the training data when no validation dataset is given."""
-    return min(100, examples // 5) if examples >= 10 else 0
-
-
-def _body_param(config_param: str) -> str:
-    for prefix, body_name in _BODY_PARAMS.items():
-        if config_param == prefix or config_param.startswith(prefix + "."):
-            return body_name + config_param[len(prefix) :]
-    return config_param
-
-
-def _body_detail(config_param: str | None, message: str) -> dict[str, str | None]:
-    """A trainer-config problem in the request's terms. Cross-field checks have no location of
-    their own; the first field their message names stands for it."""
-    named = re.findall(r"\b(?:training|eval)\.[a-z_]+", message)
-    for name in named:
-        message = message.replace(name, _body_param(name))
-    if config_param is None and named:
-        config_param = named[0]
-    return {"param": _body_param(config_param) if config_param else None, "message": message}
-
-
-def _check_fields(dataset: Dataset, needed: set[str], param: str) -> None:
-    for name in sorted(needed):
-        have = dataset.field_counts.get(name, 0)
-        if have < dataset.examples:
-            raise APIError(
-                422,
-                "dataset_missing_field",
-                f"the reward reads field {name!r}, but {dataset.examples - have} of {dataset.examples} "
-                f"examples of dataset {dataset.id!r} lack it",
-                param,
-            )
-
-
-def build_config(
-    body: JobCreate, reward: dict[str, Any] | None, train: Dataset, heldout: Dataset | None
-) -> dict:
-    """The job's validated trainer config as JSON; data paths are filled in by the worker."""
-    if body.model not in {info.name for info in REGISTRY}:
-        allowed = ", ".join(info.name for info in REGISTRY)
-        raise APIError(
-            422, "unknown_model", f"unknown base model {body.model!r} (available: {allowed})", "model"
-        )
-    raw = {
-        "model": body.model,
-        "method": body.method,
-        "adapter": body.adapter,
-        "data": {
-            "train": "train.jsonl",
-            "eval": "eval.jsonl" if heldout else None,
-            "eval_size": 0 if heldout else default_eval_size(train.examples),
-        },
-        "reward": reward,
-        "training": body.hyperparameters,
-        "eval": body.evaluation,
-        "seed": body.seed if body.seed is not None else random.randrange(2**31),
-        "output_dir": "run",
-    }
-    try:
-        config = parse_config(raw)
-    except ConfigError as exc:
-        details = [_body_detail(p.param, p.message) for p in exc.details]
-        raise APIError(422, "invalid_job", joined(details), details[0]["param"], details) from exc
-    config.checkpoint.every = body.checkpoint_every or max(1, config.training.steps // 10)
-    if config.sft_steps and train.with_demonstration == 0:
-        raise APIError(
-            422,
-            "no_demonstrations",
-            f"method {body.method!r} trains on demonstrations, but no example of {train.id!r} has one",
-            "training_dataset",
-        )
-    if config.reward is not None:
-        needed = config.reward.fields_needed()
-        _check_fields(train, needed, "training_dataset")
-        if heldout:
-            _check_fields(heldout, needed, "validation_dataset")
-    return config.model_dump(mode="json")
 
 
 @router.post("", status_code=201, response_model=JobOut, responses=error_responses(404))

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import time
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Depends
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from api.deps import CursorQuery, LimitQuery, ProjectDep, Services, ServicesDep, SessionDep, owned
-from api.errors import APIError, error_responses
+from api.errors import error_responses
 from api.pagination import page_of
 from api.schemas import (
     InlineRewardTest,
@@ -23,28 +23,13 @@ from api.schemas import (
     RewardTestSample,
     RewardTestTiming,
 )
-from core.config import ConfigError, parse_reward_spec
+from api.specs import validated_spec
 from core.rewards import RewardSpec, SandboxUnavailable, score_completions
+from protocol.errors import APIError
 from service.db import transaction
 from service.tables import RewardSpecRecord
 
 router = APIRouter(prefix="/v1/rewards", tags=["rewards"])
-
-
-def validated_spec(raw: dict[str, Any], prefix: str | None = None) -> RewardSpec:
-    """A RewardSpec, or a 422 whose params point into the request (`reward.graders.0.type`)."""
-    try:
-        return parse_reward_spec(raw)
-    except ConfigError as exc:
-        details = [
-            {"param": ".".join(x for x in (prefix, p.param or "graders") if x) or None, "message": p.message}
-            for p in exc.details
-        ]
-        raise APIError(422, "invalid_reward", joined(details), details[0]["param"], details) from exc
-
-
-def joined(details: list[dict[str, Any]]) -> str:
-    return "; ".join(f"{d['param']}: {d['message']}" if d["param"] else d["message"] for d in details)
 
 
 def reward_out(record: RewardSpecRecord) -> RewardOut:

@@ -30,7 +30,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
 from api.app import create_app
-from service.migrate import upgrade_to_head
+from migrations import upgrade_to_head
 from service.settings import Settings
 from tests.api.test_project_isolation import ProjectA, make_project_a, release
 from tests.conftest import ApiClient, temporary_database

@@ -19,8 +19,8 @@ import torch
 from peft import PeftModel
 from sqlalchemy import func, select
 
+from cli.launcher import initialise
 from core.models import load_base_model
-from service.server import initialise
 from service.tables import Artifact
 from tests.conftest import REPO, ApiClient, free_port
 
@@ -193,7 +193,7 @@ def test_the_embedded_default_serves_a_whole_job(tmp_path):
     log_path = tmp_path / "serve.log"
     with log_path.open("wb") as log:
         server = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "serve", "--port", str(port)],
+            [sys.executable, "-m", "cli.main", "serve", "--port", str(port)],
             cwd=REPO,
             env=env,
             stdout=log,
@@ -220,7 +220,7 @@ def test_the_embedded_default_serves_a_whole_job(tmp_path):
         assert job["status"] == "succeeded", (job, log_path.read_text()[-3000:])
 
         client_env = {**env, "PREFIX_RFT_API_URL": base, "PREFIX_RFT_API_KEY": key.group()}
-        cli = [sys.executable, "-m", "service.cli", "jobs"]
+        cli = [sys.executable, "-m", "cli.main", "jobs"]
         listed = subprocess.run(
             [*cli, "list"], env=client_env, cwd=REPO, capture_output=True, text=True, check=True
         )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from alembic import command
 
-from service.migrate import alembic_config, upgrade_to_head
+from migrations import alembic_config, upgrade_to_head
 
 
 def test_an_empty_postgresql_upgrades_to_head_and_matches_the_models(migrated_postgres):

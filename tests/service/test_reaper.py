@@ -13,7 +13,7 @@ from sqlalchemy import select
 
 from service.db import make_engine, make_sessionmaker, transaction
 from service.lifecycle import LostJob, claim_job, release_job, retry_or_fail, update_job
-from service.migrate import upgrade_to_head
+from migrations import upgrade_to_head
 from service.queue import dispatch_job, make_celery
 from service.reaper import Reaper, reap_once
 from service.tables import IdempotencyKey, Job, JobEvent, JobStatus, Project, utcnow

@@ -18,7 +18,7 @@ import pytest
 import redis
 from sqlalchemy import select
 
-from service.migrate import upgrade_to_head
+from migrations import upgrade_to_head
 from service.settings import Settings
 from service.tables import Artifact, Checkpoint, JobEvent, JobMetric
 from tests.conftest import ApiClient, free_port, temporary_database

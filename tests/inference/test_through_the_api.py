@@ -28,7 +28,7 @@ import uvicorn
 from core.adapters import attach_adapter, export_adapter
 from core.config import LoraAdapterConfig, PrefixAdapterConfig
 from core.models import load_base_model
-from core.serving import BatchedEngine, GenerationRequest, SamplingParams, load_adapter
+from inference.engine import BatchedEngine, GenerationRequest, SamplingParams, load_adapter
 from service.db import make_engine, make_sessionmaker, transaction
 from service.settings import Settings
 from service.storage import open_storage
@@ -131,7 +131,7 @@ def deployment(tmp_path_factory, migrated_postgres: str, redis_url: str) -> Iter
     port = model_server.rsplit(":", 1)[1]
     with log.open("wb") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "model-server", "--port", port],
+            [sys.executable, "-m", "cli.main", "model-server", "--port", port],
             cwd=REPO,
             env=env,
             stdout=out,

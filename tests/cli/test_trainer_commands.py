@@ -7,7 +7,7 @@ import json
 import pytest
 import yaml
 
-from core.cli import main
+from cli.main import main
 from core.models import ModelNotFound, resolve_model_dir
 
 

@@ -12,7 +12,7 @@ from peft import PeftModel
 from core.adapters import attach_adapter, export_adapter
 from core.config import LoraAdapterConfig, PrefixAdapterConfig
 from core.models import load_base_model
-from core.serving import (
+from inference.engine import (
     BatchedEngine,
     GenerationRequest,
     LoraWeights,

@@ -1,4 +1,4 @@
-"""`prefix-rft`: train, evaluate and inspect from the command line.
+"""The trainer's commands: train, evaluate and inspect, locally, without the service.
 
 prefix-rft train CONFIG.yaml [--resume DIR] [--set training.steps=20 ...]
 prefix-rft eval CONFIG.yaml [--adapter DIR]
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 import warnings
 from pathlib import Path
@@ -23,7 +22,6 @@ from core.data import DEFAULT_MAX_LINE_BYTES, iter_byte_lines, length_stats, rea
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
-    """The trainer's commands; the service's command line adds its own next to them."""
     train = commands.add_parser("train", help="run a training job from a YAML config")
     train.add_argument("config", type=Path)
     train.add_argument(
@@ -52,22 +50,6 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     commands.add_parser("models", help="list the registered base models").set_defaults(handler=_models)
 
 
-def run(args: argparse.Namespace) -> int:
-    """Run a parsed command; user errors print one clear message and exit 2."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return args.handler(args)
-    except (ValueError, FileNotFoundError) as exc:  # ConfigError and DatasetError are ValueErrors
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="prefix-rft", description="Prefix-RFT fine-tuning")
-    add_commands(parser.add_subparsers(dest="command", required=True))
-    return run(parser.parse_args(argv))
-
-
 def _overrides(pairs: list[str]) -> dict[str, Any]:
     overrides = {}
     for pair in pairs:
@@ -89,7 +71,7 @@ def _quiet_libraries() -> None:
 def _train(args: argparse.Namespace) -> int:
     config = load_config(args.config, _overrides(args.set))
     _quiet_libraries()
-    from core.progress import ProgressReporter
+    from cli.progress import ProgressReporter
     from core.trainer import Trainer
 
     print(f"loading {config.model} with a {config.adapter.type} adapter ({config.method}) ...", flush=True)
@@ -148,7 +130,3 @@ def _models(_args: argparse.Namespace) -> int:
         print(f"{info.name:24s} {info.description}")
     print("(also: any local Hugging Face model directory, or a hub id already in the local cache)")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

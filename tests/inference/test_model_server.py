@@ -14,10 +14,10 @@ import torch
 from core.adapters import attach_adapter, export_adapter
 from core.config import LoraAdapterConfig, PrefixAdapterConfig
 from core.models import load_base_model
-from core.serving import BatchedEngine, GenerationRequest, Progress, SamplingParams, adapter_bytes
-from inference.adapters import AdapterCache, AdapterUnavailable
-from inference.protocol import AdapterRef
+from inference.adapter_cache import AdapterCache, AdapterUnavailable
+from inference.engine import BatchedEngine, GenerationRequest, Progress, SamplingParams, adapter_bytes
 from inference.scheduler import ModelWorker, Overloaded
+from protocol.completions import AdapterRef
 from service.storage import LocalStorage
 from worker.runner import write_archive
 

@@ -1,10 +1,5 @@
-"""`prefix-rft`: the trainer's commands, the service, and a client of its REST API.
+"""Commands that call the REST API at $PREFIX_RFT_API_URL with $PREFIX_RFT_API_KEY.
 
-prefix-rft train | eval | data validate | models           the trainer, locally (core.cli)
-prefix-rft serve [--host H] [--port P]                      API + worker + model server, embedded defaults
-prefix-rft model-server [--host H] [--port P]               the model server alone (inference)
-prefix-rft init                                             migrate the database, create the bucket
-prefix-rft keys create --project NAME                       a new API key, shown once
 prefix-rft datasets upload FILE | list
 prefix-rft rewards create NAME FILE | list
 prefix-rft jobs create ... | list | get ID | logs ID [-f] | cancel ID | download ID
@@ -22,105 +17,12 @@ from typing import Any
 
 import yaml
 
-from core import cli as core_cli
-from service.client import Client, ClientError
+from cli.client import Client, ClientError
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="prefix-rft", description="Prefix-RFT fine-tuning: trainer and service"
-    )
-    commands = parser.add_subparsers(dest="command", required=True)
-    core_cli.add_commands(commands)
-    _add_service_commands(commands)
-    _add_client_commands(commands)
-    return core_cli.run(parser.parse_args(argv))
-
-
-# ----- the service -----------------------------------------------------------------------------
-
-
-def _add_service_commands(commands: argparse._SubParsersAction) -> None:
-    serve = commands.add_parser("serve", help="run the API and a worker on this machine")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--no-worker", action="store_true", help="no worker (workers run elsewhere)")
-    serve.add_argument(
-        "--no-model-server",
-        action="store_true",
-        help="no model server (PREFIX_RFT_INFERENCE_URL is elsewhere)",
-    )
-    serve.set_defaults(handler=_serve)
-
-    model_server = commands.add_parser(
-        "model-server", help="the model server: OpenAI-compatible inference the API forwards to"
-    )
-    model_server.add_argument("--host", default="127.0.0.1")
-    model_server.add_argument("--port", type=int, default=8001)
-    model_server.set_defaults(handler=_model_server)
-
-    commands.add_parser(
-        "init", help="migrate the database to head and create the storage bucket"
-    ).set_defaults(handler=_init)
-
-    keys = commands.add_parser("keys", help="API keys").add_subparsers(dest="keys_command", required=True)
-    create = keys.add_parser("create", help="create an API key (the project is created if missing)")
-    create.add_argument("--project", required=True)
-    create.add_argument("--name", default="default", help="a label for the key")
-    create.set_defaults(handler=_create_key)
-
-
-def _serve(args: argparse.Namespace) -> int:
-    from service.server import serve
-
-    return serve(
-        args.host, args.port, with_worker=not args.no_worker, with_model_server=not args.no_model_server
-    )
-
-
-def _model_server(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from inference.server import create_model_server
-    from service.settings import get_settings
-
-    settings = get_settings()
-    uvicorn.run(
-        create_model_server(settings), host=args.host, port=args.port, log_level=settings.log_level.lower()
-    )
-    return 0
-
-
-def _init(_args: argparse.Namespace) -> int:
-    from service.server import initialise
-    from service.settings import get_settings
-
-    initialise(get_settings())
-    print("database migrated to head; storage ready")
-    return 0
-
-
-def _create_key(args: argparse.Namespace) -> int:
-    from service.db import make_engine, make_sessionmaker, transaction
-    from service.keys import create_key
-    from service.settings import get_settings
-
-    engine = make_engine(get_settings().database_url)
-    with transaction(make_sessionmaker(engine)) as session:
-        project, key = create_key(session, args.project, args.name)
-    engine.dispose()
-    print(f"project {project.name} ({project.id})", file=sys.stderr)
-    print("API key (shown once; store it now):", file=sys.stderr)
-    print(key)
-    return 0
-
-
-# ----- the client ------------------------------------------------------------------------------
-
-
-def _add_client_commands(commands: argparse._SubParsersAction) -> None:
+def add_commands(commands: argparse._SubParsersAction) -> None:
     """Commands that call the REST API at $PREFIX_RFT_API_URL with $PREFIX_RFT_API_KEY."""
     datasets = commands.add_parser("datasets", help="datasets on the service").add_subparsers(
         dest="datasets_command", required=True
@@ -298,7 +200,3 @@ def _download(client: Client, job_id: str, output: Path | None) -> None:
         tar.extractall(output, filter="data")
     archive.unlink()
     print(f"adapter in {output / 'adapter'} (sha256 of the archive {digest})")
-
-
-if __name__ == "__main__":
-    sys.exit(main())

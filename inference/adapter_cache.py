@@ -17,8 +17,8 @@ from pathlib import Path
 
 from transformers import PreTrainedModel
 
-from core.serving import Adapter, adapter_bytes, load_adapter
-from inference.protocol import AdapterRef
+from inference.engine import Adapter, adapter_bytes, load_adapter
+from protocol.completions import AdapterRef
 from service.storage import Storage
 
 log = logging.getLogger(__name__)

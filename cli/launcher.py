@@ -1,4 +1,4 @@
-"""`prefix-rft serve`: the whole service on one machine, on the embedded defaults.
+"""The one-machine launcher: `prefix-rft serve` runs the whole service on the embedded defaults.
 
 SQLite, a local object directory and a broker kept in files, all under the data directory;
 the API runs in this process, a Celery worker and the model server in child processes, as in
@@ -16,9 +16,9 @@ from urllib.parse import urlsplit
 
 from sqlalchemy import func, select
 
+from migrations import upgrade_to_head
 from service.db import make_engine, make_sessionmaker, transaction
 from service.keys import create_key
-from service.migrate import upgrade_to_head
 from service.settings import Settings, get_settings
 from service.storage import open_storage
 from service.tables import ApiKey
@@ -70,7 +70,7 @@ def model_server_command(settings: Settings) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "service.cli",
+        "cli.main",
         "model-server",
         "--host",
         url.hostname or "127.0.0.1",

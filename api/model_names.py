@@ -1,0 +1,32 @@
+"""What a request's `model` names: a base model, or a trained adapter of the caller's project."""
+
+from __future__ import annotations
+
+from sqlalchemy.orm import Session
+
+from api.schemas import ModelOut
+from core.base_models import REGISTRY
+from service.tables import Job, JobStatus
+
+BASE_MODELS = {
+    info.name: ModelOut(id=info.name, created=0, owned_by="prefix-rft", description=info.description)
+    for info in REGISTRY
+}
+
+
+def adapter_job(session: Session, project_id: str, name: str) -> Job | None:
+    """The project's succeeded job whose adapter is called `name` (`ft:<base>:<suffix>:<job id>`)."""
+    job = session.get(Job, name.rsplit(":", 1)[-1]) if name.startswith("ft:") else None
+    ok = job is not None and job.project_id == project_id and job.status == JobStatus.SUCCEEDED
+    return job if ok and job.fine_tuned_model == name else None
+
+
+def adapter_model(job: Job) -> ModelOut:
+    """The model a succeeded job trained, as /v1/models lists it."""
+    return ModelOut(
+        id=job.fine_tuned_model,
+        created=int(job.finished_at.timestamp()) if job.finished_at else 0,
+        owned_by=job.project_id,
+        base_model=job.model,
+        job_id=job.id,
+    )

@@ -1,0 +1,38 @@
+"""`prefix-rft`: the trainer, the service on this machine, and a client of its REST API.
+
+prefix-rft train | eval | data validate | models      the trainer, locally (cli/trainer_commands.py)
+prefix-rft serve | model-server | init | keys create  the service (cli/service_commands.py)
+prefix-rft datasets | rewards | jobs ...              the REST API's client (cli/client_commands.py)
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from cli import client_commands, service_commands, trainer_commands
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="prefix-rft", description="Prefix-RFT fine-tuning: trainer and service"
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    for module in (trainer_commands, service_commands, client_commands):
+        module.add_commands(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.handler(args)
+    except (ValueError, FileNotFoundError) as exc:  # ConfigError and DatasetError are ValueErrors
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
