@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from sqlalchemy import Engine, MetaData, create_engine, event
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
 # Alembic needs stable constraint names to alter them later (its naming.rst).
@@ -27,13 +28,34 @@ class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, idle_in_transaction_seconds: float | None = None) -> Engine:
+    """`idle_in_transaction_seconds`: PostgreSQL ends a session that holds a transaction open and
+    idle this long, and with it the row locks it took. The worker sets its lease here: a worker
+    frozen mid-transaction (SIGSTOP, a VM paused) must not keep the reaper, which skips locked
+    rows, from handing its job to another worker."""
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
         event.listen(engine, "connect", _tune_sqlite)
         return engine
+    connect_args = {}
+    if idle_in_transaction_seconds is not None:
+        milliseconds = max(1, int(idle_in_transaction_seconds * 1000))
+        connect_args["options"] = f"-c idle_in_transaction_session_timeout={milliseconds}"
     # As many connections as the API's thread pool has threads (40), so no thread waits for one.
-    return create_engine(url, pool_size=40, max_overflow=10, pool_pre_ping=True, pool_recycle=1800)
+    return create_engine(
+        url, pool_size=40, max_overflow=10, pool_pre_ping=True, pool_recycle=1800, connect_args=connect_args
+    )
+
+
+def connection_lost(exc: DBAPIError) -> bool:
+    """The database went away under this transaction (restarting, failing over, or it ended an idle
+    transaction): retrying on a new connection may succeed."""
+    if isinstance(exc, OperationalError | InterfaceError) or exc.connection_invalidated:
+        return True
+    return getattr(exc.orig, "sqlstate", None) == IDLE_IN_TRANSACTION_TIMEOUT
+
+
+IDLE_IN_TRANSACTION_TIMEOUT = "25P03"  # PostgreSQL's SQLSTATE when it ends an idle transaction
 
 
 def _tune_sqlite(dbapi_connection, _record) -> None:

@@ -31,13 +31,13 @@ from typing import Any, TypeVar
 
 from celery import Celery
 from sqlalchemy import select
-from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.config import ConfigError, parse_config
+from core.config import ConfigError, TrainConfig, parse_config
 from core.rewards import SandboxLimits, SandboxUnavailable
 from core.trainer import Trainer, TrainerCallback, TrainResult
-from service.db import make_engine, make_sessionmaker, transaction
+from service.db import connection_lost, make_engine, make_sessionmaker, transaction
 from service.lifecycle import (
     LostJob,
     add_event,
@@ -76,7 +76,8 @@ def worker_services() -> WorkerServices:
     storage = open_storage(
         settings.storage_url, s3_endpoint_url=settings.s3_endpoint_url, s3_region=settings.s3_region
     )
-    sessions = make_sessionmaker(make_engine(settings.database_url))
+    engine = make_engine(settings.database_url, idle_in_transaction_seconds=settings.lease_seconds)
+    sessions = make_sessionmaker(engine)
     return WorkerServices(settings, sessions, storage, make_celery(settings))
 
 
@@ -127,15 +128,17 @@ class JobRun:
             heartbeat.join(timeout=5)
 
     def _train(self, workdir: Path) -> None:
-        with self.services.sessions() as session:
+        with self.services.sessions() as session:  # read, then close: no transaction held while downloading
             job = session.get(Job, self.job_id)
-            config = self._config(session, job, workdir)
+            train = session.get(Dataset, job.training_dataset_id) if job.training_dataset_id else None
+            heldout = session.get(Dataset, job.validation_dataset_id) if job.validation_dataset_id else None
             checkpoint = session.scalar(
                 select(Checkpoint)
                 .where(Checkpoint.job_id == self.job_id)
                 .order_by(Checkpoint.step.desc())
                 .limit(1)
             )
+        config = self._config(job, train, heldout, workdir)
         resume_from = self._restore(checkpoint, workdir / "run") if checkpoint else None
         limits = SandboxLimits.from_settings(self.services.settings)
         trainer = Trainer(config, callbacks=[_Reporter(self)], sandbox_limits=limits)
@@ -165,18 +168,15 @@ class JobRun:
             return
         self._store_adapter(job, result, workdir)
 
-    def _config(self, session: Session, job: Job, workdir: Path):
+    def _config(self, job: Job, train: Dataset | None, heldout: Dataset | None, workdir: Path) -> TrainConfig:
         raw = dict(job.config)
-        raw["data"] = dict(
-            raw["data"], train=str(self._fetch_dataset(session, job.training_dataset_id, workdir))
-        )
+        raw["data"] = dict(raw["data"], train=str(self._fetch_dataset(train, workdir)))
         if job.validation_dataset_id:
-            raw["data"]["eval"] = str(self._fetch_dataset(session, job.validation_dataset_id, workdir))
+            raw["data"]["eval"] = str(self._fetch_dataset(heldout, workdir))
         raw["output_dir"] = str(workdir / "run")
         return parse_config(raw)
 
-    def _fetch_dataset(self, session: Session, dataset_id: str | None, workdir: Path) -> Path:
-        dataset = session.get(Dataset, dataset_id) if dataset_id else None
+    def _fetch_dataset(self, dataset: Dataset | None, workdir: Path) -> Path:
         if dataset is None:
             raise ConfigError(["the job's dataset was deleted"])
         target = workdir / "data" / f"{dataset.id}.jsonl"
@@ -306,7 +306,8 @@ class JobRun:
 
     def commit(self, work: Callable[[Session], T]) -> T:
         """Run work(session) in a transaction. While the database is unreachable (restarting,
-        failing over), retry for up to a lease's length rather than lose the attempt; the writes
+        failing over, or it ended a transaction this worker left idle while frozen), retry for up
+        to a lease's length rather than lose the attempt; the writes
         are idempotent (updates and merges), and a retried transaction had been rolled back."""
         deadline = time.monotonic() + self.services.settings.lease_seconds
         delay = 0.25
@@ -314,8 +315,8 @@ class JobRun:
             try:
                 with transaction(self.services.sessions) as session:
                     return work(session)
-            except (OperationalError, InterfaceError) as exc:
-                if time.monotonic() + delay > deadline:
+            except DBAPIError as exc:
+                if not connection_lost(exc) or time.monotonic() + delay > deadline:
                     raise
                 self.log.warning("job %s: database unavailable (%s); retrying", self.job_id, exc.orig)
                 time.sleep(delay)

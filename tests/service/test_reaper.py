@@ -10,10 +10,11 @@ from datetime import timedelta
 import pytest
 import redis
 from sqlalchemy import select
+from sqlalchemy.exc import DBAPIError
 
-from service.db import make_engine, make_sessionmaker, transaction
-from service.lifecycle import LostJob, claim_job, release_job, retry_or_fail, update_job
 from migrations import upgrade_to_head
+from service.db import connection_lost, make_engine, make_sessionmaker, transaction
+from service.lifecycle import LostJob, claim_job, release_job, retry_or_fail, update_job
 from service.queue import dispatch_job, make_celery
 from service.reaper import Reaper, reap_once
 from service.tables import IdempotencyKey, Job, JobEvent, JobStatus, Project, utcnow
@@ -124,6 +125,27 @@ def test_a_live_lease_is_left_alone(settings, sessions, celery):
     report = reap_once(settings, sessions, celery)
     assert job_id not in report.requeued + report.failed
     assert job(sessions, job_id).status == JobStatus.RUNNING
+
+
+def test_a_worker_frozen_inside_a_transaction_loses_its_locks_with_its_lease(settings, sessions, celery):
+    # A worker stopped (SIGSTOP, a paused VM) between an UPDATE and its COMMIT holds the job's row
+    # lock, and the reaper skips locked rows. The worker's engine makes PostgreSQL end such a session.
+    job_id, attempt = running_job(sessions, lease_left=-1)
+    frozen_engine = make_engine(settings.database_url, idle_in_transaction_seconds=1)
+    frozen = make_sessionmaker(frozen_engine)()
+    update_job(frozen, job_id, attempt, step=3)  # the row is locked until this transaction ends
+    try:
+        assert reap_once(settings, sessions, celery).requeued == []  # skipped while locked
+        time.sleep(1.5)
+        assert reap_once(settings, sessions, celery).requeued == [job_id]
+        # Woken up, the worker fails to commit with an error it retries on a new connection
+        # (JobRun.commit), where the fence refuses it.
+        with pytest.raises(DBAPIError) as caught:
+            frozen.commit()
+        assert connection_lost(caught.value)
+    finally:
+        frozen_engine.dispose()
+    assert job(sessions, job_id).step == 0  # the frozen worker's write never landed
 
 
 def test_the_last_allowed_failure_fails_the_job_with_the_error(settings, sessions, celery):
