@@ -35,7 +35,8 @@ def run_one(method: str, adapter: str, settings: dict[str, Any], data_dir: str) 
     _configure_logging()
     from cli.trainer_commands import _quiet_libraries
     from core.config import parse_config
-    from core.trainer import Trainer, TrainerCallback
+    from core.reporting import TrainerCallback
+    from core.trainer import Trainer
 
     _quiet_libraries()
 

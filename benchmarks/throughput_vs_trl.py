@@ -154,7 +154,8 @@ def run_ours(settings: Settings, work_dir: Path) -> dict[str, Any]:
     rss_after_imports = current_rss_bytes()  # before our heavy imports, which are part of the load
 
     from core.config import parse_config
-    from core.trainer import Trainer, TrainerCallback
+    from core.reporting import TrainerCallback
+    from core.trainer import Trainer
 
     config = parse_config(
         {

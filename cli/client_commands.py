@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from cli.client import Client, ClientError
+from core.errors import InvalidInput
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 
@@ -137,7 +138,7 @@ def _table(rows: list[dict[str, Any]], columns: tuple[str, ...]) -> None:
 def _read_mapping(path: Path) -> dict[str, Any]:
     data = yaml.safe_load(path.read_text(encoding="utf-8"))
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping")
+        raise InvalidInput(f"{path}: expected a mapping")
     return data
 
 
@@ -162,7 +163,7 @@ def _job_body(args: argparse.Namespace) -> dict[str, Any]:
     for pair in args.set:
         key, sep, value = pair.partition("=")
         if not sep:
-            raise ValueError(f"--set {pair!r}: expected FIELD=VALUE, e.g. steps=20")
+            raise InvalidInput(f"--set {pair!r}: expected FIELD=VALUE, e.g. steps=20")
         hyperparameters[key] = yaml.safe_load(value)
     if hyperparameters:
         body["hyperparameters"] = hyperparameters

@@ -12,6 +12,7 @@ import logging
 import sys
 
 from cli import client_commands, service_commands, trainer_commands
+from core.errors import InvalidInput
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.handler(args)
-    except (ValueError, FileNotFoundError) as exc:  # ConfigError and DatasetError are ValueErrors
+    except (InvalidInput, FileNotFoundError) as exc:  # what the user gave: config, data, model, files
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -6,7 +6,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from core.trainer import TrainerCallback, TrainResult
+from core.reporting import TrainerCallback, TrainResult
 
 
 class ProgressReporter(TrainerCallback):

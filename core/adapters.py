@@ -18,7 +18,8 @@ from peft import LoraConfig, PeftModel, PrefixTuningConfig, get_peft_model
 from peft.utils import set_peft_model_state_dict
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from core.config import LoraAdapterConfig, PrefixAdapterConfig
+from core.config import ConfigError, LoraAdapterConfig, PrefixAdapterConfig, Problem
+from core.errors import InvalidInput
 
 
 def attach_adapter(
@@ -60,7 +61,7 @@ def kv_prefix_init_ids(tokenizer: PreTrainedTokenizerBase, length: int | None, t
         text = default_init_text(tokenizer)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if not ids:
-        raise ValueError("adapter.init_text must contain at least one token")
+        raise ConfigError([Problem("adapter.init_text", "must contain at least one token")])
     length = length or len(ids)
     return [ids[i % len(ids)] for i in range(length)]
 
@@ -107,7 +108,13 @@ def init_kv_prefix(encoder: torch.nn.Module, activations: torch.Tensor) -> None:
     first, last = encoder.transform[0], encoder.transform[2]
     token_dim, hidden = first.in_features, first.out_features
     if n_tokens > min(token_dim, hidden):
-        raise ValueError(f"prefix_projection supports at most {min(token_dim, hidden)} virtual tokens")
+        raise ConfigError(
+            [
+                Problem(
+                    "adapter.num_virtual_tokens", f"at most {min(token_dim, hidden)} with prefix_projection"
+                )
+            ]
+        )
     encoder.embedding.weight.zero_()
     encoder.embedding.weight[:, :n_tokens].copy_(torch.eye(n_tokens))
     first.weight.zero_()
@@ -162,8 +169,8 @@ def load_exported_adapter(model: PeftModel, directory: str | Path) -> None:
 
     weights_file = Path(directory) / "adapter_model.safetensors"
     if not weights_file.is_file():
-        raise FileNotFoundError(f"{directory} is not a PEFT adapter directory (no adapter_model.safetensors)")
+        raise InvalidInput(f"{directory} is not a PEFT adapter directory (no adapter_model.safetensors)")
     try:
         set_peft_model_state_dict(model, load_file(weights_file))
     except RuntimeError as exc:
-        raise ValueError(f"adapter at {directory} does not match the configured adapter: {exc}") from None
+        raise InvalidInput(f"adapter at {directory} does not match the configured adapter: {exc}") from None

@@ -12,6 +12,20 @@ from dataclasses import dataclass
 import torch
 
 
+def lr_factor(step: int, steps: int, warmup_steps: int = 0, shape: str = "constant") -> float:
+    """Learning-rate multiplier at `step`: linear warm-up to 1, then `constant`, `cosine` to 0 or `linear` to 0."""
+    if warmup_steps and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, steps - warmup_steps))
+    if shape == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    if shape == "linear":
+        return 1.0 - progress
+    if shape != "constant":
+        raise ValueError(f"unknown learning-rate shape {shape!r}")
+    return 1.0
+
+
 def demo_prefix_low(step: int, decay_steps: int, start: float = 0.95, end: float = 0.05) -> float:
     """Lower bound of the demonstration-prefix ratio at `step`: cosine from `start` to `end`, then flat."""
     t = min(max(step, 0), decay_steps)

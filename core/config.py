@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
+from core.errors import InvalidInput
 from core.rewards.spec import RewardSpec
 
 Method = Literal["prefix_rft", "rft", "sft", "sft_then_rft"]
@@ -257,7 +258,7 @@ class Problem:
         return f"{self.param}: {self.message}" if self.param else self.message
 
 
-class ConfigError(ValueError):
+class ConfigError(InvalidInput):
     """A configuration problem, phrased for the person who wrote the config."""
 
     def __init__(self, problems: list[Problem | str]):

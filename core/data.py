@@ -8,6 +8,7 @@ first problem: every bad line is listed with its number, field and reason.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import random
@@ -17,8 +18,11 @@ import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+from core.errors import InvalidInput
+
+T = TypeVar("T")
 ROLES = ("system", "user", "assistant")
 DEFAULT_MAX_LINE_BYTES = 1 << 20  # 1 MiB: a long context, far from a memory problem
 _MAX_REPORTED_ERRORS = 100
@@ -90,7 +94,7 @@ class DatasetReport:
         }
 
 
-class DatasetError(ValueError):
+class DatasetError(InvalidInput):
     def __init__(self, source: str, report: DatasetReport):
         self.report = report
         shown = "\n".join(f"  - {e}" for e in report.errors[:20])
@@ -383,7 +387,7 @@ def load_dataset(path: str | Path, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES)
     """Read and validate a JSONL file; raise DatasetError listing every bad line."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"dataset not found: {path}")
+        raise InvalidInput(f"dataset not found: {path}")
     report = read_jsonl(iter_byte_lines(path, max_line_bytes), max_line_bytes)
     if not report.ok:
         raise DatasetError(str(path), report)
@@ -405,7 +409,9 @@ def split_heldout(examples: list[Example], size: int, seed: int) -> tuple[list[E
     if size <= 0:
         return list(examples), []
     if size >= len(examples):
-        raise ValueError(f"eval_size {size} leaves no training examples (the dataset has {len(examples)})")
+        raise InvalidInput(
+            f"data.eval_size {size} leaves no training examples (the dataset has {len(examples)})"
+        )
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
     heldout = set(order[:size])
@@ -413,6 +419,23 @@ def split_heldout(examples: list[Example], size: int, seed: int) -> tuple[list[E
         [e for i, e in enumerate(examples) if i not in heldout],
         [e for i, e in enumerate(examples) if i in heldout],
     )
+
+
+def examples_at_step(pool: list[T], step: int, size: int, seed: str) -> list[T]:
+    """The `size` examples of `step`: the pool in a seeded shuffle per epoch, so any step's batch
+    is found without replaying the steps before it (a resumed run sees the same data)."""
+    batch = []
+    for i in range(step * size, (step + 1) * size):
+        epoch, index = divmod(i, len(pool))
+        batch.append(pool[_epoch_order(f"{seed}-{epoch}", len(pool))[index]])
+    return batch
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_order(seed: str, size: int) -> tuple[int, ...]:
+    order = list(range(size))
+    random.Random(seed).shuffle(order)
+    return tuple(order)
 
 
 def length_stats(lengths: list[int]) -> dict[str, float]:

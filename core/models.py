@@ -23,14 +23,15 @@ from transformers import (
 )
 
 from core.base_models import REGISTRY, SMOLLM2, TINY_RANDOM, data_dir
+from core.errors import InvalidInput
 
 log = logging.getLogger(__name__)
 
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-class ModelNotFound(ValueError):
-    pass
+class ModelNotFound(InvalidInput):
+    """The base model is unknown, or cannot be loaded from where its name points."""
 
 
 def load_base_model(

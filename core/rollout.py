@@ -1,4 +1,4 @@
-"""Token-level plumbing of the policy: encoding, batched sampling with a KV cache, scoring.
+"""Token-level plumbing of the policy: encoding, batched sampling with a KV cache, log-probs of responses.
 
 Two rules from measurement hold everywhere here:
 - every forward gets `position_ids = cumsum(mask) - 1`, so a left-padded row is scored exactly as
@@ -216,7 +216,7 @@ def _cut(row: list[int], stop_ids: set[int], limit: int) -> list[int]:
 
 
 @dataclass
-class ScoringBatch:
+class ResponseBatch:
     """Rows of prompt + response: distinct prompts left-padded, responses right-padded to R."""
 
     prompts: list[list[int]]  # distinct prompts
@@ -240,9 +240,9 @@ class ScoringBatch:
         )
 
 
-def scoring_batch(
+def response_batch(
     prompts: list[list[int]], responses: list[list[int]], pad_id: int, device: torch.device
-) -> ScoringBatch:
+) -> ResponseBatch:
     unique, row_prompt = distinct_rows(prompts)
     width = max(1, max(len(r) for r in responses))
     response_ids = torch.full((len(responses), width), pad_id, dtype=torch.long)
@@ -250,7 +250,7 @@ def scoring_batch(
     for i, row in enumerate(responses):
         response_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
         response_mask[i, : len(row)] = True
-    return ScoringBatch(unique, row_prompt, response_ids.to(device), response_mask.to(device), pad_id)
+    return ResponseBatch(unique, row_prompt, response_ids.to(device), response_mask.to(device), pad_id)
 
 
 # Tokens per chunk of the output head: [128, vocab] fp32 logits stay under glibc's 32 MB mmap
@@ -258,8 +258,8 @@ def scoring_batch(
 HEAD_CHUNK_TOKENS = 128
 
 
-def score_responses(
-    model: Policy, batch: ScoringBatch, temperature: float = 1.0, with_entropy: bool = False
+def response_log_probs(
+    model: Policy, batch: ResponseBatch, temperature: float = 1.0, with_entropy: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-token log-probs [S, R] (and entropies, without gradient) of the response tokens.
 
@@ -270,7 +270,7 @@ def score_responses(
     shared = prefill_prompts(model, batch.prompts, batch.row_prompt, batch.pad_id)
     # The first response token is predicted by the prompt's last logits, every later one by the
     # hidden state of the token before it.
-    first = _head_scores(shared.last_logits, batch.response_ids[:, 0], temperature, with_entropy)
+    first = _head_log_probs(shared.last_logits, batch.response_ids[:, 0], temperature, with_entropy)
     if batch.response_width == 1:
         return first[0][:, None], first[1][:, None] if with_entropy else None
 
@@ -282,7 +282,7 @@ def score_responses(
     states, targets = hidden[real], batch.response_ids[:, 1:][real]
     head = _backbone(model).get_output_embeddings()
     chunks = [
-        _head_scores(
+        _head_log_probs(
             head(states[i : i + HEAD_CHUNK_TOKENS]),
             targets[i : i + HEAD_CHUNK_TOKENS],
             temperature,
@@ -300,7 +300,7 @@ def score_responses(
     return assemble(0), assemble(1) if with_entropy else None
 
 
-def _head_scores(
+def _head_log_probs(
     logits: torch.Tensor, targets: torch.Tensor, temperature: float, with_entropy: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     if temperature != 1.0:

@@ -3,33 +3,23 @@
 A step of prefix_rft / rft: sample a group of rollouts per prompt (some continuing a cut of the
 demonstration), reward them, compute group advantages, and take one clipped policy-gradient step.
 sft trains cross-entropy on demonstrations; sft_then_rft runs the two phases in one job.
-Everything outside this file that it uses is either pure math (algorithm.py), token plumbing
-(rollout.py) or I/O (adapters, checkpoints, metrics).
+What it uses lives elsewhere: the math as pure functions (algorithm.py), token plumbing
+(rollout.py), adapters (adapters.py), checkpoints (checkpoints.py), callbacks and the run's files
+(reporting.py), and what to do when reward graders fail (reward_errors.py).
 """
 
 from __future__ import annotations
 
-import functools
-import json
 import logging
-import math
 import random
-import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 
-from core.adapters import (
-    attach_adapter,
-    export_adapter,
-    load_trainable_state,
-    swapped_adapter_weights,
-    trainable_state,
-)
+from core.adapters import attach_adapter, export_adapter, swapped_adapter_weights, trainable_state
 from core.algorithm import (
     clipped_policy_loss,
     demo_prefix_length,
@@ -37,73 +27,34 @@ from core.algorithm import (
     entropy_keep_mask,
     group_advantages,
     kl_to_reference,
+    lr_factor,
 )
-from core.config import TrainConfig
-from core.data import DatasetError, DatasetReport, Example, load_dataset, missing_fields, split_heldout
+from core.checkpoints import load_checkpoint, save_checkpoint
+from core.config import ConfigError, Problem, TrainConfig
+from core.data import (
+    DatasetError,
+    DatasetReport,
+    Example,
+    LineError,
+    examples_at_step,
+    load_dataset,
+    missing_fields,
+    split_heldout,
+)
 from core.models import load_base_model
+from core.reporting import RunFiles, TrainerCallback, TrainResult
+from core.reward_errors import RewardErrorPolicy
 from core.rewards import RewardResult, SandboxLimits, SandboxPool, score_completions
 from core.rollout import (
     EncodedExample,
     encode_example,
+    response_batch,
+    response_log_probs,
     sample,
-    score_responses,
-    scoring_batch,
     stop_token_ids,
 )
 
 log = logging.getLogger(__name__)
-
-
-class TrainerCallback:
-    """Hooks the CLI and the worker implement; every method is optional."""
-
-    def on_step(self, metrics: dict[str, Any]) -> None: ...
-    def on_eval(self, metrics: dict[str, Any]) -> None: ...
-    def on_samples(self, step: int, samples: list[dict[str, Any]]) -> None: ...
-    def on_checkpoint(self, step: int, path: Path) -> None: ...
-    def on_event(self, message: str, level: str = "info", data: dict[str, Any] | None = None) -> None:
-        """Something the job's owner should read (a failing reward grader and its traceback, ...)."""
-
-    def should_stop(self) -> bool:
-        return False
-
-
-class RewardErrorRateExceeded(ValueError):
-    """A grader kept failing on too many samples: the reward needs fixing, not the model."""
-
-
-MAX_REWARD_ERROR_EVENTS = 20  # distinct reward errors reported as events per run; the rest are counted
-
-
-@dataclass
-class RewardErrorWatch:
-    """Which reward errors were reported already, and for how many steps each grader failed too often."""
-
-    max_rate: float
-    steps: int
-    streaks: dict[str, int] = field(default_factory=dict)
-    reported: set[tuple[str, str]] = field(default_factory=set)
-
-    def new_errors(self, result: RewardResult) -> list[tuple[str, int, str]]:
-        """(grader, samples it failed on, traceback) for each kind of error not reported before."""
-        found = []
-        for label, failures in result.failures.items():
-            for failure in failures:
-                key = (label, failure.strip().splitlines()[-1] if failure else "")
-                if failure and key not in self.reported and len(self.reported) < MAX_REWARD_ERROR_EVENTS:
-                    self.reported.add(key)
-                    found.append((label, result.errors[label], failure))
-        return found
-
-    def grader_over_limit(self, result: RewardResult, samples: int) -> str | None:
-        """Count this step; the first grader whose error rate stayed over the limit long enough."""
-        failing = None
-        for label in result.per_grader:
-            over = result.errors.get(label, 0) / max(samples, 1) > self.max_rate
-            self.streaks[label] = self.streaks.get(label, 0) + 1 if over else 0
-            if self.streaks[label] >= self.steps and failing is None:
-                failing = label
-        return failing
 
 
 @dataclass
@@ -125,15 +76,6 @@ class Rollouts:
         return [self.examples[g].prompt_ids for g in self.groups]
 
 
-@dataclass
-class TrainResult:
-    steps_done: int
-    stopped: bool
-    adapter_dir: Path | None
-    final_eval: dict[str, Any] | None
-    initial_eval: dict[str, Any] | None
-
-
 class Trainer:
     def __init__(
         self,
@@ -143,8 +85,8 @@ class Trainer:
     ):
         """`sandbox_limits`: of the processes that run python graders (default: SandboxLimits())."""
         self.config = config
-        self.callbacks = callbacks or []
         self.out_dir = Path(config.output_dir)
+        self.callbacks = [RunFiles(self.out_dir), *(callbacks or [])]
         self.device = torch.device(
             "cuda"
             if config.training.device == "cuda"
@@ -161,7 +103,7 @@ class Trainer:
         if config.reward is not None and config.reward.runs_user_code:
             self.sandbox = SandboxPool(sandbox_limits or SandboxLimits())
             log.info("reward sandbox: %s", self.sandbox.check())  # refuses here if it cannot isolate
-        self.reward_errors = RewardErrorWatch(
+        self.reward_errors = RewardErrorPolicy(
             config.training.max_reward_error_rate, config.training.reward_error_steps
         )
         torch.manual_seed(config.seed)
@@ -177,7 +119,10 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(
             self.params, lr=config.learning_rate, weight_decay=config.training.weight_decay
         )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        t = config.training
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: lr_factor(step, t.steps, t.warmup_steps, t.lr_scheduler)
+        )
         self.reference = trainable_state(self.model) if config.training.kl_beta > 0 else None
         self.train_examples = [self._encode(e) for e in train]
         self.eval_examples = [self._encode(e) for e in heldout]
@@ -202,41 +147,24 @@ class Trainer:
                         f"{source} data", DatasetReport(errors=problems[:100], error_count=len(problems))
                     )
         if self.config.sft_steps and not any(e.demonstration for e in train):
-            raise ValueError(
-                f"method {self.config.method!r} trains on demonstrations, but no example has one"
-            )
+            problem = f"{self.config.method!r} trains on demonstrations, but no example has one"
+            raise ConfigError([Problem("method", problem)])
         return train, heldout
 
     def _encode(self, example: Example) -> EncodedExample:
         encoded = encode_example(self.tokenizer, example, self.eos_id)
         limit = self.config.training.max_prompt_tokens
         if len(encoded.prompt_ids) > limit:
-            raise ValueError(
-                f"line {example.line}: prompt is {len(encoded.prompt_ids)} tokens, over training.max_prompt_tokens={limit}"
+            message = f"{len(encoded.prompt_ids)} tokens, over training.max_prompt_tokens={limit}"
+            raise DatasetError(
+                "data", DatasetReport(errors=[LineError(example.line, "prompt", message)], error_count=1)
             )
         return encoded
 
-    def _batch_at(self, step: int, pool: list[EncodedExample], size: int, salt: int) -> list[EncodedExample]:
-        """The examples of `step`: a seeded shuffle per epoch, so any step is found without replay."""
-        batch = []
-        for i in range(step * size, (step + 1) * size):
-            epoch, index = divmod(i, len(pool))
-            batch.append(pool[_epoch_order(f"{self.config.seed}-{salt}-{epoch}", len(pool))[index]])
-        return batch
+    def _examples_at(self, pool: list[EncodedExample], size: int, salt: int) -> list[EncodedExample]:
+        return examples_at_step(pool, self.step, size, seed=f"{self.config.seed}-{salt}")
 
     # ----- schedule ---------------------------------------------------------------------------
-
-    def _lr_factor(self, step: int) -> float:
-        t = self.config.training
-        if t.warmup_steps and step < t.warmup_steps:
-            return (step + 1) / t.warmup_steps
-        span = max(1, t.steps - t.warmup_steps)
-        progress = min(1.0, (step - t.warmup_steps) / span)
-        if t.lr_scheduler == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * progress))
-        if t.lr_scheduler == "linear":
-            return 1.0 - progress
-        return 1.0
 
     def demo_prefix_window(self, step: int) -> tuple[float, float]:
         """(low, high) of the demonstration-prefix ratio at an RFT step (counted from the RFT phase)."""
@@ -260,6 +188,8 @@ class Trainer:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         if resume_from is not None:
             self.load_checkpoint(resume_from)
+        for cb in self.callbacks:
+            cb.on_train_begin(self.step)
         initial_eval = None
         if self.step == 0:
             initial_eval = self.evaluate()
@@ -280,18 +210,19 @@ class Trainer:
         if stopped:
             if self.config.checkpoint.every:
                 self.save_checkpoint()
-            return TrainResult(self.step, True, None, None, initial_eval)
-        final_eval = self.evaluate()
-        adapter_dir = export_adapter(self.model, self.out_dir / "adapter", self.config.model)
-        (self.out_dir / "summary.json").write_text(
-            json.dumps({"steps": self.step, "initial_eval": initial_eval, "final_eval": final_eval}, indent=2)
-        )
-        return TrainResult(self.step, False, adapter_dir, final_eval, initial_eval)
+            result = TrainResult(self.step, True, None, None, initial_eval)
+        else:
+            final_eval = self.evaluate()
+            adapter_dir = export_adapter(self.model, self.out_dir / "adapter", self.config.model)
+            result = TrainResult(self.step, False, adapter_dir, final_eval, initial_eval)
+        for cb in self.callbacks:
+            cb.on_train_end(result)
+        return result
 
     def rft_step(self) -> dict[str, Any]:
         t = self.config.training
         started = time.perf_counter()
-        examples = self._batch_at(self.step, self.train_examples, t.prompts_per_step, salt=1)
+        examples = self._examples_at(self.train_examples, t.prompts_per_step, salt=1)
         low, high = self.demo_prefix_window(self.step)
         rollouts = self.generate_rollouts(
             examples, low, high, random.Random(f"{self.config.seed}-ratio-{self.step}")
@@ -301,8 +232,10 @@ class Trainer:
             len(r) - p for r, p in zip(rollouts.responses, rollouts.demo_prefix_lengths, strict=True)
         )
 
-        reward = self.score(rollouts.texts, rollouts.row_examples)
-        self._check_reward_errors(reward)
+        reward = self.compute_rewards(rollouts.texts, rollouts.row_examples)
+        for event in self.reward_errors.new_errors(reward, self.step + 1):
+            self._emit_event(event.message, "warning", event.data)
+        self.reward_errors.check_rate(reward, self.step + 1)
         rewards = torch.tensor(reward.totals, dtype=torch.float32)
         is_hybrid = torch.tensor([n > 0 for n in rollouts.demo_prefix_lengths])
         n = t.rollouts_per_prompt
@@ -396,7 +329,7 @@ class Trainer:
         return [ordered[i : i + size] for i in range(0, len(ordered), size)]
 
     def _token_tensors(self, rollouts: Rollouts, rows: list[int]):
-        batch = scoring_batch(
+        batch = response_batch(
             [rollouts.prompts[i] for i in rows],
             [rollouts.responses[i] for i in rows],
             self.pad_id,
@@ -407,12 +340,14 @@ class Trainer:
         return batch, demo_prefix_mask & batch.response_mask
 
     @torch.inference_mode()
-    def _inference_scores(self, rollouts: Rollouts, micro_batches: list[list[int]], with_entropy: bool):
+    def _log_probs_without_grad(self, rollouts: Rollouts, micro_batches: list[list[int]], with_entropy: bool):
         """Per micro-batch: (log-probs, entropies) under the current weights."""
         results = []
         for mb in micro_batches:
             batch, _ = self._token_tensors(rollouts, mb)
-            results.append(score_responses(self.model, batch, self.config.training.temperature, with_entropy))
+            results.append(
+                response_log_probs(self.model, batch, self.config.training.temperature, with_entropy)
+            )
         return results
 
     def _demo_prefix_keep(self, rollouts: Rollouts) -> dict[int, torch.Tensor]:
@@ -426,7 +361,7 @@ class Trainer:
         if not hybrid_rows:
             return {}
         micro_batches = self._micro_batches([len(r) for r in rollouts.responses], hybrid_rows)
-        scores = self._inference_scores(rollouts, micro_batches, with_entropy=True)
+        scores = self._log_probs_without_grad(rollouts, micro_batches, with_entropy=True)
         width = max(prefix_lengths[row] for row in hybrid_rows)
         entropy = torch.zeros(len(hybrid_rows), width, device=self.device)
         prefix_mask = torch.zeros(len(hybrid_rows), width, dtype=torch.bool, device=self.device)
@@ -446,11 +381,13 @@ class Trainer:
         keep_by_row = self._demo_prefix_keep(rollouts)
         micro_batches = self._micro_batches([len(r) for r in rollouts.responses])
         # pi_old: with one update per batch it is the current policy, detached in the same forward.
-        old = self._inference_scores(rollouts, micro_batches, False) if t.updates_per_batch > 1 else None
+        old = (
+            self._log_probs_without_grad(rollouts, micro_batches, False) if t.updates_per_batch > 1 else None
+        )
         reference = None
         if self.reference is not None:
             with swapped_adapter_weights(self.model, self.reference):
-                reference = self._inference_scores(rollouts, micro_batches, False)
+                reference = self._log_probs_without_grad(rollouts, micro_batches, False)
         normaliser = float(t.max_completion_tokens * rows)
 
         totals = {
@@ -465,7 +402,7 @@ class Trainer:
         for _ in range(t.updates_per_batch):
             for m, mb in enumerate(micro_batches):
                 batch, demo_prefix_mask = self._token_tensors(rollouts, mb)
-                log_probs, entropy = score_responses(self.model, batch, t.temperature, with_entropy=True)
+                log_probs, entropy = response_log_probs(self.model, batch, t.temperature, with_entropy=True)
                 keep = torch.ones_like(batch.response_mask)
                 for j, row in enumerate(mb):
                     if row in keep_by_row:
@@ -520,17 +457,17 @@ class Trainer:
         started = time.perf_counter()
         pool = [e for e in self.train_examples if e.demo_ids]
         size = t.sft_examples_per_step or t.prompts_per_step * t.rollouts_per_prompt
-        examples = self._batch_at(self.step, pool, size, salt=2)
+        examples = self._examples_at(pool, size, salt=2)
         prompts = [e.prompt_ids for e in examples]
         responses = [e.demo_ids[: t.max_completion_tokens] for e in examples]  # type: ignore[index]
         total_tokens = sum(len(r) for r in responses)
         loss_sum = 0.0
         self.model.train()
         for mb in self._micro_batches([len(r) for r in responses]):
-            batch = scoring_batch(
+            batch = response_batch(
                 [prompts[i] for i in mb], [responses[i] for i in mb], self.pad_id, self.device
             )
-            log_probs, _ = score_responses(self.model, batch)
+            log_probs, _ = response_log_probs(self.model, batch)
             nll = -log_probs * batch.response_mask
             loss = nll.sum() / total_tokens
             loss.backward()
@@ -550,7 +487,7 @@ class Trainer:
 
     # ----- rewards ----------------------------------------------------------------------------
 
-    def score(self, texts: list[str], examples: list[EncodedExample]) -> RewardResult:
+    def compute_rewards(self, texts: list[str], examples: list[EncodedExample]) -> RewardResult:
         """Reward the completions; python graders run in the sandbox pool."""
         assert self.config.reward is not None
         return score_completions(
@@ -560,27 +497,6 @@ class Trainer:
             prompts=[e.example.prompt for e in examples],
             sandbox=self.sandbox,
         )
-
-    def _check_reward_errors(self, reward: RewardResult) -> None:
-        """Report new kinds of grader errors as events; fail the job when a grader keeps failing."""
-        step = self.step + 1
-        samples = len(reward.totals)
-        for label, failed, failure in self.reward_errors.new_errors(reward):
-            self._emit_event(
-                f"reward grader {label!r} failed on {failed} of {samples} samples at step {step}: "
-                f"{failure.strip().splitlines()[-1]}",
-                "warning",
-                {"grader": label, "step": step, "failed": failed, "samples": samples, "traceback": failure},
-            )
-        label = self.reward_errors.grader_over_limit(reward, samples)
-        if label is not None:
-            t = self.config.training
-            last = next(f for f in reversed(reward.failures[label]) if f)
-            raise RewardErrorRateExceeded(
-                f"reward grader {label!r} failed on more than {t.max_reward_error_rate:.0%} of the samples for "
-                f"{t.reward_error_steps} steps in a row ({reward.errors[label]} of {samples} at step {step}; "
-                f"training.max_reward_error_rate). Last error:\n{last[-1500:]}"
-            )
 
     # ----- evaluation -------------------------------------------------------------------------
 
@@ -596,7 +512,7 @@ class Trainer:
             [e.prompt_ids for e in examples], [budget] * len(examples), greedy=True
         )
         texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
-        reward = self.score(texts, examples)
+        reward = self.compute_rewards(texts, examples)
         metrics: dict[str, Any] = {
             "step": self.step,
             "examples": len(examples),
@@ -608,7 +524,6 @@ class Trainer:
         }
         if reward.correct is not None:
             metrics["accuracy"] = sum(reward.correct) / len(reward.correct)
-        self._append_jsonl("eval.jsonl", metrics)
         for cb in self.callbacks:
             cb.on_eval(metrics)
         return metrics
@@ -621,7 +536,6 @@ class Trainer:
             cb.on_event(message, level, data)
 
     def _emit_step(self, metrics: dict[str, Any]) -> None:
-        self._append_jsonl("metrics.jsonl", metrics)
         for cb in self.callbacks:
             cb.on_step(metrics)
 
@@ -642,98 +556,28 @@ class Trainer:
             }
             for i in range(min(count, len(rollouts.texts)))
         ]
-        for sample_row in samples:
-            self._append_jsonl("samples.jsonl", sample_row)
         for cb in self.callbacks:
             cb.on_samples(self.step + 1, samples)
-
-    def _append_jsonl(self, name: str, row: dict[str, Any]) -> None:
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        with (self.out_dir / name).open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(row) + "\n")
 
     # ----- checkpoints ------------------------------------------------------------------------
 
     def save_checkpoint(self) -> Path:
-        """Adapter, optimizer, scheduler, RNG and step, written atomically under checkpoints/."""
-        root = self.out_dir / "checkpoints"
-        final = root / f"step-{self.step:06d}"
-        staging = root / f".step-{self.step:06d}.tmp"
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-        save_file(
-            {k: v.contiguous() for k, v in trainable_state(self.model).items()},
-            staging / "adapter_state.safetensors",
-        )
-        torch.save(
-            {
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "torch_rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            },
-            staging / "trainer_state.pt",
-        )
         low, high = self.demo_prefix_window(self.step)
-        (staging / "state.json").write_text(
-            json.dumps(
-                {
-                    "step": self.step,
-                    "demo_prefix_low": low,
-                    "demo_prefix_high": high,
-                    "model": self.config.model,
-                }
-            )
+        path = save_checkpoint(
+            self.out_dir / "checkpoints",
+            self.step,
+            self.model,
+            self.optimizer,
+            self.scheduler,
+            {"demo_prefix_low": low, "demo_prefix_high": high, "model": self.config.model},
+            keep=self.config.checkpoint.keep,
         )
-        shutil.rmtree(final, ignore_errors=True)
-        staging.rename(final)
-        for old in sorted(p for p in root.glob("step-*") if p.is_dir())[: -self.config.checkpoint.keep]:
-            shutil.rmtree(old, ignore_errors=True)
         for cb in self.callbacks:
-            cb.on_checkpoint(self.step, final)
-        return final
+            cb.on_checkpoint(self.step, path)
+        return path
 
     def load_checkpoint(self, path: Path) -> None:
         """Resume from a checkpoint directory, or the latest one under an output directory."""
-        path = latest_checkpoint(path) or path
-        state_file = path / "state.json"
-        if not state_file.is_file():
-            raise FileNotFoundError(f"no checkpoint at {path}")
-        state = json.loads(state_file.read_text())
-        load_trainable_state(
-            self.model, load_file(path / "adapter_state.safetensors", device=str(self.device))
-        )
-        trainer_state = torch.load(path / "trainer_state.pt", map_location=self.device, weights_only=True)
-        self.optimizer.load_state_dict(trainer_state["optimizer"])
-        self.scheduler.load_state_dict(trainer_state["scheduler"])
-        torch.set_rng_state(trainer_state["torch_rng"].cpu())
-        if trainer_state["cuda_rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(trainer_state["cuda_rng"])
+        state = load_checkpoint(path, self.model, self.optimizer, self.scheduler, self.device)
         self.step = int(state["step"])
-        for name in ("metrics.jsonl", "eval.jsonl", "samples.jsonl"):
-            _truncate_after_step(self.out_dir / name, self.step)
-        log.info("resumed from %s at step %d", path, self.step)
-
-
-@functools.lru_cache(maxsize=4)
-def _epoch_order(seed: str, size: int) -> tuple[int, ...]:
-    order = list(range(size))
-    random.Random(seed).shuffle(order)
-    return tuple(order)
-
-
-def latest_checkpoint(path: Path) -> Path | None:
-    candidates = sorted(
-        p for p in (Path(path) / "checkpoints").glob("step-*") if (p / "state.json").is_file()
-    )
-    return candidates[-1] if candidates else None
-
-
-def _truncate_after_step(path: Path, step: int) -> None:
-    """Drop rows written after the checkpoint, so a resumed run's logs read as one run."""
-    if not path.is_file():
-        return
-    kept = [
-        line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step
-    ]
-    path.write_text("".join(line + "\n" for line in kept))
+        log.info("resumed from %s at step %d", state["path"], self.step)

@@ -4,8 +4,10 @@ Every database write goes through service.lifecycle, fenced by the attempt numbe
 that finds the job gone (cancelled, or claimed by another attempt) stops and writes nothing.
 Objects are written under the attempt's own keys before their rows, so a late worker cannot
 overwrite what the current one stored either. How an attempt ends:
-- bad input (ValueError: config, data, model) fails the job at once; retrying cannot help;
-- any other error queues the job again, until it has failed max_attempts times;
+- what the user must fix (core.errors.InvalidInput: config, data, model, reward) fails the job
+  at once; retrying cannot help;
+- any other error, a stray ValueError included, queues the job again, until it has failed
+  max_attempts times;
 - SIGTERM (worker/shutdown.py) checkpoints and releases the job for another worker;
 - a worker killed outright stops renewing its lease, and the reaper re-queues the job.
 A re-queued job resumes from its last stored checkpoint.
@@ -35,8 +37,10 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.config import ConfigError, TrainConfig, parse_config
+from core.errors import InvalidInput
+from core.reporting import TrainerCallback, TrainResult
 from core.rewards import SandboxLimits, SandboxUnavailable
-from core.trainer import Trainer, TrainerCallback, TrainResult
+from core.trainer import Trainer
 from service.db import connection_lost, make_engine, make_sessionmaker, transaction
 from service.lifecycle import (
     LostJob,
@@ -116,7 +120,7 @@ class JobRun:
                 self._train(Path(tmp))
         except LostJob:
             self.log.warning("job %s: lost (cancelled or taken over); stopping without writing", self.job_id)
-        except ValueError as exc:  # the trainer's word for bad input: config, data, model (ConfigError, ...)
+        except InvalidInput as exc:  # what the user must fix (config, data, model, reward): no retry helps
             self._fail("invalid_input", str(exc))
         except SandboxUnavailable as exc:  # this deployment cannot isolate python graders: no retry helps
             self._fail("sandbox_unavailable", str(exc))
@@ -307,15 +311,18 @@ class JobRun:
     def commit(self, work: Callable[[Session], T]) -> T:
         """Run work(session) in a transaction. While the database is unreachable (restarting,
         failing over, or it ended a transaction this worker left idle while frozen), retry for up
-        to a lease's length rather than lose the attempt; the writes
-        are idempotent (updates and merges), and a retried transaction had been rolled back."""
-        deadline = time.monotonic() + self.services.settings.lease_seconds
+        to a lease's length from the first failure rather than lose the attempt; the writes are
+        idempotent (updates and merges), and a retried transaction had been rolled back."""
+        deadline = None
         delay = 0.25
         while True:
             try:
                 with transaction(self.services.sessions) as session:
                     return work(session)
             except DBAPIError as exc:
+                # Timed from the failure, not the call: a worker frozen mid-call wakes up past any
+                # deadline set before, and must still try once more to learn whether it lost the job.
+                deadline = deadline or time.monotonic() + self.services.settings.lease_seconds
                 if not connection_lost(exc) or time.monotonic() + delay > deadline:
                     raise
                 self.log.warning("job %s: database unavailable (%s); retrying", self.job_id, exc.orig)

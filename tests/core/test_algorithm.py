@@ -12,10 +12,25 @@ from core.algorithm import (
     entropy_keep_mask,
     group_advantages,
     kl_to_reference,
+    lr_factor,
     per_token_log_probs,
     sample_categorical,
     token_entropy,
 )
+
+
+def test_learning_rate_shapes():
+    # 10 steps, 2 of warm-up: (step + 1) / 2 during warm-up, then progress p = (step - 2) / 8.
+    assert [lr_factor(s, 10, 2) for s in (0, 1, 2, 9)] == [0.5, 1.0, 1.0, 1.0]
+    assert lr_factor(2, 10, 2, "linear") == 1.0
+    assert lr_factor(6, 10, 2, "linear") == pytest.approx(0.5)  # p = 4/8
+    assert lr_factor(10, 10, 2, "linear") == 0.0
+    assert lr_factor(6, 10, 2, "cosine") == pytest.approx(0.5)  # 0.5 * (1 + cos(pi/2))
+    assert lr_factor(4, 10, 2, "cosine") == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
+    assert lr_factor(30, 10, 0, "cosine") == pytest.approx(0.0)  # flat after the end
+    assert lr_factor(0, 1, 0, "cosine") == 1.0  # one step: progress 0
+    with pytest.raises(ValueError, match="shape"):
+        lr_factor(0, 10, 0, "triangle")
 
 
 def test_cosine_schedule_of_the_lower_bound():

@@ -12,6 +12,7 @@ from core.data import (
     Example,
     LineError,
     LineTooLong,
+    examples_at_step,
     iter_byte_lines,
     length_stats,
     load_dataset,
@@ -19,6 +20,7 @@ from core.data import (
     read_jsonl,
     split_heldout,
 )
+from core.errors import InvalidInput
 
 
 def _line(obj: object) -> bytes:
@@ -233,7 +235,7 @@ def test_load_dataset_empty_file_is_not_ok(tmp_path: Path):
 
 
 def test_load_dataset_missing_file(tmp_path: Path):
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(InvalidInput, match="dataset not found"):
         load_dataset(tmp_path / "nope.jsonl")
 
 
@@ -260,14 +262,26 @@ def test_split_heldout():
     assert len(others) > 1
 
 
+def test_examples_at_step_visit_every_example_once_per_epoch_in_a_seeded_order():
+    pool = list(range(6))
+    epoch_0 = examples_at_step(pool, 0, 3, "s") + examples_at_step(pool, 1, 3, "s")
+    epoch_1 = examples_at_step(pool, 2, 3, "s") + examples_at_step(pool, 3, 3, "s")
+    assert sorted(epoch_0) == sorted(epoch_1) == pool
+    assert epoch_0 != epoch_1  # a new shuffle each epoch (this seed)
+    assert examples_at_step(pool, 1, 3, "s") == epoch_0[3:]  # any step, without the ones before
+    assert examples_at_step(pool, 0, 4, "s")[3] == examples_at_step(pool, 1, 3, "s")[0]
+    assert examples_at_step(pool, 0, 6, "other") != epoch_0
+    assert examples_at_step(pool, 0, 8, "s") == epoch_0 + epoch_1[:2]  # a batch across epochs
+
+
 def test_split_heldout_sizes():
     examples = _examples(4)
     assert split_heldout(examples, 0, seed=0) == (examples, [])
     train, heldout = split_heldout(examples, 3, seed=0)
     assert (len(train), len(heldout)) == (1, 3)
-    with pytest.raises(ValueError, match="no training examples"):
+    with pytest.raises(InvalidInput, match=r"data\.eval_size 4 leaves no training examples"):
         split_heldout(examples, 4, seed=0)
-    with pytest.raises(ValueError):
+    with pytest.raises(InvalidInput):
         split_heldout(examples, 5, seed=0)
 
 

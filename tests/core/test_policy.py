@@ -14,7 +14,7 @@ from peft import PeftModel
 from core.adapters import attach_adapter, kv_prefix_init_ids
 from core.config import LoraAdapterConfig, PrefixAdapterConfig
 from core.models import load_base_model
-from core.rollout import left_pad, positions, sample, score_responses, scoring_batch
+from core.rollout import left_pad, positions, response_batch, response_log_probs, sample
 
 
 @pytest.fixture
@@ -46,14 +46,14 @@ def test_scoring_is_invariant_to_left_padding(base):
     tokenizer = base[1]
     short, long = encode(tokenizer, "ab"), encode(tokenizer, "a much longer prompt")
     response = encode(tokenizer, "xyz")
-    alone, _ = score_responses(policy, scoring_batch([short], [response], 0, torch.device("cpu")))
-    batched, _ = score_responses(
-        policy, scoring_batch([short, long], [response, response], 0, torch.device("cpu"))
+    alone, _ = response_log_probs(policy, response_batch([short], [response], 0, torch.device("cpu")))
+    batched, _ = response_log_probs(
+        policy, response_batch([short, long], [response, response], 0, torch.device("cpu"))
     )
     assert torch.allclose(alone[0], batched[0], atol=1e-5)
 
     # The same forward without position_ids drifts: this is the trap the test guards.
-    batch = scoring_batch([short, long], [response, response], 0, torch.device("cpu"))
+    batch = response_batch([short, long], [response, response], 0, torch.device("cpu"))
     input_ids, attention_mask = batch.concatenated()
     logits = policy(input_ids=input_ids, attention_mask=attention_mask).logits
     naive = torch.log_softmax(logits[0, -4:-1], -1).gather(-1, batch.response_ids[0, :, None]).squeeze(-1)
@@ -75,8 +75,8 @@ def test_sampler_and_learner_agree_on_log_probs(base, adapter):
     continuations = sample(policy, inputs, 6, stop_ids={2}, pad_id=0, sampled_log_probs=sampled)
     assert [len(c) for c in continuations] == [len(v) for v in sampled]
     responses = [*continuations[:3], demo_prefix + continuations[3]]
-    batch = scoring_batch([*prompts, prompts[0]], responses, 0, torch.device("cpu"))
-    scored, _ = score_responses(policy, batch)
+    batch = response_batch([*prompts, prompts[0]], responses, 0, torch.device("cpu"))
+    scored, _ = response_log_probs(policy, batch)
     for row, values in enumerate(sampled):
         offset = len(demo_prefix) if row == 3 else 0
         got = scored[row, offset : offset + len(values)]
@@ -99,8 +99,8 @@ def test_only_the_prefix_encoder_receives_gradients(base):
     prefix_before = {n: p.detach().clone() for n, p in policy.named_parameters() if p.requires_grad}
     assert prefix_before and all("prompt_encoder" in n for n in prefix_before)
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-2)
-    batch = scoring_batch([[5, 6, 7]], [[8, 9, 10]], 0, torch.device("cpu"))
-    log_probs, _ = score_responses(policy, batch)
+    batch = response_batch([[5, 6, 7]], [[8, 9, 10]], 0, torch.device("cpu"))
+    log_probs, _ = response_log_probs(policy, batch)
     (-log_probs.sum()).backward()
     optimizer.step()
     for name, tensor in base_before.items():
@@ -166,11 +166,11 @@ def test_zero_initialisation_is_not_neutral(base):
 
 def test_disable_adapter_changes_the_output_and_restores_generation(base):
     policy = prefix_policy(base, noise=2.0)
-    batch = scoring_batch([[5, 6, 7]], [[8, 9, 10]], 0, torch.device("cpu"))
+    batch = response_batch([[5, 6, 7]], [[8, 9, 10]], 0, torch.device("cpu"))
     with torch.no_grad():
-        with_adapter, _ = score_responses(policy, batch)
+        with_adapter, _ = response_log_probs(policy, batch)
         with policy.disable_adapter():
-            without, _ = score_responses(policy, batch)
+            without, _ = response_log_probs(policy, batch)
     assert (with_adapter - without).abs().max() > 1e-3  # scoring goes through the adapter
     before = sample(policy, [[5, 6, 7]], 8, {2}, 0, greedy=True)
     with policy.disable_adapter():
@@ -180,10 +180,10 @@ def test_disable_adapter_changes_the_output_and_restores_generation(base):
 
 def test_repeated_calls_use_a_fresh_cache(base):
     policy = prefix_policy(base, noise=1.0)
-    batch = scoring_batch([[5, 6, 7]], [[8, 9, 10]], 0, torch.device("cpu"))
+    batch = response_batch([[5, 6, 7]], [[8, 9, 10]], 0, torch.device("cpu"))
     with torch.no_grad():
-        first, _ = score_responses(policy, batch)
-        second, _ = score_responses(policy, batch)
+        first, _ = response_log_probs(policy, batch)
+        second, _ = response_log_probs(policy, batch)
     assert torch.equal(first, second)
     torch.manual_seed(3)
     a = sample(policy, [[5, 6, 7], [9, 9]], 10, {2}, 0)
@@ -217,9 +217,9 @@ def test_shared_prompt_scoring_equals_a_full_forward(base):
     policy = prefix_policy(base, noise=1.0)
     prompts = [[5, 6, 7], [5, 6, 7], [40, 41], [5, 6, 7]]
     responses = [[8, 9, 10], [11], [12, 13], [14, 15, 16]]
-    batch = scoring_batch(prompts, responses, 0, torch.device("cpu"))
+    batch = response_batch(prompts, responses, 0, torch.device("cpu"))
     assert len(batch.prompts) == 2
-    shared, _ = score_responses(policy, batch)
+    shared, _ = response_log_probs(policy, batch)
     input_ids, mask = batch.concatenated()
     logits = policy(input_ids=input_ids, attention_mask=mask, position_ids=positions(mask)).logits[:, -4:-1]
     full = torch.log_softmax(logits, -1).gather(-1, batch.response_ids[..., None]).squeeze(-1)
@@ -237,7 +237,7 @@ def test_padding_helpers():
     ids, mask = left_pad([[1, 2, 3], [4]], pad_id=0, device=torch.device("cpu"))
     assert ids.tolist() == [[1, 2, 3], [0, 0, 4]]
     assert positions(mask).tolist() == [[0, 1, 2], [0, 0, 0]]
-    batch = scoring_batch([[1, 2], [3]], [[7], [8, 9]], 0, torch.device("cpu"))
+    batch = response_batch([[1, 2], [3]], [[7], [8, 9]], 0, torch.device("cpu"))
     assert batch.concatenated()[0].tolist() == [[1, 2, 7, 0], [0, 3, 8, 9]]
     assert batch.prompts == [[1, 2], [3]] and batch.row_prompt == [0, 1]
     assert batch.response_mask.tolist() == [[True, False], [True, True]]
@@ -248,8 +248,8 @@ def test_bfloat16_base_keeps_the_prefix_in_float32(base):
     policy = attach_adapter(model, tokenizer, PrefixAdapterConfig(num_virtual_tokens=4))
     trainable = [p for p in policy.parameters() if p.requires_grad]
     assert all(p.dtype == torch.float32 for p in trainable)
-    batch = scoring_batch([[5, 6, 7]], [[8, 9, 10]], 0, torch.device("cpu"))
-    log_probs, entropy = score_responses(policy, batch, with_entropy=True)
+    batch = response_batch([[5, 6, 7]], [[8, 9, 10]], 0, torch.device("cpu"))
+    log_probs, entropy = response_log_probs(policy, batch, with_entropy=True)
     loss = -log_probs.sum()
     loss.backward()
     assert math.isfinite(loss.item()) and torch.isfinite(entropy).all()

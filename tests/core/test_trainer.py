@@ -11,9 +11,11 @@ import torch
 from peft import PeftModel
 
 from core.config import parse_config
+from core.data import DatasetError
 from core.models import load_base_model
-from core.rollout import score_responses, scoring_batch
-from core.trainer import Trainer, TrainerCallback
+from core.reporting import TrainerCallback
+from core.rollout import response_batch, response_log_probs
+from core.trainer import Trainer
 
 
 def write_dataset(path: Path, rows: list[dict]) -> Path:
@@ -166,12 +168,12 @@ def test_exported_adapter_loads_with_plain_peft_and_gives_the_same_logits(letter
     assert (result.adapter_dir / "adapter_model.safetensors").is_file()
     base, _ = load_base_model("tiny-random")
     loaded = PeftModel.from_pretrained(base, result.adapter_dir)
-    batch = scoring_batch([[5, 6, 7, 8]], [[9, 10, 11]], 0, torch.device("cpu"))
+    batch = response_batch([[5, 6, 7, 8]], [[9, 10, 11]], 0, torch.device("cpu"))
     with torch.no_grad():
-        expected, _ = score_responses(trainer.model, batch)
-        got, _ = score_responses(loaded, batch)
+        expected, _ = response_log_probs(trainer.model, batch)
+        got, _ = response_log_probs(loaded, batch)
         with loaded.disable_adapter():
-            untrained, _ = score_responses(loaded, batch)
+            untrained, _ = response_log_probs(loaded, batch)
     assert torch.allclose(got, expected, atol=1e-5)
     assert (untrained - expected).abs().max() > 1e-4  # the adapter carries the training
 
@@ -256,7 +258,7 @@ def test_sft_then_rft_switches_phase(letters, tmp_path):
 def test_missing_reward_fields_are_reported_before_training(tmp_path):
     data = write_dataset(tmp_path / "d.jsonl", [{"prompt": "x", "answer": "1"}, {"prompt": "y"}])
     config = make_config(data, tmp_path / "run", reward={"graders": [{"type": "numeric", "field": "answer"}]})
-    with pytest.raises(ValueError, match=r"line 2.*answer"):
+    with pytest.raises(DatasetError, match=r"line 2.*answer"):
         Trainer(config)
 
 

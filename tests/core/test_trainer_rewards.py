@@ -6,8 +6,11 @@ from pathlib import Path
 
 import pytest
 
+from core.data import examples_at_step
+from core.errors import InvalidInput
+from core.reward_errors import RewardErrorRateExceeded
 from core.rewards import SandboxLimits
-from core.trainer import RewardErrorRateExceeded, Trainer
+from core.trainer import Trainer
 from tests.core.test_trainer import Recorder, make_config, write_dataset
 
 pytestmark = [
@@ -56,7 +59,7 @@ def test_a_grader_failing_on_some_samples_is_counted_and_reported_once(numbered,
 
     assert len(recorder.steps) == 3
     for metrics in recorder.steps:
-        prompts = trainer._batch_at(metrics["step"] - 1, trainer.train_examples, 2, salt=1)
+        prompts = examples_at_step(trainer.train_examples, metrics["step"] - 1, 2, seed=f"{config.seed}-1")
         odd = sum(e.example.fields["i"] % 2 for e in prompts)
         assert metrics["reward_errors"] == metrics["reward_errors/user"] == 4 * odd  # 4 rollouts each
         assert metrics["reward_mean"] == 1.0 - odd / 2
@@ -81,4 +84,4 @@ def test_a_grader_that_keeps_failing_fails_the_run_naming_it(numbered, tmp_path)
     assert "time limit of 0.5 s" in message  # the deployment's limit reached the trainer
     assert [m["reward_errors"] for m in recorder.steps] == [8]  # it failed during step 2
     assert recorder.events and recorder.events[0][2]["grader"] == "slowpoke"
-    assert isinstance(caught.value, ValueError)  # the worker reports it as invalid input, not a crash
+    assert isinstance(caught.value, InvalidInput)  # the worker reports it as invalid input, not a crash

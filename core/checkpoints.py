@@ -1,0 +1,86 @@
+"""Checkpoints: what a run needs to continue exactly where it stopped.
+
+    checkpoints/step-000006/
+        adapter_state.safetensors   the adapter's trainable tensors
+        trainer_state.pt            optimizer, learning-rate schedule, torch (and CUDA) RNG
+        state.json                  the step, and what the run was doing at it
+
+A checkpoint is written in a hidden staging directory and renamed into place, so a crash never
+leaves half of one; only the newest `keep` are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file, save_file
+
+from core.adapters import load_trainable_state, trainable_state
+
+
+def save_checkpoint(
+    root: Path,
+    step: int,
+    model: PeftModel,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    state: dict[str, Any],
+    keep: int,
+) -> Path:
+    """Write the checkpoint of `step` under `root`; `state` (JSON) is returned by load_checkpoint."""
+    final = root / f"step-{step:06d}"
+    staging = root / f".step-{step:06d}.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    save_file(
+        {k: v.contiguous() for k, v in trainable_state(model).items()}, staging / "adapter_state.safetensors"
+    )
+    torch.save(
+        {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        },
+        staging / "trainer_state.pt",
+    )
+    (staging / "state.json").write_text(json.dumps({"step": step, **state}))
+    shutil.rmtree(final, ignore_errors=True)
+    staging.rename(final)
+    for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(
+    path: Path,
+    model: PeftModel,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    device: torch.device,
+) -> dict[str, Any]:
+    """Restore a checkpoint directory, or the newest one under an output directory; its state."""
+    path = latest_checkpoint(path) or Path(path)
+    state_file = path / "state.json"
+    if not state_file.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    load_trainable_state(model, load_file(path / "adapter_state.safetensors", device=str(device)))
+    trainer_state = torch.load(path / "trainer_state.pt", map_location=device, weights_only=True)
+    optimizer.load_state_dict(trainer_state["optimizer"])
+    scheduler.load_state_dict(trainer_state["scheduler"])
+    torch.set_rng_state(trainer_state["torch_rng"].cpu())
+    if trainer_state["cuda_rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(trainer_state["cuda_rng"])
+    return {**json.loads(state_file.read_text()), "path": str(path)}
+
+
+def latest_checkpoint(path: Path) -> Path | None:
+    candidates = sorted(
+        p for p in (Path(path) / "checkpoints").glob("step-*") if (p / "state.json").is_file()
+    )
+    return candidates[-1] if candidates else None

@@ -1,0 +1,118 @@
+"""How an attempt ends, run in this process against PostgreSQL, Redis and local storage: only
+InvalidInput blames the user; any other error, a ValueError from deep inside training included,
+is retried within the attempt limit."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+
+import pytest
+from sqlalchemy.exc import IntegrityError, OperationalError
+
+import core.trainer
+from core.data import DatasetError, DatasetReport, LineError
+from service.db import make_engine, make_sessionmaker
+from service.queue import make_celery
+from service.storage import open_storage
+from tests.conftest import ApiClient
+from tests.service.test_end_to_end import addition_lines, job_body
+from worker.runner import JobRun, WorkerServices, run_job
+
+
+@pytest.fixture
+def services(pg_settings):
+    engine = make_engine(pg_settings.database_url, idle_in_transaction_seconds=pg_settings.lease_seconds)
+    storage = open_storage(pg_settings.storage_url)
+    yield WorkerServices(pg_settings, make_sessionmaker(engine), storage, make_celery(pg_settings))
+    engine.dispose()
+
+
+def failing_at_step_two(monkeypatch, error: Exception) -> None:
+    """group_advantages runs once per prompt (2 per step): its third call is in step 2."""
+    calls, real = [], core.trainer.group_advantages
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise error
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(core.trainer, "group_advantages", flaky)
+
+
+def new_job(api: ApiClient) -> str:
+    dataset = api.upload(addition_lines()).json()
+    created = api.http.post("/v1/jobs", json=job_body(dataset["id"], steps=3))
+    assert created.status_code == 201, created.text
+    return created.json()["id"]
+
+
+def events(api: ApiClient, job_id: str) -> list[str]:
+    return [e["message"] for e in api.http.get(f"/v1/jobs/{job_id}/events").json()["data"]]
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        ValueError("cannot reshape tensor of 0 elements"),
+        json.JSONDecodeError("Expecting value", "", 0),  # a ValueError too
+    ],
+    ids=["ValueError", "JSONDecodeError"],
+)
+def test_a_stray_value_error_inside_training_is_retried_not_blamed_on_the_user(
+    api, services, monkeypatch, error
+):
+    job_id = new_job(api)
+    failing_at_step_two(monkeypatch, error)
+    run_job(job_id, services)
+
+    job = api.http.get(f"/v1/jobs/{job_id}").json()
+    assert (job["status"], job["attempt"], job["error"]) == ("queued", 1, None)
+    retried = [e for e in events(api, job_id) if e.startswith("attempt 1 failed")]
+    assert retried == [f"attempt 1 failed (1 of 3 allowed): {type(error).__name__}: {error}; queued again"]
+
+    run_job(job_id, services)  # the next attempt resumes from the checkpoint of step 1 and finishes
+    job = api.http.get(f"/v1/jobs/{job_id}").json()
+    assert (job["status"], job["attempt"]) == ("succeeded", 2)
+    assert "resuming from the checkpoint of step 1" in events(api, job_id)
+
+
+def test_what_the_user_must_fix_fails_the_job_at_once(api, services, monkeypatch):
+    job_id = new_job(api)
+    bad_line = DatasetReport(errors=[LineError(3, "prompt", "too long")], error_count=1)
+    failing_at_step_two(monkeypatch, DatasetError("data", bad_line))
+    run_job(job_id, services)
+
+    job = api.http.get(f"/v1/jobs/{job_id}").json()
+    assert (job["status"], job["attempt"], job["error"]["code"]) == ("failed", 1, "invalid_input")
+    assert job["error"]["message"] == "data: invalid dataset\n  - line 3, field 'prompt': too long"
+
+
+def test_a_worker_that_wakes_up_past_its_lease_still_retries_a_lost_connection(services):
+    # A worker frozen inside commit() (SIGSTOP, a paused VM) wakes up long after it began, to a
+    # connection the database ended. It must try once more, to learn that its job was taken over.
+    run = JobRun(
+        dataclasses.replace(services, settings=services.settings.model_copy(update={"lease_seconds": 1})),
+        "job_x",
+        1,
+    )
+    calls = []
+
+    def work(_session):
+        calls.append(1)
+        if len(calls) == 1:
+            time.sleep(1.2)  # frozen past the lease
+            raise OperationalError("COMMIT", {}, Exception("terminating connection"))
+        return "retried"
+
+    assert run.commit(work) == "retried" and len(calls) == 2
+
+    def duplicate(_session):
+        calls.append(1)
+        raise IntegrityError("INSERT", {}, Exception("duplicate key"))
+
+    with pytest.raises(IntegrityError):  # not a lost connection: raised at once, not retried
+        run.commit(duplicate)
+    assert len(calls) == 3
