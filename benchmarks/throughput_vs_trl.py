@@ -192,7 +192,6 @@ def run_ours(settings: Settings, work_dir: Path) -> dict[str, Any]:
                 "dtype": "float32",
                 "device": "cpu",
                 "gradient_checkpointing": False,
-                "generation_backend": "transformers",
                 "samples_per_step": 0,
             },
             "checkpoint": {"every": 0},

@@ -138,11 +138,11 @@ class TrainingConfig(_Strict):
         "auto", description="auto: bfloat16 on CUDA, float32 on CPU."
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available.")
-    gradient_checkpointing: bool = Field(False, description="Recompute activations (LoRA only).")
-    cache_implementation: Literal["dynamic", "static"] = Field(
-        "dynamic", description="KV cache of generation."
+    gradient_checkpointing: bool = Field(
+        False,
+        description="Recompute each layer's activations in the backward pass instead of keeping them: "
+        "less memory for more compute (docs/benchmarks.md).",
     )
-    generation_backend: Literal["transformers", "vllm"] = Field("transformers", description="Rollout engine.")
     samples_per_step: int = Field(
         4, ge=0, description="Completions with rewards kept per step for inspection."
     )
@@ -203,30 +203,8 @@ class TrainConfig(_Strict):
 
     @model_validator(mode="after")
     def _check_combinations(self) -> TrainConfig:
-        t = self.training
         if self.method != "sft" and self.reward is None:
             raise ValueError(f"method {self.method!r} needs a `reward` (only sft trains without one)")
-        if self.adapter.type == "prefix":
-            # Each of these fails late and obscurely inside PEFT/transformers; refuse it up front.
-            if t.gradient_checkpointing:
-                raise ValueError(
-                    "training.gradient_checkpointing is not supported with prefix adapters: transformers drops the "
-                    "key/value prefix when activations are recomputed. Set it to false or use adapter.type: lora"
-                )
-            if t.cache_implementation == "static":
-                raise ValueError(
-                    "training.cache_implementation 'static' does not work with prefix adapters (the prefix is "
-                    "injected into a dynamic cache). Use 'dynamic'"
-                )
-        if t.generation_backend == "vllm":
-            if self.adapter.type == "prefix":
-                raise ValueError(
-                    "training.generation_backend 'vllm' cannot run prefix adapters (vLLM merges or serves only LoRA "
-                    "weights). Use 'transformers'"
-                )
-            raise ValueError(
-                "training.generation_backend 'vllm' is not available in this build. Use 'transformers'"
-            )
         return self
 
     @property

@@ -9,12 +9,16 @@ Two rules from measurement hold everywhere here:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from peft import PeftModel
+from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from core.algorithm import per_token_log_probs, sample_categorical, token_entropy
+from core.config import ConfigError, Problem
 from core.data import Example
 
 Policy = PreTrainedModel | PeftModel
@@ -310,3 +314,47 @@ def _head_log_probs(
         return log_probs, None
     with torch.no_grad():
         return log_probs, token_entropy(logits)
+
+
+def enable_gradient_checkpointing(model: Policy) -> int:
+    """Recompute each decoder layer's activations in the backward pass instead of keeping them.
+
+    transformers' own checkpointing drops the KV cache in training mode, but the forwards here
+    read the prompts from a cache (prefilled once, continued per row), and a prefix adapter is a
+    cache. So each layer is checkpointed with its cache layer put back, before the recompute, as
+    the forward found it: the recompute reads what the forward read and writes what it wrote, and
+    the gradients are those of the plain forward. Returns the number of layers wrapped.
+    """
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    for layer in layers:
+        index = getattr(getattr(layer, "self_attn", None), "layer_idx", None)
+        if index is None:
+            problem = (
+                f"not supported for this model's layers ({type(layer).__name__} has no self_attn.layer_idx)"
+            )
+            raise ConfigError([Problem("training.gradient_checkpointing", problem)])
+        layer.forward = _checkpointed(layer, layer.forward, index)
+    return len(layers)
+
+
+def _checkpointed(layer: torch.nn.Module, forward, index: int):
+    def run(*args: Any, **kwargs: Any):
+        if not (layer.training and torch.is_grad_enabled()):
+            return forward(*args, **kwargs)
+        cache = kwargs.get("past_key_values")
+        found = dict(vars(cache.layers[index])) if cache is not None and index < len(cache.layers) else None
+        runs = 0
+
+        def replay(*a: Any, **kw: Any):
+            nonlocal runs
+            if runs and cache is not None:  # the recompute: the cache layer as the forward found it
+                if found is None:
+                    cache.layers[index].reset()
+                else:
+                    vars(cache.layers[index]).update(found)
+            runs += 1
+            return forward(*a, **kw)
+
+        return checkpoint(replay, *args, use_reentrant=False, **kwargs)
+
+    return run

@@ -47,6 +47,7 @@ from core.reward_errors import RewardErrorPolicy
 from core.rewards import RewardResult, SandboxLimits, SandboxPool, score_completions
 from core.rollout import (
     EncodedExample,
+    enable_gradient_checkpointing,
     encode_example,
     response_batch,
     response_log_probs,
@@ -114,6 +115,8 @@ class Trainer:
             self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else min(self.stop_ids)
         )
         self.model = attach_adapter(base, self.tokenizer, config.adapter)
+        if config.training.gradient_checkpointing:
+            enable_gradient_checkpointing(self.model)
         self.model.eval()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(

@@ -912,11 +912,11 @@ def test_a_missing_reward_points_at_reward(api: ApiClient, env: Env):
 @pytest.mark.parametrize(
     ("hyperparameters", "param"),
     [
-        ({"gradient_checkpointing": True}, "hyperparameters.gradient_checkpointing"),
+        ({"rollouts_per_prompt": 4, "hybrid_rollouts_per_prompt": 4}, "hyperparameters"),
+        ({"steps": 4, "sft_steps": 4}, "hyperparameters"),
         ({"cache_implementation": "static"}, "hyperparameters.cache_implementation"),
-        ({"generation_backend": "vllm"}, "hyperparameters.generation_backend"),
     ],
-    ids=["gradient_checkpointing", "static-cache", "vllm"],
+    ids=["hybrids", "sft-steps", "retired-field"],
 )
 def test_combination_errors_use_request_names(api: ApiClient, env: Env, hyperparameters: dict, param: str):
     response = api.http.post("/v1/jobs", json=env.body(hyperparameters=hyperparameters))

@@ -14,7 +14,14 @@ from peft import PeftModel
 from core.adapters import attach_adapter, kv_prefix_init_ids
 from core.config import LoraAdapterConfig, PrefixAdapterConfig
 from core.models import load_base_model
-from core.rollout import left_pad, positions, response_batch, response_log_probs, sample
+from core.rollout import (
+    enable_gradient_checkpointing,
+    left_pad,
+    positions,
+    response_batch,
+    response_log_probs,
+    sample,
+)
 
 
 @pytest.fixture
@@ -254,3 +261,43 @@ def test_bfloat16_base_keeps_the_prefix_in_float32(base):
     loss.backward()
     assert math.isfinite(loss.item()) and torch.isfinite(entropy).all()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in trainable)
+
+
+@pytest.mark.parametrize(
+    "adapter", [PrefixAdapterConfig(num_virtual_tokens=4), LoraAdapterConfig(r=4)], ids=["prefix", "lora"]
+)
+def test_gradient_checkpointing_recomputes_each_layer_and_keeps_the_gradients(adapter):
+    # Rows share a prompt (one cache, prefilled once, continued per row), and a prefix adapter is a
+    # cache of its own: the recompute must read exactly what the forward read.
+    prompts, responses = (
+        [[5, 6, 7, 8], [9, 10, 11], [5, 6, 7, 8]],
+        [[12, 13, 14, 15, 16], [17, 18], [19, 20, 21]],
+    )
+
+    def run(checkpointed: bool):
+        torch.manual_seed(0)
+        model, tokenizer = load_base_model("tiny-random")
+        policy = attach_adapter(model, tokenizer, adapter)
+        if checkpointed:
+            assert enable_gradient_checkpointing(policy) == model.config.num_hidden_layers
+        calls = []
+        model.model.layers[0].self_attn.register_forward_hook(lambda *_: calls.append(1))
+        batch = response_batch(prompts, responses, 0, torch.device("cpu"))
+        with torch.no_grad():
+            response_log_probs(policy, batch)  # no gradient: nothing to recompute
+        policy.train()
+        log_probs, _ = response_log_probs(policy, batch)
+        (log_probs * batch.response_mask).sum().backward()
+        grads = {n: p.grad for n, p in policy.named_parameters() if p.requires_grad}
+        return log_probs.detach(), grads, len(calls)
+
+    plain_log_probs, plain_grads, plain_calls = run(False)
+    log_probs, grads, calls = run(True)
+    assert torch.equal(log_probs, plain_log_probs)
+    assert grads.keys() == plain_grads.keys()
+    for name, grad in grads.items():
+        assert torch.allclose(grad, plain_grads[name], atol=1e-6), name
+    assert sum(g.abs().sum() for g in grads.values()) > 0  # (LoRA's A gets none while B is zero)
+    # Prefill and continuation run each layer twice without gradients and twice with them; the
+    # backward recomputes the second pair.
+    assert (plain_calls, calls) == (4, 6)

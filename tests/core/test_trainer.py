@@ -304,3 +304,22 @@ def test_several_updates_per_batch_use_the_sampling_policy_as_pi_old(letters, tm
     # With pi_old fixed at the sampling policy, later passes move the ratio away from 1 and clip.
     assert any(m["clip_fraction"] > 0 for m in recorder.steps)
     assert all(math.isfinite(m["loss"]) for m in recorder.steps)
+
+
+@pytest.mark.parametrize(
+    ("method", "adapter"),
+    [("prefix_rft", {"type": "prefix", "num_virtual_tokens": 4}), ("sft_then_rft", {"type": "lora", "r": 4})],
+)
+def test_gradient_checkpointing_trains_the_same_adapter(letters, tmp_path, method, adapter):
+    overrides = {"method": method, "adapter": adapter, "training__steps": 4, "training__learning_rate": 0.02}
+    runs = {}
+    for checkpointing in (False, True):
+        recorder = Recorder()
+        out = tmp_path / f"checkpointing-{checkpointing}"
+        config = make_config(letters, out, training__gradient_checkpointing=checkpointing, **overrides)
+        Trainer(config, [recorder]).train()
+        runs[checkpointing] = recorder, (out / "adapter" / "adapter_model.safetensors").read_bytes()
+    plain, checkpointed = runs[False][0].steps, runs[True][0].steps
+    assert [m["loss"] for m in checkpointed] == pytest.approx([m["loss"] for m in plain], rel=1e-5, abs=1e-7)
+    assert [m["grad_norm"] for m in checkpointed] == pytest.approx([m["grad_norm"] for m in plain], rel=1e-5)
+    assert runs[True][1] == runs[False][1]  # the same adapter, byte for byte

@@ -1,10 +1,14 @@
-"""Migrations: an empty database upgrades to head, and head matches the models (`alembic check`)."""
+"""Migrations: an empty database upgrades to head, head matches the models (`alembic check`), and
+data migrations rewrite what they must."""
 
 from __future__ import annotations
 
 from alembic import command
 
+from core.config import parse_config
 from migrations import alembic_config, upgrade_to_head
+from service.db import make_engine, make_sessionmaker, transaction
+from service.tables import Job, Project
 
 
 def test_an_empty_postgresql_upgrades_to_head_and_matches_the_models(migrated_postgres):
@@ -16,3 +20,38 @@ def test_an_empty_sqlite_upgrades_to_head_and_matches_the_models(tmp_path):
     upgrade_to_head(url)
     command.check(alembic_config(url))
     upgrade_to_head(url)  # idempotent: a second start finds nothing to do
+
+
+def test_stored_job_configs_lose_the_retired_training_fields(tmp_path):
+    url = f"sqlite:///{tmp_path / 'service.db'}"
+    command.upgrade(alembic_config(url), "0002")
+    raw = {"model": "tiny-random", "method": "sft", "data": {"train": "train.jsonl"}}
+    config = parse_config(raw).model_dump(mode="json")
+    config["training"] |= {"cache_implementation": "dynamic", "generation_backend": "transformers"}
+    engine = make_engine(url)
+    sessions = make_sessionmaker(engine)
+    with transaction(sessions) as session:
+        project = Project(name="p")
+        session.add(project)
+        session.flush()
+        job = Job(
+            project_id=project.id,
+            status="queued",
+            model="tiny-random",
+            method="sft",
+            config=config,
+            seed=1,
+            total_steps=100,
+        )
+        session.add(job)
+
+    upgrade_to_head(url)
+    with sessions() as session:
+        stored = session.get(Job, job.id).config
+    assert "cache_implementation" not in stored["training"] and "generation_backend" not in stored["training"]
+    assert parse_config(stored) == parse_config(raw)  # what the worker reads back is valid again
+
+    command.downgrade(alembic_config(url), "0002")
+    with sessions() as session:
+        assert session.get(Job, job.id).config == config
+    engine.dispose()
