@@ -5,9 +5,9 @@
 The update of the example config (SmolLM2-135M-Instruct, 4 prompts x 8 rollouts of 64 response
 tokens, micro-batches of 16, one hybrid rollout per prompt), on fixed token rows, so both sides do
 the same work. Each run is a fresh process: it loads the model, runs the update once to warm up,
-then `--updates` times measured. Memory is the peak resident memory during the measured updates
-above what the process held before them (the activations and gradients of the update), sampled
-every 2 ms. Printed side by side per adapter: median over runs, with the range.
+then `--updates` times timed. Memory is the peak resident memory during the updates above what
+the process held before the first (the activations and gradients of the update, and what the
+allocator keeps of them), sampled every 2 ms. Printed side by side per adapter: median over runs, with the range.
 """
 
 from __future__ import annotations
@@ -102,9 +102,9 @@ def measure(adapter: str, checkpointing: bool, updates: int, work_dir: Path) -> 
     rollouts = Rollouts(examples, responses, prefix_lengths, groups, texts)
     advantages = torch.linspace(-1, 1, len(responses))
 
-    trainer.policy_update(rollouts, advantages)  # warm-up: allocator, kernels
     seconds = []
-    with PeakMemory() as memory:
+    with PeakMemory() as memory:  # from before the first update: what the allocator keeps counts
+        trainer.policy_update(rollouts, advantages)  # warm-up: allocator, kernels (not timed)
         for _ in range(updates):
             started = time.perf_counter()
             trainer.policy_update(rollouts, advantages)
