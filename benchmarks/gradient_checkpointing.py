@@ -7,7 +7,8 @@ tokens, micro-batches of 16, one hybrid rollout per prompt), on fixed token rows
 the same work. Each run is a fresh process: it loads the model, runs the update once to warm up,
 then `--updates` times timed. Memory is the peak resident memory during the updates above what
 the process held before the first (the activations and gradients of the update, and what the
-allocator keeps of them), sampled every 2 ms. Printed side by side per adapter: median over runs, with the range.
+allocator keeps of them), sampled every 2 ms. Printed side by side per adapter: the median over
+runs, with the range.
 """
 
 from __future__ import annotations
@@ -137,9 +138,12 @@ def summary(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
-def provenance(command: str) -> dict[str, Any]:
+def provenance(command: str, out: Path | None) -> dict[str, Any]:
+    """Commit (with the paths that differ from it, if any; the result file aside), date, machine."""
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True).stdout.strip()
+    status = ["git", "status", "--porcelain", "--", "."] + ([f":!{out}"] if out else [])
+    dirty = subprocess.run(status, capture_output=True, text=True).stdout.split("\n")
+    dirty = [line[3:] for line in dirty if line.strip()]
     cpu = next(
         (
             line.split(":", 1)[1].strip()
@@ -150,7 +154,8 @@ def provenance(command: str) -> dict[str, Any]:
     )
     return {
         "command": command,
-        "commit": commit + ("+uncommitted" if dirty else ""),
+        "commit": commit,
+        "uncommitted_changes": dirty,
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform()},
     }
@@ -204,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     if args.out:
         command = "python -m benchmarks.gradient_checkpointing " + " ".join(argv or sys.argv[1:])
-        record = {**provenance(command), "table": table.splitlines(), "results": results}
+        record = {**provenance(command, args.out), "table": table.splitlines(), "results": results}
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(record, indent=2) + "\n")
     return 0
