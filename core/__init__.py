@@ -1,1 +1,1 @@
-"""Prefix-RFT trainer: a library with no knowledge of HTTP, the database or the queue."""
+"""The Prefix-RFT trainer: a library that imports nothing of the service, HTTP, the database or the queue."""

@@ -1,1 +1,2 @@
-"""What the API, the worker and the command line share: settings, database, storage, job lifecycle."""
+"""Settings, database and tables, storage, queue and the job lifecycle: what the API, the worker
+and the model server share. Imports core only, and no HTTP framework or model code."""

@@ -37,14 +37,20 @@ def make_engine(url: str, idle_in_transaction_seconds: float | None = None) -> E
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
         event.listen(engine, "connect", _tune_sqlite)
         return engine
-    connect_args = {}
-    if idle_in_transaction_seconds is not None:
-        milliseconds = max(1, int(idle_in_transaction_seconds * 1000))
-        connect_args["options"] = f"-c idle_in_transaction_session_timeout={milliseconds}"
     # As many connections as the API's thread pool has threads (40), so no thread waits for one.
-    return create_engine(
-        url, pool_size=40, max_overflow=10, pool_pre_ping=True, pool_recycle=1800, connect_args=connect_args
-    )
+    engine = create_engine(url, pool_size=40, max_overflow=10, pool_pre_ping=True, pool_recycle=1800)
+    if idle_in_transaction_seconds is not None:
+        # A SET on each new connection rather than a startup option: poolers such as PgBouncer
+        # refuse startup options they do not know.
+        milliseconds = max(1, int(idle_in_transaction_seconds * 1000))
+
+        def end_idle_transactions(dbapi_connection, _record) -> None:
+            with dbapi_connection.cursor() as cursor:
+                cursor.execute(f"SET idle_in_transaction_session_timeout = {milliseconds}")
+            dbapi_connection.commit()  # or the pool's first rollback would undo the SET
+
+        event.listen(engine, "connect", end_idle_transactions)
+    return engine
 
 
 def connection_lost(exc: DBAPIError) -> bool:
