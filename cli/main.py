@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # the client's own lines say what happened
     try:
         return args.handler(args)
     except (InvalidInput, FileNotFoundError) as exc:  # what the user gave: config, data, model, files
