@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
-from protocol.errors import APIError, error_body, install_error_handlers, joined
+from protocol.errors import APIError, error_body, install_error_handlers, invalid_request_response
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +41,8 @@ async def _invalid_request(request: Request, details: list[dict[str, Any]]) -> J
     # FastAPI reads the body before the key is checked; a caller without a key hears that first.
     if request.url.path.startswith("/v1/") and not request.headers.get("authorization"):
         return JSONResponse(error_body(401, *MISSING_KEY), 401, headers=BEARER_CHALLENGE)
-    first = details[0]["param"] if details else None
     # The OpenAI-compatible routes answer 400, as OpenAI does (its clients raise BadRequestError).
-    status = 400 if request.url.path in OPENAI_COMPATIBLE_PATHS else 422
-    return JSONResponse(error_body(status, "invalid_request", joined(details), first, details), status)
+    return invalid_request_response(400 if request.url.path in OPENAI_COMPATIBLE_PATHS else 422, details)
 
 
 # ----- errors in the OpenAPI schema ------------------------------------------------------------

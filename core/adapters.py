@@ -108,13 +108,8 @@ def init_kv_prefix(encoder: torch.nn.Module, activations: torch.Tensor) -> None:
     first, last = encoder.transform[0], encoder.transform[2]
     token_dim, hidden = first.in_features, first.out_features
     if n_tokens > min(token_dim, hidden):
-        raise ConfigError(
-            [
-                Problem(
-                    "adapter.num_virtual_tokens", f"at most {min(token_dim, hidden)} with prefix_projection"
-                )
-            ]
-        )
+        problem = f"at most {min(token_dim, hidden)} with prefix_projection"
+        raise ConfigError([Problem("adapter.num_virtual_tokens", problem)])
     encoder.embedding.weight.zero_()
     encoder.embedding.weight[:, :n_tokens].copy_(torch.eye(n_tokens))
     first.weight.zero_()

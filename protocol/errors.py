@@ -66,9 +66,14 @@ def joined(details: list[dict[str, Any]]) -> str:
 InvalidRequest = Callable[[Request, list[dict[str, Any]]], Awaitable[JSONResponse]]
 
 
-async def answer_422(_request: Request, details: list[dict[str, Any]]) -> JSONResponse:
+def invalid_request_response(status: int, details: list[dict[str, Any]]) -> JSONResponse:
+    """Every problem of a request body that failed validation; `param` is the first one's."""
     first = details[0]["param"] if details else None
-    return JSONResponse(error_body(422, "invalid_request", joined(details), first, details), 422)
+    return JSONResponse(error_body(status, "invalid_request", joined(details), first, details), status)
+
+
+async def answer_422(_request: Request, details: list[dict[str, Any]]) -> JSONResponse:
+    return invalid_request_response(422, details)
 
 
 def install_error_handlers(app: FastAPI, invalid_request: InvalidRequest = answer_422) -> None:

@@ -53,15 +53,15 @@ def make_engine(url: str, idle_in_transaction_seconds: float | None = None) -> E
     return engine
 
 
+IDLE_IN_TRANSACTION_TIMEOUT = "25P03"  # PostgreSQL's SQLSTATE when it ends an idle transaction
+
+
 def connection_lost(exc: DBAPIError) -> bool:
     """The database went away under this transaction (restarting, failing over, or it ended an idle
     transaction): retrying on a new connection may succeed."""
     if isinstance(exc, OperationalError | InterfaceError) or exc.connection_invalidated:
         return True
     return getattr(exc.orig, "sqlstate", None) == IDLE_IN_TRANSACTION_TIMEOUT
-
-
-IDLE_IN_TRANSACTION_TIMEOUT = "25P03"  # PostgreSQL's SQLSTATE when it ends an idle transaction
 
 
 def _tune_sqlite(dbapi_connection, _record) -> None:
