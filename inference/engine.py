@@ -2,35 +2,32 @@
 
 The engine of the OpenAI-compatible model server: requests for different adapters are decoded
 together, one forward pass per token for the whole batch, and a request that arrives while
-others decode joins the running batch at the next step. A prefix adapter is nothing but key /
-value tensors in front of the prompt, so rows of different prefix adapters share every weight;
-only their KV caches differ, and a KV cache is per row anyway. LoRA adapters are installed into
-the base model once and chosen per row with PEFT's mixed-batch `adapter_names`.
-
-Layout of row r in the batch cache (P = longest prefix, T = longest prompt):
-
-    [ prefix padding | prefix_r (n_r) | prompt padding | prompt_r (t_r) | generated tokens ... ]
-      mask 0           mask 1           mask 0           mask 1           mask 1
-
-The 2-D attention mask hides both kinds of padding. Positions are those PEFT gives a lone
-request: prompt token j of row r sits at n_r + j (the prefix takes positions 0..n_r-1), so
-greedy outputs match `PeftModel.generate` on that adapter alone. Rows that finish leave the batch,
-and rows admitted later are left-padded to the running batch's width (the mask hides the gap).
+others decode joins the running batch at the next step. The forward is `core.decoding`'s, the
+one the trainer samples its rollouts with: row r of the batch owns slot r of a preallocated KV
+cache holding `[ prefix_r | prompt_r | generated ... ]` from column 0, so a row that joins is
+prefilled into a free slot and a row that leaves gives its slot to the last row; nobody else's
+cache moves. A prefix adapter is nothing but the first columns of its rows' slots; a LoRA adapter
+is installed once (its factors referenced by every projection it adapts) and applied per row.
+Positions are those PEFT gives a lone request (prompt token j at n_prefix + j), so greedy outputs
+match `PeftModel.generate` on that adapter alone.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Hashable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from core.rollout import left_pad, positions, stop_token_ids
+from core.algorithm import sample_categorical
+from core.decoding import Decoder, LoraWeight, lora_rows
+from core.rollout import stop_token_ids
 
 FinishReason = Literal["stop", "length"]
 
@@ -184,12 +181,23 @@ def nucleus_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     return kept / kept.sum()
 
 
-def choose_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """One token from one row's logits [V] under the request's temperature and top_p."""
-    if params.temperature == 0:
-        return int(logits.argmax())
-    probs = nucleus_filter(torch.softmax(logits.float() / params.temperature, dim=-1), params.top_p)
-    return int(torch.multinomial(probs, 1, generator=generator))
+def choose_tokens(logits: torch.Tensor, params: list[SamplingParams], uniform: torch.Tensor) -> list[int]:
+    """One token per row of `logits` [B, V], under each row's temperature and top_p.
+
+    The draw inverts each row's CDF at `uniform[i]` (the sampler the trainer uses); temperature 0
+    is argmax.
+    """
+    tokens = logits.argmax(-1)
+    sampled = [i for i, p in enumerate(params) if p.temperature > 0]
+    if sampled:
+        index = torch.tensor(sampled, device=logits.device)
+        temperature = torch.tensor([params[i].temperature for i in sampled], device=logits.device)
+        probs = torch.softmax(logits.index_select(0, index).float() / temperature[:, None], dim=-1)
+        for k, i in enumerate(sampled):
+            if params[i].top_p < 1.0:
+                probs[k] = nucleus_filter(probs[k], params[i].top_p)
+        tokens[index] = sample_categorical(probs.log(), uniform.index_select(0, index))
+    return tokens.tolist()
 
 
 def held_back(text: str, stops: tuple[str, ...]) -> int:
@@ -228,9 +236,13 @@ class _Row:
             self.generator = torch.Generator(device=device).manual_seed(request.params.seed)
 
     @property
-    def lora(self) -> str:
+    def lora(self) -> str | None:
         adapter = self.request.adapter
-        return adapter.name if isinstance(adapter, LoraWeights) else "__base__"
+        return adapter.name if isinstance(adapter, LoraWeights) else None
+
+    def uniform(self) -> float:
+        """The uniform number this row's next token is drawn at (its own stream when seeded)."""
+        return float(torch.rand(1, dtype=torch.float64, generator=self.generator))
 
     def append(self, token: int, stop_ids: set[int], tokenizer: PreTrainedTokenizerBase) -> Progress:
         params = self.request.params
@@ -281,19 +293,15 @@ class BatchedEngine:
         self.model = model
         self.tokenizer = tokenizer
         self.stop_ids = stop_token_ids(model, tokenizer)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.stop_ids)
         self.max_positions = getattr(model.config, "max_position_embeddings", None)
-        self._peft: Any = None  # a PeftModel around `model` once a LoRA adapter is installed
-        # The running batch: rows, their KV cache [B, kv_heads, L, head_dim] per layer, the mask
-        # [B, L] over the cache, and the position of each row's last fed token [B].
-        self._rows: list[_Row] = []
-        self._cache: DynamicCache | None = None
-        self._mask = torch.empty(0, 0, dtype=torch.long)
-        self._position = torch.empty(0, dtype=torch.long)
+        self.decoder = Decoder(model)
+        self._cache = self.decoder.new_cache()
+        self._rows: list[_Row] = []  # row i decodes in slot i of the cache
+        self._lora: set[str] = set()
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        return self.decoder.device
 
     @property
     def running(self) -> int:
@@ -301,16 +309,16 @@ class BatchedEngine:
 
     @property
     def cache_width(self) -> int:
-        """Columns of the running batch's KV cache (rows that left take their columns with them)."""
-        return self._mask.shape[1] if self._rows else 0
+        """Columns the running batch attends over (its longest row; rows that left take theirs along)."""
+        return int(self._cache.lengths[: len(self._rows)].max()) if self._rows else 0
 
     @property
     def installed_lora(self) -> set[str]:
-        return set(self._peft.peft_config) if self._peft is not None else set()
+        return set(self._lora)
 
     @property
     def lora_in_use(self) -> set[str]:
-        return {row.lora for row in self._rows} - {"__base__"}
+        return {row.lora for row in self._rows} - {None}
 
     def check(self, request: GenerationRequest) -> None:
         if not request.prompt_ids:
@@ -339,23 +347,31 @@ class BatchedEngine:
 
     @torch.inference_mode()
     def add(self, requests: list[tuple[Hashable, GenerationRequest]]) -> list[Progress]:
-        """Prefill new rows and choose their first tokens; the unfinished ones join the batch."""
+        """Prefill new rows into free slots and choose their first tokens; the unfinished ones join."""
         for _, request in requests:
             self.check(request)
         if not requests:
             return []
-        device = self.device
-        rows = [_Row(key, request, device) for key, request in requests]
+        rows = [_Row(key, request, self.device) for key, request in requests]
         for row in rows:
             if isinstance(row.request.adapter, LoraWeights):
                 self._install_lora(row.request.adapter)
-        cache, prefix_mask, prefix_lengths = self._prefix_cache([row.request for row in rows])
-        prompt_ids, prompt_mask = left_pad([row.request.prompt_ids for row in rows], self.pad_id, device)
-        position = positions(prompt_mask) + prefix_lengths[:, None]
-        mask = torch.cat([prefix_mask, prompt_mask], dim=1)
-        out = self._forward(rows, prompt_ids, mask, position, cache, logits_to_keep=1)
-        progress = self._choose(rows, out.logits[:, -1])
-        self._join(rows, out.past_key_values, mask, position[:, -1])
+        first = len(self._rows)
+        slots = torch.arange(first, first + len(rows), device=self.device)
+        longest = max(
+            len(r.request.prompt_ids) + self._prefix_length(r) + r.request.params.max_tokens for r in rows
+        )
+        self._cache.reserve(first + len(rows), longest)
+        self._cache.clear(slots)
+        for slot, row in zip(slots.tolist(), rows, strict=True):
+            if isinstance(row.request.adapter, PrefixKV):
+                self._cache.write_prefix(slot, row.request.adapter.kv)
+        logits = self.decoder.prefill(
+            self._cache, slots, [row.request.prompt_ids for row in rows], self._lora_rows(rows)
+        )
+        progress = self._choose(rows, logits)
+        self._rows = self._rows + rows
+        self._keep([i for i, row in enumerate(self._rows) if row.finish_reason is None])
         return progress
 
     @torch.inference_mode()
@@ -363,13 +379,9 @@ class BatchedEngine:
         """Feed every running row its last token and choose the next one."""
         if not self._rows:
             return []
-        device = self.device
-        tokens = torch.tensor([row.next_token for row in self._rows], device=device)[:, None]
-        self._mask = torch.cat([self._mask, torch.ones_like(self._mask[:, :1])], dim=1)
-        self._position = self._position + 1
-        out = self._forward(self._rows, tokens, self._mask, self._position[:, None], self._cache)
-        self._cache = out.past_key_values
-        progress = self._choose(self._rows, out.logits[:, -1])
+        tokens = torch.tensor([row.next_token for row in self._rows], device=self.device)
+        logits = self.decoder.step(self._cache, tokens, self._lora_rows(self._rows))
+        progress = self._choose(self._rows, logits)
         self._keep([i for i, row in enumerate(self._rows) if row.finish_reason is None])
         return progress
 
@@ -385,131 +397,84 @@ class BatchedEngine:
         """Uninstall a LoRA adapter; it must not be in use by a running row."""
         if name in self.lora_in_use:
             raise RuntimeError(f"LoRA adapter {name!r} is in use by a running request")
-        if self.installed_lora == {name}:  # the last one: give the model its plain layers back
-            self._peft.unload()
-            self._peft = None
-        elif name in self.installed_lora:
-            self._peft.delete_adapter(name)
+        self.decoder.remove_lora(name)
+        self._lora.discard(name)
 
     # ----- internals ------------------------------------------------------------------------
 
-    def _forward(self, rows: list[_Row], input_ids, mask, position, cache, **kwargs):
-        if self._peft is None:
-            model = self.model
-        else:  # every row names its LoRA adapter, or __base__ (prefix and base-model rows)
-            model, kwargs = self._peft, {**kwargs, "adapter_names": [row.lora for row in rows]}
-        return model(
-            input_ids=input_ids,
-            attention_mask=mask,
-            position_ids=position,
-            past_key_values=cache,
-            use_cache=True,
-            **kwargs,
-        )
+    @staticmethod
+    def _prefix_length(row: _Row) -> int:
+        return row.request.adapter.length if isinstance(row.request.adapter, PrefixKV) else 0
+
+    def _lora_rows(self, rows: list[_Row]):
+        return lora_rows([row.lora for row in rows], self.device)
 
     def _choose(self, rows: list[_Row], logits: torch.Tensor) -> list[Progress]:
-        greedy = logits.argmax(-1).tolist()
+        params = [row.request.params for row in rows]
+        uniform = torch.tensor(
+            [row.uniform() if p.temperature > 0 else 0.0 for row, p in zip(rows, params, strict=True)]
+        )
+        tokens = choose_tokens(logits, params, uniform.to(logits.device))
         progress = []
-        for i, row in enumerate(rows):
-            params = row.request.params
-            token = greedy[i] if params.temperature == 0 else choose_token(logits[i], params, row.generator)
+        for row, token in zip(rows, tokens, strict=True):
             row.next_token = token
             progress.append(row.append(token, self.stop_ids, self.tokenizer))
         return progress
 
-    def _join(
-        self, rows: list[_Row], cache: DynamicCache, mask: torch.Tensor, position: torch.Tensor
-    ) -> None:
-        """Add freshly prefilled rows to the running batch; those already finished leave again."""
-        if not self._rows:
-            self._rows, self._cache, self._mask, self._position = rows, cache, mask, position
-        else:
-            # Left-pad the narrower of the two to the other's width; the mask hides the padding.
-            width = max(self._mask.shape[1], mask.shape[1])
-            layers = []
-            for old, new in zip(self._cache.layers, cache.layers, strict=True):
-                layers.append(
-                    (
-                        torch.cat([_left_pad_to(old.keys, width), _left_pad_to(new.keys, width)]),
-                        torch.cat([_left_pad_to(old.values, width), _left_pad_to(new.values, width)]),
-                    )
-                )
-            self._cache = self._cache_of(layers)
-            self._mask = torch.cat([_left_pad_to(self._mask, width, dim=1), _left_pad_to(mask, width, dim=1)])
-            self._position = torch.cat([self._position, position])
-            self._rows = self._rows + rows
-        self._keep([i for i, row in enumerate(self._rows) if row.finish_reason is None])
-
     def _keep(self, kept: list[int]) -> None:
-        """Keep these rows of the batch; drop the cache columns no remaining row attends to."""
+        """Keep these rows, in order, in slots 0..len(kept)-1 (only rows whose slot changes are copied)."""
         if len(kept) == len(self._rows):
             return
+        moves = [(new, old) for new, old in enumerate(kept) if new != old]
+        if moves:
+            destination, source = (
+                torch.tensor(side, device=self.device) for side in zip(*moves, strict=True)
+            )
+            self._cache.copy_rows(destination, source)
         self._rows = [self._rows[i] for i in kept]
-        if not kept:
-            self._cache, self._mask, self._position = None, self._mask[:0, :0], self._position[:0]
-            return
-        index = torch.tensor(kept, device=self._mask.device)
-        self._mask, self._position = self._mask.index_select(0, index), self._position.index_select(0, index)
-        first = int(self._mask.any(0).int().argmax())  # leading columns that are padding in every row
-        self._mask = self._mask[:, first:]
-        self._cache = self._cache_of(
-            [
-                (
-                    layer.keys.index_select(0, index)[:, :, first:],
-                    layer.values.index_select(0, index)[:, :, first:],
-                )
-                for layer in self._cache.layers
-            ]
-        )
-
-    def _cache_of(self, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
-        cache = DynamicCache(config=self.model.config)
-        for i, (keys, values) in enumerate(layers):
-            cache.update(keys, values, i)
-        return cache
 
     def _install_lora(self, adapter: LoraWeights) -> None:
-        if adapter.name in self.installed_lora:
+        if adapter.name in self._lora:
             return
-        from peft import PeftModel
-        from peft.utils import set_peft_model_state_dict
+        self.decoder.add_lora(adapter.name, lora_factors(adapter))
+        self._lora.add(adapter.name)
 
-        if self._peft is None:  # wraps `model` in place: from now on every forward names its adapter
-            self._peft = PeftModel(self.model, adapter.config, adapter_name=adapter.name)
-        else:
-            self._peft.add_adapter(adapter.name, adapter.config)
-        set_peft_model_state_dict(self._peft, adapter.state, adapter_name=adapter.name)
-        self._peft.eval()
 
-    def _prefix_cache(
-        self, requests: list[GenerationRequest]
-    ) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:
-        """The batch's prefixes right-aligned in one cache, their mask [B, P] and lengths [B]."""
-        device, dtype = self.device, self.model.dtype
-        prefixes = [r.adapter if isinstance(r.adapter, PrefixKV) else None for r in requests]
-        lengths = [p.length if p is not None else 0 for p in prefixes]
-        width = max(lengths)
-        mask = torch.zeros((len(requests), width), dtype=torch.long, device=device)
-        cache = DynamicCache(config=self.model.config)
-        if width:
-            layers, _, kv_heads, _, head_dim = next(p.kv.shape for p in prefixes if p is not None)
-            kv = torch.zeros(
-                (layers, 2, len(requests), kv_heads, width, head_dim), dtype=dtype, device=device
+_LORA_KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
+
+
+def lora_factors(adapter: LoraWeights) -> dict[tuple[int, str], LoraWeight]:
+    """A PEFT LoRA state dict as the decoder's factors by (layer, projection); refuses what it cannot run."""
+    config = adapter.config
+    unsupported = [
+        what
+        for what, present in (
+            ("DoRA", getattr(config, "use_dora", False)),
+            ("LoRA bias", getattr(config, "lora_bias", False)),
+            ("per-module alpha", bool(getattr(config, "alpha_pattern", None))),
+        )
+        if present
+    ]
+    if unsupported:
+        raise UnsupportedAdapter(
+            f"adapter {adapter.name!r} uses {', '.join(unsupported)}, which is not served"
+        )
+    pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    for key, tensor in adapter.state.items():
+        match = _LORA_KEY.search(key)
+        if match is None:
+            raise UnsupportedAdapter(
+                f"adapter {adapter.name!r}: tensor {key!r} is not on a decoder projection"
             )
-            for i, (prefix, n) in enumerate(zip(prefixes, lengths, strict=True)):
-                if n:
-                    kv[:, :, i, :, width - n :] = prefix.kv.to(device=device, dtype=dtype)
-                    mask[i, width - n :] = 1
-            for layer in range(layers):
-                cache.update(kv[layer, 0], kv[layer, 1], layer)
-        return cache, mask, torch.tensor(lengths, device=device)
-
-
-def _left_pad_to(tensor: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:
-    """Zeros in front along `dim` (the sequence axis) up to `width`."""
-    missing = width - tensor.shape[dim]
-    if missing == 0:
-        return tensor
-    shape = list(tensor.shape)
-    shape[dim] = missing
-    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+        layer, projection, factor = int(match[1]), match[2], match[3]
+        pairs.setdefault((layer, projection), {})[factor] = tensor
+    factors = {}
+    for place, pair in pairs.items():
+        if set(pair) != {"A", "B"}:
+            raise UnsupportedAdapter(
+                f"adapter {adapter.name!r}: layer {place[0]} {place[1]} lacks lora_A or lora_B"
+            )
+        rank = pair["A"].shape[0]
+        scale = config.lora_alpha / (math.sqrt(rank) if config.use_rslora else rank)
+        factors[place] = LoraWeight(pair["A"].float(), pair["B"].float(), scale)
+    return factors

@@ -189,3 +189,10 @@ def test_categorical_sampling_normalises_unnormalised_log_probs():
     torch.manual_seed(1)
     draws = torch.stack([sample_categorical(log_probs) for _ in range(400)])
     assert set(draws[:, 0].tolist()) == {0, 1} and set(draws[:, 1].tolist()) == {0}
+
+
+def test_categorical_sampling_inverts_the_cdf_at_given_uniforms():
+    # cdf = [0.5, 0.5, 0.8, 1.0]: u below 0.5 -> 0, in (0.5, 0.8) -> 2 (never the empty token 1), above 0.8 -> 3.
+    log_probs = torch.log(torch.tensor([0.5, 0.0, 0.3, 0.2])).expand(6, -1)
+    uniform = torch.tensor([0.0, 0.49, 0.51, 0.79, 0.81, 0.999])
+    assert sample_categorical(log_probs, uniform).tolist() == [0, 0, 2, 2, 3, 3]

@@ -1,0 +1,34 @@
+"""What every benchmark result records about where it came from: command, commit, date, machine."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+
+def provenance(command: str, out: Path | None) -> dict[str, Any]:
+    """Commit (with the paths that differ from it, if any; the result file aside), date, machine."""
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    status = ["git", "status", "--porcelain", "--", "."] + ([f":!{out}"] if out else [])
+    dirty = subprocess.run(status, capture_output=True, text=True).stdout.split("\n")
+    dirty = [line[3:] for line in dirty if line.strip()]
+    return {
+        "command": command,
+        "commit": commit,
+        "uncommitted_changes": dirty,
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": machine(),
+    }
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if "model name" in line]
+        cpu = names[0] if names else cpu
+    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform()}
