@@ -16,16 +16,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from benchmarks.provenance import provenance
 
 ADAPTERS = {"lora": {"type": "lora", "r": 8}, "prefix": {"type": "prefix"}}
 PROMPTS, ROLLOUTS, RESPONSE_TOKENS, MICRO_BATCH = 4, 8, 64, 16
@@ -136,29 +136,6 @@ def run_in_child(adapter: str, checkpointing: bool, updates: int) -> dict[str, A
 
 def summary(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
-
-
-def provenance(command: str, out: Path | None) -> dict[str, Any]:
-    """Commit (with the paths that differ from it, if any; the result file aside), date, machine."""
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    status = ["git", "status", "--porcelain", "--", "."] + ([f":!{out}"] if out else [])
-    dirty = subprocess.run(status, capture_output=True, text=True).stdout.split("\n")
-    dirty = [line[3:] for line in dirty if line.strip()]
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if "model name" in line
-        ),
-        platform.processor(),
-    )
-    return {
-        "command": command,
-        "commit": commit,
-        "uncommitted_changes": dirty,
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform()},
-    }
 
 
 def main(argv: list[str] | None = None) -> int:

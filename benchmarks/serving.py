@@ -2,7 +2,8 @@
 
     python -m benchmarks.serving --out docs/benchmarks/serving.json
 
-SmolLM2-135M-Instruct (float32, CPU), 16 chat requests spread over 4 prefix adapters of different
+SmolLM2-135M-Instruct (CPU; `--dtype`, default auto: bfloat16 on AMX / AVX512-BF16 CPUs, for both
+runs), 16 chat requests spread over 4 prefix adapters of different
 lengths (8, 12, 16, 20 virtual tokens, each initialised from the chat template's activations and
 then perturbed, so every adapter decodes differently), greedy, 64 new tokens at most (a row also
 stops at EOS). The baseline is what one would write without the server: one `PeftModel`, each
@@ -21,7 +22,6 @@ import argparse
 import json
 import logging
 import os
-import platform
 import socket
 import sys
 import tempfile
@@ -80,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=16, help="chat requests (round-robin over adapters)")
     parser.add_argument("--noise", type=float, default=0.1, help="adapter perturbation, in parameter stds")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto")
     parser.add_argument("--out", type=Path, default=None, help="write the JSON result here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -90,13 +91,16 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
     from peft import PeftModel
 
-    from core.models import load_base_model
+    from benchmarks.provenance import provenance
+    from core.models import load_base_model, resolve_dtype
     from core.rollout import stop_token_ids
+
+    dtype = resolve_dtype(args.dtype)
 
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         adapter_dirs = make_adapters(Path(tmp), args.noise, args.seed)
-        model, tokenizer = load_base_model(MODEL)
+        model, tokenizer = load_base_model(MODEL, dtype=dtype)
         eos = sorted(stop_token_ids(model, tokenizer))
         prompts = [
             list(
@@ -169,11 +173,12 @@ def main(argv: list[str] | None = None) -> int:
     mismatched = [i for i, (want, got) in enumerate(zip(texts, served, strict=True)) if want != got["text"]]
     sequential_tps, served_tps = sequential_tokens / sequential_s, served_tokens / served_s
     speedup = served_tps / sequential_tps
+    command = "python -m benchmarks.serving " + " ".join(argv if argv is not None else sys.argv[1:])
     result = {
         "benchmark": "serving",
-        "command": "python -m benchmarks.serving " + " ".join(argv if argv is not None else sys.argv[1:]),
+        **provenance(command, args.out),
         "model": MODEL,
-        "dtype": "float32",
+        "dtype": str(dtype).removeprefix("torch."),
         "device": "cpu",
         "torch_threads": torch.get_num_threads(),
         "requests": args.requests,
@@ -194,7 +199,6 @@ def main(argv: list[str] | None = None) -> int:
             "transformers": transformers.__version__,
             "peft": peft.__version__,
         },
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine()},
         # Other work on the same cores slows both runs (the longer sequential one more): check these.
         "load_average_1m_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
     }
@@ -264,7 +268,11 @@ def serve_concurrently(tmp: Path, adapter_dirs: list[Path], which: list[int], ar
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "PREFIX_RFT_STORAGE_URL": storage_root.as_uri()}
+    env = {
+        **os.environ,
+        "PREFIX_RFT_STORAGE_URL": storage_root.as_uri(),
+        "PREFIX_RFT_INFERENCE_DTYPE": args.dtype,
+    }
     log_file = (tmp / "model-server.log").open("wb")
     server = subprocess.Popen(
         [sys.executable, "-m", "cli.main", "model-server", "--port", str(port)],

@@ -135,7 +135,9 @@ class TrainingConfig(_Strict):
         description="SFT batch; default prompts_per_step * rollouts_per_prompt (same sequences per step).",
     )
     dtype: Literal["auto", "float32", "bfloat16"] = Field(
-        "auto", description="auto: bfloat16 on CUDA, float32 on CPU."
+        "auto",
+        description="Of the frozen base weights. auto: bfloat16 on CUDA and on CPUs with AMX or "
+        "AVX512-BF16, else float32; adapters, optimizer state and the loss stay float32.",
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available.")
     gradient_checkpointing: bool = Field(

@@ -34,6 +34,21 @@ class ModelNotFound(InvalidInput):
     """The base model is unknown, or cannot be loaded from where its name points."""
 
 
+def resolve_dtype(name: str, device: str | torch.device = "cpu") -> torch.dtype:
+    """The weights' dtype for a setting: "auto" is bfloat16 where the hardware multiplies it
+    natively (CUDA with bf16, CPUs with AMX or AVX512-BF16), float32 elsewhere.
+
+    Only the frozen base weights take it: adapters, optimizer state and the loss math stay float32.
+    """
+    if name != "auto":
+        return getattr(torch, name)
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    native = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+    return torch.bfloat16 if device.type == "cpu" and native else torch.float32
+
+
 def load_base_model(
     name: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:

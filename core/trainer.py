@@ -41,7 +41,7 @@ from core.data import (
     missing_fields,
     split_heldout,
 )
-from core.models import load_base_model
+from core.models import load_base_model, resolve_dtype
 from core.reporting import RunFiles, TrainerCallback, TrainResult
 from core.reward_errors import RewardErrorPolicy
 from core.rewards import RewardResult, SandboxLimits, SandboxPool, score_completions
@@ -94,10 +94,7 @@ class Trainer:
             or (config.training.device == "auto" and torch.cuda.is_available())
             else "cpu"
         )
-        dtype_name = config.training.dtype
-        if dtype_name == "auto":
-            dtype_name = "bfloat16" if self.device.type == "cuda" else "float32"
-        self.dtype = getattr(torch, dtype_name)
+        self.dtype = resolve_dtype(config.training.dtype, self.device)
 
         train, heldout = self._read_data()  # before the model load: bad data fails in a second
         self.sandbox: SandboxPool | None = None

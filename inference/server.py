@@ -26,7 +26,7 @@ from fastapi.responses import StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
-from core.models import ModelNotFound, load_base_model
+from core.models import ModelNotFound, load_base_model, resolve_dtype
 from inference.adapter_cache import AdapterCache, AdapterUnavailable
 from inference.engine import BatchedEngine, Completion, GenerationRequest, Progress, SamplingParams
 from inference.scheduler import ModelWorker, Overloaded
@@ -71,9 +71,9 @@ class ModelPool:
 
         def load() -> tuple[BatchedEngine, AdapterCache]:  # on the worker's own thread
             try:
-                model, tokenizer = load_base_model(
-                    name, device="cuda" if torch.cuda.is_available() else "cpu"
-                )
+                device = "cuda" if torch.cuda.is_available() else "cpu"
+                dtype = resolve_dtype(self.settings.inference_dtype, device)
+                model, tokenizer = load_base_model(name, dtype=dtype, device=device)
             except ModelNotFound as exc:
                 raise APIError(404, "model_not_found", str(exc), "model") from None
             capacity = self.settings.inference_adapter_cache_mb << 20

@@ -65,6 +65,11 @@ class Settings(BaseSettings):
     inference_adapter_cache_mb: int = Field(
         1024, ge=1, description="Memory the model server keeps trained adapters in, per base model (LRU)."
     )
+    inference_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto",
+        description="The base models' weights in the model server; auto: bfloat16 on CUDA and on CPUs "
+        "with AMX or AVX512-BF16, else float32.",
+    )
     inference_max_batch: int = Field(
         64, ge=1, description="Rows one base model decodes at once; later requests wait for a free row."
     )

@@ -189,6 +189,7 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "lease_seconds",
         "max_attempts",
         "max_upload_bytes",
+        "inference_dtype",
     ):
         value = getattr(settings, name)
         if value is not None:

@@ -166,7 +166,7 @@ def test_exported_adapter_loads_with_plain_peft_and_gives_the_same_logits(letter
     result = trainer.train()
     assert (result.adapter_dir / "adapter_config.json").is_file()
     assert (result.adapter_dir / "adapter_model.safetensors").is_file()
-    base, _ = load_base_model("tiny-random")
+    base, _ = load_base_model("tiny-random", dtype=trainer.dtype)  # the weights it trained on
     loaded = PeftModel.from_pretrained(base, result.adapter_dir)
     batch = response_batch([[5, 6, 7, 8]], [[9, 10, 11]], 0, torch.device("cpu"))
     with torch.no_grad():
