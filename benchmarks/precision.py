@@ -69,7 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     for i, (full, half) in enumerate(zip(outputs[torch.float32], outputs[torch.bfloat16], strict=True)):
         if full == half:
             continue
-        at = next((j for j, (a, b) in enumerate(zip(full, half, strict=False)) if a != b), min(len(full), len(half)))
+        at = next(
+            (j for j, (a, b) in enumerate(zip(full, half, strict=False)) if a != b), min(len(full), len(half))
+        )
         with torch.inference_mode():
             ids = torch.tensor([prompts[i] + full[:at]])
             logits = models[torch.float32](input_ids=ids).logits[0, -1].float()
