@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import statistics
 import subprocess
@@ -26,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.provenance import provenance
+
+log = logging.getLogger("benchmarks.gradient_checkpointing")
 
 ADAPTERS = {"lora": {"type": "lora", "r": 8}, "prefix": {"type": "prefix"}}
 PROMPTS, ROLLOUTS, RESPONSE_TOKENS, MICRO_BATCH = 4, 8, 64, 16
@@ -183,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{saved:6.0%} {cell(off['update_seconds'], 2):>18s} {cell(on['update_seconds'], 2):>18s} {slower:7.0%}"
         )
     table = "\n".join(lines)
-    print(table)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    log.info("%s", table)
     if args.out:
         command = "python -m benchmarks.gradient_checkpointing " + " ".join(argv or sys.argv[1:])
         record = {**provenance(command, args.out), "table": table.splitlines(), "results": results}

@@ -21,6 +21,7 @@ would round away.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -88,7 +89,7 @@ class Projection:
 
 
 # Which LoRA adapter applies to which rows of a batch: (adapter name, row indices or None for all).
-LoraRows = list[tuple[str, torch.Tensor | None]]
+LoraRows = Sequence[tuple[str, torch.Tensor | None]]
 
 
 def lora_rows(names: list[str | None], device: torch.device) -> LoraRows:
@@ -134,8 +135,7 @@ class KVCache:
     """
 
     def __init__(self, layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device):
-        self.shape = (layers, 0, kv_heads, 0, head_dim)
-        self.keys = torch.zeros(self.shape, dtype=dtype, device=device)
+        self.keys = torch.zeros((layers, 0, kv_heads, 0, head_dim), dtype=dtype, device=device)
         self.values = torch.zeros_like(self.keys)
         self.lengths = torch.zeros(0, dtype=torch.long, device=device)
 
@@ -250,8 +250,8 @@ class Decoder:
         self, cache: KVCache, slots: torch.Tensor, prompts: list[list[int]], lora: LoraRows = ()
     ) -> torch.Tensor:
         """Append each prompt to its slot (after what the slot holds); logits [n, V] after each prompt."""
-        lengths = [len(p) for p in prompts]
-        width = max(lengths)
+        lengths = torch.tensor([len(p) for p in prompts], device=self.device)
+        width = int(lengths.max())
         ids = torch.zeros((len(prompts), width), dtype=torch.long)
         for i, prompt in enumerate(prompts):
             ids[i, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
@@ -260,12 +260,10 @@ class Decoder:
         start = cache.lengths[slots]
         position = start[:, None] + torch.arange(width, device=self.device)[None, :]  # [n, T]
         cache.reserve(int(slots.max()) + 1, int(position.max()) + 1)
-        hidden = self._forward(cache, slots, ids, position, list(lora))
-        cache.lengths[slots] = start + torch.tensor(lengths, device=self.device)
-        last = hidden[
-            torch.arange(len(prompts), device=self.device), torch.tensor(lengths, device=self.device) - 1
-        ]
-        return self.head(last, list(lora)).float()
+        hidden = self._forward(cache, slots, ids, position, lora)
+        cache.lengths[slots] = start + lengths
+        last = hidden[torch.arange(len(prompts), device=self.device), lengths - 1]
+        return self.head(last, lora).float()
 
     @torch.inference_mode()
     def step(self, cache: KVCache, tokens: torch.Tensor, lora: LoraRows = ()) -> torch.Tensor:
@@ -274,9 +272,9 @@ class Decoder:
         position = cache.lengths[:rows]
         cache.reserve(rows, int(position.max()) + 1)
         slots = torch.arange(rows, device=self.device)
-        hidden = self._forward(cache, slots, tokens[:, None], position[:, None], list(lora))
+        hidden = self._forward(cache, slots, tokens[:, None], position[:, None], lora)
         cache.lengths[:rows] += 1
-        return self.head(hidden[:, 0], list(lora)).float()
+        return self.head(hidden[:, 0], lora).float()
 
     def _forward(
         self, cache: KVCache, slots: torch.Tensor, ids: torch.Tensor, position: torch.Tensor, lora: LoraRows

@@ -207,7 +207,7 @@ def sample(
     shares them (a group's on-policy rollouts start from the same prompt). Sampling is plain
     softmax(logits / T): no top-k or top-p, so the sampler's distribution is exactly the one the
     trainer scores. `max_new_tokens` may differ per row (a hybrid row's budget is shortened by its
-    prefix). `pad_id` is unused (the decoder pads nothing) and kept for the callers' symmetry.
+    prefix).
     """
     budgets = [max_new_tokens] * len(inputs) if isinstance(max_new_tokens, int) else list(max_new_tokens)
     longest = max(budgets, default=0)
@@ -226,8 +226,8 @@ def sample(
     if prefix is not None:
         for slot in scratch.tolist():
             cache.write_prefix(slot, prefix)
-    lora_name = active_lora(model)
-    logits = decoder.prefill(cache, scratch, unique, lora_rows([lora_name] * len(unique), device))
+    lora = lora_rows([active_lora(model)], device)  # every row runs the same adapter, or none
+    logits = decoder.prefill(cache, scratch, unique, lora)
     index = torch.tensor(row_index, device=device)
     cache.copy_rows(torch.arange(rows, device=device), scratch.index_select(0, index))
     logits = logits.index_select(0, index)
@@ -253,7 +253,7 @@ def sample(
             cache.copy_rows(torch.arange(len(keep), device=device), keep)
             active, token, budget = (t.index_select(0, keep) for t in (active, token, budget))
             done = done.index_select(0, keep)
-        logits = decoder.step(cache, token, lora_rows([lora_name] * len(token), device))
+        logits = decoder.step(cache, token, lora)
 
     rows_out = [_cut(row, stop_ids, limit) for row, limit in zip(tokens.tolist(), budgets, strict=True)]
     if sampled_log_probs is not None:

@@ -192,11 +192,11 @@ def choose_tokens(logits: torch.Tensor, params: list[SamplingParams], uniform: t
     if sampled:
         index = torch.tensor(sampled, device=logits.device)
         temperature = torch.tensor([params[i].temperature for i in sampled], device=logits.device)
-        probs = torch.softmax(logits.index_select(0, index).float() / temperature[:, None], dim=-1)
+        log_probs = torch.log_softmax(logits.index_select(0, index).float() / temperature[:, None], dim=-1)
         for k, i in enumerate(sampled):
             if params[i].top_p < 1.0:
-                probs[k] = nucleus_filter(probs[k], params[i].top_p)
-        tokens[index] = sample_categorical(probs.log(), uniform.index_select(0, index))
+                log_probs[k] = nucleus_filter(log_probs[k].exp(), params[i].top_p).log()
+        tokens[index] = sample_categorical(log_probs, uniform.index_select(0, index))
     return tokens.tolist()
 
 
@@ -361,7 +361,7 @@ class BatchedEngine:
         longest = max(
             len(r.request.prompt_ids) + self._prefix_length(r) + r.request.params.max_tokens for r in rows
         )
-        self._cache.reserve(first + len(rows), longest)
+        self._cache.reserve(first + len(rows), longest)  # room for whole completions: steps never grow it
         self._cache.clear(slots)
         for slot, row in zip(slots.tolist(), rows, strict=True):
             if isinstance(row.request.adapter, PrefixKV):
