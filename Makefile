@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup example example-job serve test lint benchmark-throughput benchmark-learning benchmark-serving
+.PHONY: setup example example-job serve test lint benchmarks benchmark-throughput benchmark-learning benchmark-serving
 
 setup: $(STAMP)
 
@@ -30,13 +30,23 @@ test: lint
 	$(PY) -m pytest -q
 
 benchmark-throughput: setup
-	$(PY) -m benchmarks.throughput_vs_trl --steps 6 --prompts-per-step 4 --out docs/benchmarks/throughput.json
+	$(PY) -m benchmarks.throughput_vs_trl --steps 4 --repeats 3 --out docs/benchmarks/throughput.json
 
 benchmark-learning: setup
-	$(PY) -m benchmarks.learning --steps 20 --eval-every 10 --jobs 2 --out docs/benchmarks/learning
+	$(PY) -m benchmarks.learning --steps 20 --eval-every 10 --lr-prefix 1e-2 --lr-lora 3e-4 --jobs 2 --out docs/benchmarks/learning
 
 benchmark-serving: setup
 	$(PY) -m benchmarks.serving --out docs/benchmarks/serving.json
+
+# Every benchmark, one after the other (they must not share the cores), rewriting the results in
+# docs/benchmarks that the README quotes (tests/test_readme_figures.py holds the two together).
+# The polling benchmark needs PostgreSQL on loopback, as the tests do.
+benchmarks: benchmark-throughput benchmark-learning benchmark-serving
+	$(PY) -m benchmarks.gradient_checkpointing --runs 3 --updates 3 --out docs/benchmarks/gradient_checkpointing.json
+	$(PY) -m benchmarks.precision --out docs/benchmarks/precision.json
+	$(PY) -m benchmarks.polling --out docs/benchmarks/polling.json
+	$(PY) -m benchmarks.upload_memory --out docs/benchmarks/upload_memory.json
+	$(PY) -m benchmarks.reward_sandbox --out docs/benchmarks/reward_sandbox.json
 
 # The service on the embedded defaults (SQLite, local storage, a broker kept in files).
 serve: setup
