@@ -9,13 +9,11 @@ Two rules from measurement hold everywhere here:
 from __future__ import annotations
 
 import weakref
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from peft import PeftModel
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -323,24 +321,6 @@ def response_log_probs(
     applied only to real response tokens (not padding), in chunks, so the full [S, R, V] logits
     tensor is never built.
     """
-    with scoring_attention(batch.response_ids.device):
-        return _response_log_probs(model, batch, temperature, with_entropy)
-
-
-def scoring_attention(device: torch.device):
-    """The attention kernels of every scoring forward (and of a checkpointed layer's recompute).
-
-    On CPU the matmul ("math") attention: the CPU flash kernel's backward ran at about 3 GFLOP/s,
-    and a 16-row LoRA micro-batch of SmolLM2 in bfloat16 took 5.4 s forward + backward this way
-    against 6.4 s. Forwards without gradient (pi_old, the KL reference) use it too, so that they
-    score exactly what the differentiated forward scores: a policy ratio starts at exactly 1.
-    """
-    return sdpa_kernel(SDPBackend.MATH) if device.type == "cpu" else nullcontext()
-
-
-def _response_log_probs(
-    model: Policy, batch: ResponseBatch, temperature: float, with_entropy: bool
-) -> tuple[torch.Tensor, torch.Tensor | None]:
     shared = prefill_prompts(model, batch.prompts, batch.row_prompt, batch.pad_id)
     # The first response token is predicted by the prompt's last logits, every later one by the
     # hidden state of the token before it.
@@ -425,8 +405,6 @@ def _checkpointed(layer: torch.nn.Module, forward, index: int):
             runs += 1
             return forward(*a, **kw)
 
-        device = next(layer.parameters()).device
-        contexts = lambda: (nullcontext(), scoring_attention(device))  # noqa: E731
-        return checkpoint(replay, *args, use_reentrant=False, context_fn=contexts, **kwargs)
+        return checkpoint(replay, *args, use_reentrant=False, **kwargs)
 
     return run
