@@ -60,19 +60,19 @@ class Settings:
     """Everything both trainers are given; it is also recorded in the JSON output."""
 
     steps: int
-    prompts_per_step: int
-    rollouts_per_prompt: int
-    max_completion_tokens: int
-    micro_batch_size: int
-    learning_rate: float
-    lora_r: int
-    lora_alpha: float
-    temperature: float
-    seed: int
-    threads: int
-    warmup_steps: int
     model_dir: str
     data_file: str
+    prompts_per_step: int = 4
+    rollouts_per_prompt: int = 8
+    max_completion_tokens: int = 64
+    micro_batch_size: int = 16
+    learning_rate: float = 2e-5
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    temperature: float = 1.0
+    seed: int = 0
+    threads: int = os.cpu_count() or 1
+    warmup_steps: int = 1
 
     @property
     def completions_per_step(self) -> int:
@@ -161,15 +161,11 @@ def _measure(trainer: Any, steps: list[dict[str, Any]], rss_after_imports: int) 
     }
 
 
-def run_ours(settings: Settings, work_dir: Path, prefix: bool = False) -> dict[str, Any]:
-    _prepare_child(settings)
-    rss_after_imports = current_rss_bytes()  # before our heavy imports, which are part of the load
-
+def ours_config(settings: Settings, work_dir: Path, prefix: bool = False):
+    """Our trainer's configuration for the benchmark's work (`rft` + LoRA, or `prefix_rft` + prefix)."""
     from core.config import parse_config
-    from core.reporting import TrainerCallback
-    from core.trainer import Trainer
 
-    config = parse_config(
+    return parse_config(
         {
             "model": settings.model_dir,
             "method": "prefix_rft" if prefix else "rft",
@@ -214,6 +210,15 @@ def run_ours(settings: Settings, work_dir: Path, prefix: bool = False) -> dict[s
         }
     )
 
+
+def run_ours(settings: Settings, work_dir: Path, prefix: bool = False) -> dict[str, Any]:
+    _prepare_child(settings)
+    rss_after_imports = current_rss_bytes()  # before our heavy imports, which are part of the load
+
+    from core.reporting import TrainerCallback
+    from core.trainer import Trainer
+
+    config = ours_config(settings, work_dir, prefix)
     steps: list[dict[str, Any]] = []
     rows = settings.completions_per_step
 
@@ -534,16 +539,10 @@ def main(argv: list[str] | None = None) -> int:
         settings = Settings(
             steps=args.steps,
             prompts_per_step=args.prompts_per_step,
-            rollouts_per_prompt=rollouts,
-            max_completion_tokens=64,
             micro_batch_size=micro,
             learning_rate=args.learning_rate,
-            lora_r=8,
-            lora_alpha=16.0,
-            temperature=1.0,
             seed=args.seed,
             threads=args.threads,
-            warmup_steps=1,
             model_dir=str(model_dir),
             data_file=str(data_file),
         )

@@ -29,6 +29,7 @@ from core.algorithm import (
     kl_to_reference,
     lr_factor,
 )
+from core.allocator import release_free_memory
 from core.checkpoints import load_checkpoint, save_checkpoint
 from core.config import ConfigError, Problem, TrainConfig
 from core.data import (
@@ -49,6 +50,7 @@ from core.rollout import (
     EncodedExample,
     enable_gradient_checkpointing,
     encode_example,
+    release_decoder,
     response_batch,
     response_log_probs,
     sample,
@@ -227,6 +229,10 @@ class Trainer:
         rollouts = self.generate_rollouts(
             examples, low, high, random.Random(f"{self.config.seed}-ratio-{self.step}")
         )
+        # The decoder's packed weights and the rollouts' cache go back to the system before the
+        # update builds its activations.
+        release_decoder(self.model)
+        release_free_memory()
         rollout_time = time.perf_counter() - started
         generated = sum(
             len(r) - p for r, p in zip(rollouts.responses, rollouts.demo_prefix_lengths, strict=True)
@@ -246,6 +252,7 @@ class Trainer:
             ]
         )
         update = self.policy_update(rollouts, advantages)
+        release_free_memory()  # the update's activations, before the next step's rollouts
 
         metrics: dict[str, Any] = {
             "phase": "rft",
