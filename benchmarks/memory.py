@@ -42,7 +42,7 @@ _MIB = 1024 * 1024
 TRIM_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20), "MALLOC_TRIM_THRESHOLD_": str(16 << 20)}
 PRELOADED = {
     "jemalloc": ("libjemalloc.so.2", "libjemalloc2"),
-    "tcmalloc": ("libtcmalloc_minimal.so.4", "libtcmalloc-minimal4"),
+    "tcmalloc": ("libtcmalloc_minimal.so.4", "libtcmalloc-minimal4"),  # core.allocator.TCMALLOC
 }
 CONFIGS = ("default", "trim", *PRELOADED)
 
@@ -52,11 +52,15 @@ def config_environment(name: str) -> dict[str, str]:
     if name == "trim":
         return dict(TRIM_ENV)
     if name in PRELOADED:
+        from core.allocator import find_library
+
         library, package = PRELOADED[name]
-        for folder in ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib"):
-            if (Path(folder) / library).is_file():
-                return {"LD_PRELOAD": str(Path(folder) / library)}
-        raise SystemExit(f"{library} not found: install the {package} package, or leave out --configs {name}")
+        found = find_library(library)
+        if found is None:
+            raise SystemExit(
+                f"{library} not found: install the {package} package, or leave out --configs {name}"
+            )
+        return {"LD_PRELOAD": str(found)}
     return {}
 
 

@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import socket
+import statistics
 import sys
 import tempfile
 import time
@@ -81,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--noise", type=float, default=0.1, help="adapter perturbation, in parameter stds")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of both ways, alternating")
     parser.add_argument("--out", type=Path, default=None, help="write the JSON result here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -160,19 +162,35 @@ def main(argv: list[str] | None = None) -> int:
             return outputs, ttft
 
         one_by_one([0])  # warm-up
-        started = time.perf_counter()
-        sequential, sequential_ttft = one_by_one(list(range(args.requests)), started)
-        sequential_s = time.perf_counter() - started
+        runs = []
+        for repeat in range(args.repeats):  # the two ways alternate, so a slow spell hits both
+            log.info("run %d/%d", repeat + 1, args.repeats)
+            started = time.perf_counter()
+            sequential, sequential_ttft = one_by_one(list(range(args.requests)), started)
+            sequential_s = time.perf_counter() - started
+            # The model server: the same requests sent at once, streamed, adapters from storage.
+            texts = [tokenizer.decode(t, skip_special_tokens=True) for t in sequential]
+            served, served_ttft, served_s, steps = serve_concurrently(Path(tmp), adapter_dirs, which, args)
+            runs.append(
+                {
+                    "sequential": run_summary(sum(len(t) for t in sequential), sequential_s, sequential_ttft),
+                    "model_server": {
+                        **run_summary(sum(r["completion_tokens"] for r in served), served_s, served_ttft),
+                        "decode_steps": steps,
+                    },
+                }
+            )
+            runs[-1]["speedup"] = round(
+                runs[-1]["model_server"]["tokens_per_s"] / runs[-1]["sequential"]["tokens_per_s"], 2
+            )
 
-        # The model server: the same requests sent at once, streamed, adapters from storage.
-        texts = [tokenizer.decode(t, skip_special_tokens=True) for t in sequential]
-        served, served_ttft, served_s, steps = serve_concurrently(Path(tmp), adapter_dirs, which, args)
-
-    sequential_tokens = sum(len(t) for t in sequential)
-    served_tokens = sum(r["completion_tokens"] for r in served)
     mismatched = [i for i, (want, got) in enumerate(zip(texts, served, strict=True)) if want != got["text"]]
-    sequential_tps, served_tps = sequential_tokens / sequential_s, served_tokens / served_s
-    speedup = served_tps / sequential_tps
+    sequential_figures, served_figures = medians(runs, "sequential"), medians(runs, "model_server")
+    sequential_tokens, served_tokens = runs[-1]["sequential"]["tokens"], runs[-1]["model_server"]["tokens"]
+    sequential_s, served_s = sequential_figures["seconds"]["median"], served_figures["seconds"]["median"]
+    sequential_tps = sequential_figures["tokens_per_s"]["median"]
+    served_tps = served_figures["tokens_per_s"]["median"]
+    speedup = statistics.median(run["speedup"] for run in runs)
     command = "python -m benchmarks.serving " + " ".join(argv if argv is not None else sys.argv[1:])
     result = {
         "benchmark": "serving",
@@ -186,9 +204,12 @@ def main(argv: list[str] | None = None) -> int:
         "prefix_lengths": list(PREFIX_LENGTHS),
         "max_tokens": args.max_tokens,
         "temperature": 0,
-        "sequential": run_summary(sequential_tokens, sequential_s, sequential_ttft),
-        "model_server": {**run_summary(served_tokens, served_s, served_ttft), "decode_steps": steps},
+        "repeats": args.repeats,
+        # Medians over the repeats, with the range; each run's own figures are in `runs`.
+        "sequential": sequential_figures,
+        "model_server": served_figures,
         "speedup": round(speedup, 2),
+        "runs": runs,
         "target_speedup": TARGET_SPEEDUP,
         "identical_outputs": not mismatched,
         "mismatched_requests": mismatched,
@@ -210,15 +231,34 @@ def main(argv: list[str] | None = None) -> int:
         log.info(
             "%-22s %12.3f %12.3f",
             f"TTFT p{q} (s)",
-            result["sequential"][f"ttft_p{q}_s"],
-            result["model_server"][f"ttft_p{q}_s"],
+            result["sequential"][f"ttft_p{q}_s"]["median"],
+            result["model_server"][f"ttft_p{q}_s"]["median"],
         )
-    log.info("speedup %.2fx (target %.1fx); identical outputs: %s", speedup, TARGET_SPEEDUP, not mismatched)
+    log.info(
+        "medians of %d runs; speedup %.2fx (target %.1fx); identical outputs (last run): %s",
+        args.repeats,
+        speedup,
+        TARGET_SPEEDUP,
+        not mismatched,
+    )
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")
         log.info("wrote %s", args.out)
     return 0
+
+
+def medians(runs: list[dict], side: str) -> dict[str, dict[str, float]]:
+    """Median and range over the runs of each figure of one side (`sequential` or `model_server`)."""
+    keys = [k for k in runs[0][side] if k != "tokens"]
+    return {
+        key: {
+            "median": statistics.median(run[side][key] for run in runs),
+            "min": min(run[side][key] for run in runs),
+            "max": max(run[side][key] for run in runs),
+        }
+        for key in keys
+    }
 
 
 def run_summary(tokens: int, seconds: float, ttft: list[float]) -> dict[str, float]:

@@ -15,7 +15,8 @@ update per generation batch, no KL term and no reference model. The contenders:
 
 Each run is its own spawned process, one after the other (never concurrently: they would compete
 for the same cores), so its peak RSS is its own. The first step of each run is a warm-up and is not
-timed. A contender's headline is the median over `--repeats` runs, with the range.
+timed. A contender's headline is the median over `--repeats` runs, with the range. Every
+contender runs on the same C allocator (`--allocator`): tcmalloc by default, as the worker does.
 
 Throughput is end-to-end: completion tokens generated in a step / wall time of the whole step
 (generation, reward, forward, backward, optimizer). Completion lengths are random, so the trainers
@@ -501,6 +502,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--threads", type=int, default=os.cpu_count() or 1, help="torch.set_num_threads in both children."
     )
     parser.add_argument("--repeats", type=int, default=3, help="Runs per contender (fresh processes).")
+    parser.add_argument(
+        "--allocator",
+        choices=("tcmalloc", "system"),
+        default="tcmalloc",
+        help="C allocator of every contender's process: tcmalloc preloaded (as the worker runs; "
+        "core/allocator.py), or the system's malloc.",
+    )
     parser.add_argument("--out", type=Path, default=None, help="Write the raw results as JSON here.")
     args = parser.parse_args(argv)
     if args.steps < 2:
@@ -526,7 +534,18 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--micro-batch-size {micro} must divide the {completions} completions per step")
 
     from benchmarks.provenance import provenance
+    from core.allocator import TCMALLOC, find_library
     from core.models import resolve_model_dir
+
+    if args.allocator == "tcmalloc":
+        library = find_library(TCMALLOC)
+        if library is None:
+            raise SystemExit(
+                f"{TCMALLOC} not found: install libtcmalloc-minimal4, or pass --allocator system"
+            )
+        os.environ["LD_PRELOAD"] = str(library)  # every spawned contender starts with it
+    else:
+        os.environ.pop("LD_PRELOAD", None)
 
     # Resolved (and converted from GGUF if needed) here, so neither child pays for the conversion.
     model_dir = resolve_model_dir(MODEL)
@@ -570,6 +589,8 @@ def main(argv: list[str] | None = None) -> int:
                 **{k: v for k, v in asdict(settings).items() if k != "data_file"},
                 "model": MODEL,
                 "repeats": args.repeats,
+                "allocator": args.allocator,
+                "ld_preload": os.environ.get("LD_PRELOAD"),
                 "completions_per_step": settings.completions_per_step,
                 "gradient_accumulation_steps": settings.gradient_accumulation_steps,
             },

@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 from sqlalchemy import func, select
 
+from core.allocator import preload_environment
 from migrations import upgrade_to_head
 from service.db import make_engine, make_sessionmaker, transaction
 from service.keys import create_key
@@ -95,12 +96,16 @@ def serve(host: str, port: int, with_worker: bool = True, with_model_server: boo
         )
     # Children in their own process groups, so a Ctrl-C in this terminal reaches them only through us.
     children = []
+    # The processes that run torch get tcmalloc where it is installed (core/allocator.py).
+    env = preload_environment(dict(os.environ))
+    if env.get("LD_PRELOAD"):
+        log.info("worker and model server with LD_PRELOAD=%s", env["LD_PRELOAD"])
     if with_worker:
-        children.append(subprocess.Popen(worker_command(), env=os.environ.copy(), start_new_session=True))
+        children.append(subprocess.Popen(worker_command(), env=env, start_new_session=True))
         log.info("worker started (pid %d)", children[-1].pid)
     if with_model_server:
         command = model_server_command(settings)
-        children.append(subprocess.Popen(command, env=os.environ.copy(), start_new_session=True))
+        children.append(subprocess.Popen(command, env=env, start_new_session=True))
         log.info("model server started on %s (pid %d)", settings.inference_url, children[-1].pid)
     print(
         f"API on http://{host}:{port} (docs: http://{host}:{port}/docs); data in {settings.data_dir}",
