@@ -43,8 +43,10 @@ benchmark-throughput: setup
 benchmark-learning: setup
 	$(PY) -m benchmarks.learning --steps 20 --eval-every 10 --lr-prefix 1e-2 --lr-lora 3e-4 --jobs 2 --out docs/benchmarks/learning
 
+# With tcmalloc preloaded where installed, as the model server runs (core/allocator.py).
 benchmark-serving: setup
-	$(PY) -m benchmarks.serving --out docs/benchmarks/serving.json
+	LD_PRELOAD=$$(ls /usr/lib/*/libtcmalloc_minimal.so.4 2>/dev/null | head -n 1) \
+	    $(PY) -m benchmarks.serving --out docs/benchmarks/serving.json
 
 # Every benchmark, one after the other (they must not share the cores), rewriting the results in
 # docs/benchmarks that the README quotes (tests/test_readme_figures.py holds the two together).
@@ -52,6 +54,9 @@ benchmark-serving: setup
 benchmarks: benchmark-throughput benchmark-learning benchmark-serving
 	$(PY) -m benchmarks.gradient_checkpointing --runs 3 --updates 3 --out docs/benchmarks/gradient_checkpointing.json
 	$(PY) -m benchmarks.precision --out docs/benchmarks/precision.json
+	$(PY) -m benchmarks.precision_training --seeds 3 --jobs 2 --out docs/benchmarks/precision_training.json
+	$(PY) -m benchmarks.memory --steps 4 --repeats 3 --out docs/benchmarks/memory.json
+	$(PY) -m benchmarks.decode_compile --out docs/benchmarks/decode_compile.json
 	$(PY) -m benchmarks.polling --out docs/benchmarks/polling.json
 	$(PY) -m benchmarks.upload_memory --out docs/benchmarks/upload_memory.json
 	$(PY) -m benchmarks.reward_sandbox --out docs/benchmarks/reward_sandbox.json

@@ -199,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         "dtype": str(dtype).removeprefix("torch."),
         "device": "cpu",
         "torch_threads": torch.get_num_threads(),
+        "ld_preload": os.environ.get("LD_PRELOAD"),  # the C allocator of both runs, if preloaded
         "requests": args.requests,
         "adapters": len(adapter_dirs),
         "prefix_lengths": list(PREFIX_LENGTHS),
