@@ -15,7 +15,6 @@ Each variant's tokens are compared with eager's.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import shlex
 import statistics
@@ -38,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from benchmarks.provenance import provenance
+    from benchmarks.provenance import provenance, write_report
     from core.decoding import Decoder
     from core.models import load_base_model
 
@@ -120,9 +119,7 @@ def main(argv: list[str] | None = None) -> int:
             "torch": torch.__version__,
             "variants": results,
         }
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
-        log.info("wrote %s", args.out)
+        write_report(args.out, report)
     return 0
 
 

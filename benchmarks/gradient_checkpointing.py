@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.provenance import provenance
+from benchmarks.provenance import provenance, write_report
 
 log = logging.getLogger("benchmarks.gradient_checkpointing")
 
@@ -191,8 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         command = "python -m benchmarks.gradient_checkpointing " + " ".join(argv or sys.argv[1:])
         record = {**provenance(command, args.out), "table": table.splitlines(), "results": results}
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(record, indent=2) + "\n")
+        write_report(args.out, record)
     return 0
 
 

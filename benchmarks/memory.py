@@ -289,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
 
-    from benchmarks.provenance import provenance
+    from benchmarks.provenance import provenance, write_report
     from core.models import resolve_model_dir
 
     origin = provenance(
@@ -332,9 +332,7 @@ def main(argv: list[str] | None = None) -> int:
             "runs": runs,
             "table": lines,
         }
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
-        log.info("wrote %s", args.out)
+        write_report(args.out, report)
     return 0
 
 

@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import logging
 import multiprocessing
 import os
@@ -792,7 +791,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import psutil  # noqa: F401  (fail early: the CPU figures need it)
 
-    from benchmarks.provenance import provenance
+    from benchmarks.provenance import provenance, write_report
 
     origin = provenance(shlex.join(["python", "-m", "benchmarks.polling", *argv]), args.out)
 
@@ -846,9 +845,7 @@ def main(argv: list[str] | None = None) -> int:
             "phases": summaries,
             "table": table,
         }
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
-        log.info("wrote %s", args.out)
+        write_report(args.out, report)
     return 0
 
 

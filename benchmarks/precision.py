@@ -12,7 +12,6 @@ between the top two logits there (a near-tie that bfloat16 rounding can flip sho
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import statistics
 import sys
@@ -42,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from benchmarks.provenance import provenance
+    from benchmarks.provenance import provenance, write_report
     from core.models import load_base_model
     from core.rollout import sample, stop_token_ids
 
@@ -109,8 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             "summary": summary,
             "differing": differing,
         }
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(record, indent=2) + "\n")
+        write_report(args.out, record)
     return 0
 
 

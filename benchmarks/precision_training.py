@@ -13,7 +13,6 @@ them: wall-clock minutes are not the point here.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import multiprocessing
 import os
@@ -105,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
 
-    from benchmarks.provenance import provenance
+    from benchmarks.provenance import provenance, write_report
     from core.models import resolve_model_dir
     from examples.addition.make_data import addition_splits, write_jsonl
 
@@ -139,9 +138,7 @@ def main(argv: list[str] | None = None) -> int:
             "runs": results,
             "table": lines,
         }
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
-        log.info("wrote %s", args.out)
+        write_report(args.out, report)
     return 0
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import platform
 import subprocess
@@ -34,3 +36,10 @@ def machine() -> dict[str, Any]:
         ]
         cpu = names[0] if names else cpu
     return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform()}
+
+
+def write_report(out: Path, report: dict[str, Any]) -> None:
+    """A benchmark's result as indented JSON at `out` (folders made as needed)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    logging.getLogger("benchmarks").info("wrote %s", out)

@@ -20,9 +20,9 @@ What is measured, on a SandboxPool with the deployment's default limits except w
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
+import shlex
 import statistics
 import sys
 import threading
@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks.provenance import provenance, write_report
 from core.rewards.sandbox import GraderProgram, SandboxLimits, SandboxPool
 
 TARGET_PER_SECOND = 2000.0
@@ -137,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=SandboxLimits().workers, help="warm sandbox processes")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    origin = provenance(shlex.join(["python", "-m", "benchmarks.reward_sandbox", *argv]), args.out)
 
     limits = SandboxLimits(workers=args.workers)
     pool = SandboxPool(limits)
@@ -178,9 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.out:
         record = {
-            "command": "python -m benchmarks.reward_sandbox "
-            + " ".join(argv if argv is not None else sys.argv[1:]),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            **origin,
             "target": {"trivial_completions_per_second": TARGET_PER_SECOND},
             "settings": {
                 "cpu_count": os.cpu_count(),
@@ -191,8 +192,7 @@ def main(argv: list[str] | None = None) -> int:
             },
             "result": results,
         }
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(record, indent=2) + "\n")
+        write_report(args.out, record)
     met = trivial >= TARGET_PER_SECOND and sleeping["others_scored"] == STEP - len(sleeping["sleeping"])
     return 0 if met else 1
 

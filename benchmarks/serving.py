@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
     from peft import PeftModel
 
-    from benchmarks.provenance import provenance
+    from benchmarks.provenance import provenance, write_report
     from core.models import load_base_model, resolve_dtype
     from core.rollout import stop_token_ids
 
@@ -243,9 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         not mismatched,
     )
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
-        log.info("wrote %s", args.out)
+        write_report(args.out, result)
     return 0
 
 

@@ -533,7 +533,7 @@ def main(argv: list[str] | None = None) -> int:
         # TRL needs whole micro-batches per generation batch (generation_batch_size % batch size == 0).
         raise SystemExit(f"--micro-batch-size {micro} must divide the {completions} completions per step")
 
-    from benchmarks.provenance import provenance
+    from benchmarks.provenance import provenance, write_report
     from core.allocator import TCMALLOC, find_library
     from core.models import resolve_model_dir
 
@@ -601,9 +601,7 @@ def main(argv: list[str] | None = None) -> int:
             "raw": raw,
             "table": text.splitlines(),
         }
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
-        log.info("wrote %s", args.out)
+        write_report(args.out, report)
     return 0
 
 

@@ -417,22 +417,22 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if not Path("/proc/self/status").is_file():
         raise SystemExit("this benchmark reads /proc/<pid>/status (Linux only)")
+    from benchmarks.provenance import provenance, write_report
+
+    origin = provenance(shlex.join(["python", "-m", "benchmarks.upload_memory", *argv]), args.out)
     with tempfile.TemporaryDirectory(prefix="bench-upload-") as tmp:
         result = measure(args, Path(tmp))
     table = print_table(result)
     if args.out is not None:
         report = {
-            "command": shlex.join([Path(sys.executable).name, "-m", "benchmarks.upload_memory", *argv]),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            **origin,
             "target": {"growth_mib_below": TARGET_GROWTH_MIB, "size_mib": args.size_mb},
             "settings": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "seed": args.seed},
             "versions": versions(),
             "result": result,
             "table": table,
         }
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
-        log.info("wrote %s", args.out)
+        write_report(args.out, report)
     return 0 if result["response"]["as_expected"] else 1
 
 

@@ -306,6 +306,17 @@ def test_the_worker_installs_pinned_torch_first_then_the_trainer_then_the_base_m
     assert torch_at < train_at < model_at
 
 
+def test_the_worker_image_preloads_the_tcmalloc_it_installs():
+    from core.allocator import TCMALLOC
+
+    text = WORKER_DOCKERFILE.read_text()
+    runtime = text[text.index("AS runtime") :]
+    assert "libtcmalloc-minimal4" in runtime
+    preload = re.search(r"^ENV LD_PRELOAD=(\S+)$", runtime, re.MULTILINE)
+    assert preload and preload[1].endswith(TCMALLOC)
+    assert f'ln -s "$(ls /usr/lib/*/{TCMALLOC} | head -n 1)" {preload[1]}' in runtime
+
+
 def test_both_images_run_as_a_non_root_user():
     for path in (API_DOCKERFILE, WORKER_DOCKERFILE):
         users = [args for keyword, args in dockerfile_instructions(path) if keyword == "USER"]
