@@ -34,6 +34,7 @@ log = logging.getLogger("benchmarks.serving")
 MODEL = "smollm2-135m-instruct"
 PREFIX_LENGTHS = (8, 12, 16, 20)
 TARGET_SPEEDUP = 3.0
+TARGET_VS_LLAMA_CPP = 3.0  # tokens/s, the base model on both servers
 QUESTIONS = (
     "What is 17 + 25?",
     "Name three primary colors.",
@@ -83,6 +84,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto")
     parser.add_argument("--repeats", type=int, default=3, help="runs of both ways, alternating")
+    parser.add_argument(
+        "--no-peer",
+        dest="peer",
+        action="store_false",
+        help="skip the base model against llama.cpp's llama-server (built on first use, ~10 min)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="write the JSON result here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -184,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
                 runs[-1]["model_server"]["tokens_per_s"] / runs[-1]["sequential"]["tokens_per_s"], 2
             )
 
+        peer = against_llama_cpp(Path(tmp), args) if args.peer else None
+
     mismatched = [i for i, (want, got) in enumerate(zip(texts, served, strict=True)) if want != got["text"]]
     sequential_figures, served_figures = medians(runs, "sequential"), medians(runs, "model_server")
     sequential_tokens, served_tokens = runs[-1]["sequential"]["tokens"], runs[-1]["model_server"]["tokens"]
@@ -211,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         "model_server": served_figures,
         "speedup": round(speedup, 2),
         "runs": runs,
+        "base_model_vs_llama_cpp": peer,
         "target_speedup": TARGET_SPEEDUP,
         "identical_outputs": not mismatched,
         "mismatched_requests": mismatched,
@@ -242,6 +252,20 @@ def main(argv: list[str] | None = None) -> int:
         TARGET_SPEEDUP,
         not mismatched,
     )
+    if peer is not None:
+        log.info(
+            "base model, medians of %d: model server %.2f tokens/s (TTFT p50 %.3f s), llama.cpp %.2f "
+            "(TTFT p50 %.3f s): %.2fx (target %.1fx); %d of %d outputs identical",
+            args.repeats,
+            peer["model_server"]["tokens_per_s"]["median"],
+            peer["model_server"]["ttft_p50_s"]["median"],
+            peer["llama_cpp"]["tokens_per_s"]["median"],
+            peer["llama_cpp"]["ttft_p50_s"]["median"],
+            peer["speedup"],
+            TARGET_VS_LLAMA_CPP,
+            peer["identical_outputs"],
+            args.requests,
+        )
     if args.out is not None:
         write_report(args.out, result)
     return 0
@@ -278,20 +302,122 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
+def start_model_server(tmp: Path, args):
+    """`prefix-rft model-server` on a free port, objects under tmp; returns (process, url, log path)."""
+    import subprocess
+
+    import httpx
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {
+        **os.environ,
+        "PREFIX_RFT_STORAGE_URL": (tmp / "objects").as_uri(),
+        "PREFIX_RFT_INFERENCE_DTYPE": args.dtype,
+    }
+    log_path = tmp / "model-server.log"
+    with log_path.open("wb") as log_file:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "cli.main", "model-server", "--port", str(port)],
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if httpx.get(f"{url}/health").status_code == 200:
+                return server, url
+        except httpx.HTTPError:
+            pass
+        if server.poll() is not None or time.monotonic() > deadline:
+            server.kill()
+            raise RuntimeError(log_path.read_text()[-3000:])
+        time.sleep(0.2)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def chat_request(i: int, args) -> dict:
+    """Request i of the benchmark, as an OpenAI client sends it (streamed, with usage)."""
+    return {
+        "messages": [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}],
+        "max_tokens": args.max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+
+
+def unstreamed(request: dict) -> dict:
+    """The same request, answered whole (for warm-ups)."""
+    return {**{k: v for k, v in request.items() if k != "stream_options"}, "stream": False}
+
+
+def stream_all(url: str, bodies: list[dict]) -> tuple[list[dict], float]:
+    """POST every body to url/v1/chat/completions at once, streamed, from one thread each.
+
+    Returns each answer (text, time to first token from the common start, completion tokens,
+    finish reason) and the wall time until the last one ended.
+    """
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    # One client for all threads, made before the clock starts (a client per request would
+    # time the building of 16 SSL contexts on the machine that decodes).
+    limits = httpx.Limits(max_connections=len(bodies), max_keepalive_connections=len(bodies))
+    http = httpx.Client(base_url=url, timeout=600, limits=limits)
+    gate = threading.Barrier(len(bodies) + 1)
+    started = [0.0]
+
+    def ask(body: dict) -> dict:
+        gate.wait()
+        text, first, usage, finish = "", None, None, None
+        with http.stream("POST", "/v1/chat/completions", json=body) as response:
+            response.raise_for_status()
+            for line in response.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line.removeprefix("data: "))
+                for choice in chunk["choices"]:
+                    if (choice.get("delta") or {}).get("content"):
+                        first = first or time.perf_counter()
+                        text += choice["delta"]["content"]
+                    finish = choice.get("finish_reason") or finish
+                usage = chunk.get("usage") or usage
+        if usage is None:
+            raise RuntimeError(f"{url} sent no usage chunk")
+        return {
+            "text": text,
+            "ttft": (first or time.perf_counter()) - started[0],
+            "completion_tokens": usage["completion_tokens"],
+            "finish_reason": finish,
+        }
+
+    with http, ThreadPoolExecutor(len(bodies)) as pool:
+        futures = [pool.submit(ask, body) for body in bodies]
+        gate.wait()
+        started[0] = time.perf_counter()
+        results = [f.result() for f in futures]
+    return results, time.perf_counter() - started[0]
+
+
 def serve_concurrently(tmp: Path, adapter_dirs: list[Path], which: list[int], args) -> tuple:
     """Start `prefix-rft model-server`, store the adapters, send every request at once (streamed)."""
     import hashlib
-    import subprocess
-    import threading
-    from concurrent.futures import ThreadPoolExecutor
 
     import httpx
 
     from service.storage import open_storage
     from worker.runner import write_archive
 
-    storage_root = tmp / "objects"
-    storage = open_storage(storage_root.as_uri())
+    storage = open_storage((tmp / "objects").as_uri())
     refs = []
     for i, directory in enumerate(adapter_dirs):
         archive = tmp / f"adapter-{i}.tar.gz"
@@ -303,95 +429,101 @@ def serve_concurrently(tmp: Path, adapter_dirs: list[Path], which: list[int], ar
                 "sha256": hashlib.sha256(archive.read_bytes()).hexdigest(),
             }
         )
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
-    env = {
-        **os.environ,
-        "PREFIX_RFT_STORAGE_URL": storage_root.as_uri(),
-        "PREFIX_RFT_INFERENCE_DTYPE": args.dtype,
-    }
-    log_file = (tmp / "model-server.log").open("wb")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "cli.main", "model-server", "--port", str(port)],
-        env=env,
-        stdout=log_file,
-        stderr=subprocess.STDOUT,
-    )
+
+    def body(i: int) -> dict:
+        return {
+            "target": {"name": f"adapter-{which[i]}", "base_model": MODEL, "adapter": refs[which[i]]},
+            "request": chat_request(i, args),
+        }
+
+    server, url = start_model_server(tmp, args)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{url}/health").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError((tmp / "model-server.log").read_text()[-3000:])
-            time.sleep(0.2)
-
-        def body(i: int) -> dict:
-            return {
-                "target": {"name": f"adapter-{which[i]}", "base_model": MODEL, "adapter": refs[which[i]]},
-                "request": {
-                    "model": f"adapter-{which[i]}",
-                    "messages": [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}],
-                    "max_tokens": args.max_tokens,
-                    "temperature": 0,
-                    "stream": True,
-                    "stream_options": {"include_usage": True},
-                },
-            }
-
-        # One client for all threads, made before the clock starts (a client per request would
-        # time the building of 16 SSL contexts on the machine that decodes).
-        limits = httpx.Limits(max_connections=args.requests, max_keepalive_connections=args.requests)
-        http = httpx.Client(base_url=url, timeout=600, limits=limits)
-        gate = threading.Barrier(args.requests + 1)
-        started = [0.0]
-
-        def ask(i: int) -> dict:
-            gate.wait()
-            text, first, usage, finish = "", None, None, None
-            with http.stream("POST", "/v1/chat/completions", json=body(i)) as response:
-                response.raise_for_status()
-                for line in response.iter_lines():
-                    if not line.startswith("data: ") or line == "data: [DONE]":
-                        continue
-                    chunk = json.loads(line.removeprefix("data: "))
-                    for choice in chunk["choices"]:
-                        if choice["delta"].get("content"):
-                            first = first or time.perf_counter()
-                            text += choice["delta"]["content"]
-                        finish = choice["finish_reason"] or finish
-                    usage = chunk.get("usage") or usage
-            return {
-                "text": text,
-                "ttft": (first or time.perf_counter()) - started[0],
-                "completion_tokens": usage["completion_tokens"],
-                "finish_reason": finish,
-            }
-
         # Warm-up, not timed: the base model and every adapter loaded (one request each).
         for i in range(len(adapter_dirs)):
-            warm = body(i)
-            warm["request"]["stream"] = False
-            warm["request"].pop("stream_options")
+            warm = {**body(i), "request": unstreamed(body(i)["request"])}
             httpx.post(f"{url}/v1/chat/completions", json=warm, timeout=600).raise_for_status()
         steps_before = httpx.get(f"{url}/stats").json()[MODEL]["steps"]
-        with ThreadPoolExecutor(args.requests) as pool:
-            futures = [pool.submit(ask, i) for i in range(args.requests)]
-            gate.wait()
-            started[0] = time.perf_counter()
-            results = [f.result() for f in futures]
-        seconds = time.perf_counter() - started[0]
+        results, seconds = stream_all(url, [body(i) for i in range(args.requests)])
         steps = httpx.get(f"{url}/stats").json()[MODEL]["steps"] - steps_before
     finally:
         server.terminate()
         server.wait(timeout=60)
-        log_file.close()
     return results, [r["ttft"] for r in results], seconds, steps
+
+
+def against_llama_cpp(tmp: Path, args) -> dict:
+    """The same 16 streamed requests to the base model: our model server vs llama.cpp's, alternating.
+
+    Both servers get the same weights in bfloat16 (converted to GGUF for llama.cpp) and the
+    machine's cores (`-t`); llama.cpp has one slot per request (`--parallel`).
+    """
+    import httpx
+
+    from benchmarks import llama_cpp_peer
+    from core.models import resolve_model_dir
+
+    gguf = llama_cpp_peer.bf16_gguf(resolve_model_dir(MODEL))
+    threads = int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1))
+    ours = [
+        {"target": {"name": MODEL, "base_model": MODEL}, "request": chat_request(i, args)}
+        for i in range(args.requests)
+    ]
+    theirs = [chat_request(i, args) for i in range(args.requests)]
+    runs: dict[str, list[dict]] = {"model_server": [], "llama_cpp": []}
+    texts: dict[str, list[str]] = {}
+    for repeat in range(args.repeats):
+        log.info("base model, run %d/%d: our model server, then llama-server", repeat + 1, args.repeats)
+        server, url = start_model_server(tmp, args)
+        try:
+            httpx.post(
+                f"{url}/v1/chat/completions",
+                json={**ours[0], "request": unstreamed(ours[0]["request"])},
+                timeout=600,
+            )
+            results, seconds = stream_all(url, ours)
+        finally:
+            server.terminate()
+            server.wait(timeout=60)
+        runs["model_server"].append(
+            run_summary(sum(r["completion_tokens"] for r in results), seconds, [r["ttft"] for r in results])
+        )
+        texts["model_server"] = [r["text"] for r in results]
+
+        port = free_port()
+        context = 256  # per slot: the longest prompt (about 40 tokens) and 64 new tokens fit
+        peer = llama_cpp_peer.start(gguf, port, args.requests, context, threads, tmp / "llama-server.log")
+        try:
+            url = f"http://127.0.0.1:{port}"
+            httpx.post(
+                f"{url}/v1/chat/completions",
+                json=unstreamed(theirs[0]),
+                timeout=600,
+            )
+            results, seconds = stream_all(url, theirs)
+        finally:
+            peer.terminate()
+            peer.wait(timeout=60)
+        runs["llama_cpp"].append(
+            run_summary(sum(r["completion_tokens"] for r in results), seconds, [r["ttft"] for r in results])
+        )
+        texts["llama_cpp"] = [r["text"] for r in results]
+    figures = {side: medians([{side: r} for r in runs[side]], side) for side in runs}
+    return {
+        "gguf": gguf.name,
+        "llama_cpp_version": f"vendored in llama-cpp-python {llama_cpp_peer.VERSION}",
+        "threads": threads,
+        **figures,
+        "speedup": round(
+            figures["model_server"]["tokens_per_s"]["median"]
+            / figures["llama_cpp"]["tokens_per_s"]["median"],
+            2,
+        ),
+        "target_speedup": TARGET_VS_LLAMA_CPP,
+        "identical_outputs": sum(
+            a == b for a, b in zip(texts["model_server"], texts["llama_cpp"], strict=True)
+        ),
+        "runs": runs,
+    }
 
 
 if __name__ == "__main__":
