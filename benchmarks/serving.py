@@ -342,9 +342,10 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def chat_request(i: int, args) -> dict:
+def chat_request(i: int, args, model: str) -> dict:
     """Request i of the benchmark, as an OpenAI client sends it (streamed, with usage)."""
     return {
+        "model": model,
         "messages": [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}],
         "max_tokens": args.max_tokens,
         "temperature": 0,
@@ -433,7 +434,7 @@ def serve_concurrently(tmp: Path, adapter_dirs: list[Path], which: list[int], ar
     def body(i: int) -> dict:
         return {
             "target": {"name": f"adapter-{which[i]}", "base_model": MODEL, "adapter": refs[which[i]]},
-            "request": chat_request(i, args),
+            "request": chat_request(i, args, f"adapter-{which[i]}"),
         }
 
     server, url = start_model_server(tmp, args)
@@ -465,10 +466,10 @@ def against_llama_cpp(tmp: Path, args) -> dict:
     gguf = llama_cpp_peer.bf16_gguf(resolve_model_dir(MODEL))
     threads = int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1))
     ours = [
-        {"target": {"name": MODEL, "base_model": MODEL}, "request": chat_request(i, args)}
+        {"target": {"name": MODEL, "base_model": MODEL}, "request": chat_request(i, args, MODEL)}
         for i in range(args.requests)
     ]
-    theirs = [chat_request(i, args) for i in range(args.requests)]
+    theirs = [chat_request(i, args, MODEL) for i in range(args.requests)]
     runs: dict[str, list[dict]] = {"model_server": [], "llama_cpp": []}
     texts: dict[str, list[str]] = {}
     for repeat in range(args.repeats):
