@@ -15,6 +15,7 @@ import json
 import logging
 import multiprocessing
 import os
+import shlex
 import sys
 import tempfile
 import time
@@ -164,7 +165,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks.provenance import provenance
     from examples.addition.make_data import addition_splits, write_jsonl
+
+    argv = sys.argv[1:] if argv is None else argv
+    origin = provenance(shlex.join(["python", "-m", "benchmarks.learning", *argv]), args.out)
 
     settings = {
         "steps": args.steps,
@@ -199,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             results = [run_one(*run) for run in runs]
 
-    report = {"settings": settings, "command": " ".join(sys.argv), "results": results}
+    report = {**origin, "settings": settings, "results": results}
     (args.out / "learning.json").write_text(json.dumps(report, indent=2))
     plot(results, args.out / "accuracy.png")
     summary = table(results)
