@@ -53,6 +53,17 @@ class Deployment:
     def stats(self) -> dict:
         return httpx.get(f"{self.model_server}/stats").json().get("tiny-random", {})
 
+    def cancelled_rows(self) -> float:
+        """The model server's count of rows that ended cancelled (its Prometheus counter)."""
+        text = httpx.get(f"{self.model_server}/metrics").text
+        return sum(
+            float(row.split()[-1])
+            for row in text.splitlines()
+            if row.startswith("prefix_rft_inference_rows_total{")
+            and 'end="cancelled"' in row
+            and 'model="tiny-random"' in row
+        )
+
 
 def make_adapter(directory: Path, kind: str, seed: int) -> Path:
     model, tokenizer = load_base_model("tiny-random")
@@ -353,20 +364,23 @@ def test_a_client_that_goes_away_frees_its_rows(deployment: Deployment):
     # A request that would decode 900 tokens, to be sure the rows are cut, not finished.
     assert deployment.client().completions.create(**body).choices[0].finish_reason == "length"
 
-    steps = deployment.stats()["steps"]
+    # Each hang-up ends its row as cancelled, before the 900 steps it would decode.
+    steps, cancelled = deployment.stats()["steps"], deployment.cancelled_rows()
     with httpx.stream(
         "POST", f"{deployment.base_url}/v1/completions", json={**body, "stream": True}, headers=headers
     ) as stream:
         for _ in zip(stream.iter_lines(), range(6), strict=False):
             pass  # a few chunks, then the client hangs up
     _wait_for_idle(deployment)
-    assert deployment.stats()["steps"] - steps < 600
+    assert deployment.cancelled_rows() == cancelled + 1
+    assert deployment.stats()["steps"] - steps < 900
 
-    steps = deployment.stats()["steps"]
+    steps, cancelled = deployment.stats()["steps"], deployment.cancelled_rows()
     with pytest.raises(httpx.ReadTimeout):  # not streamed: the client gives up waiting
         httpx.post(f"{deployment.base_url}/v1/completions", json=body, headers=headers, timeout=0.3)
     _wait_for_idle(deployment)
-    assert deployment.stats()["steps"] - steps < 600
+    assert deployment.cancelled_rows() == cancelled + 1
+    assert deployment.stats()["steps"] - steps < 900
 
 
 def _wait_for_idle(deployment: Deployment) -> None:
