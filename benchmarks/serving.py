@@ -472,42 +472,27 @@ def against_llama_cpp(tmp: Path, args) -> dict:
     theirs = [chat_request(i, args, MODEL) for i in range(args.requests)]
     runs: dict[str, list[dict]] = {"model_server": [], "llama_cpp": []}
     texts: dict[str, list[str]] = {}
+
+    def measure(side: str, process, url: str, bodies: list[dict], warm_up: dict) -> None:
+        """Warm the server up, send the requests, stop it; record the run under `side`."""
+        try:
+            httpx.post(f"{url}/v1/chat/completions", json=warm_up, timeout=600).raise_for_status()
+            results, seconds = stream_all(url, bodies)
+        finally:
+            process.terminate()
+            process.wait(timeout=60)
+        tokens = sum(r["completion_tokens"] for r in results)
+        runs[side].append(run_summary(tokens, seconds, [r["ttft"] for r in results]))
+        texts[side] = [r["text"] for r in results]
+
     for repeat in range(args.repeats):
         log.info("base model, run %d/%d: our model server, then llama-server", repeat + 1, args.repeats)
         server, url = start_model_server(tmp, args)
-        try:
-            httpx.post(
-                f"{url}/v1/chat/completions",
-                json={**ours[0], "request": unstreamed(ours[0]["request"])},
-                timeout=600,
-            )
-            results, seconds = stream_all(url, ours)
-        finally:
-            server.terminate()
-            server.wait(timeout=60)
-        runs["model_server"].append(
-            run_summary(sum(r["completion_tokens"] for r in results), seconds, [r["ttft"] for r in results])
-        )
-        texts["model_server"] = [r["text"] for r in results]
-
+        measure("model_server", server, url, ours, {**ours[0], "request": unstreamed(ours[0]["request"])})
         port = free_port()
         context = 256  # per slot: the longest prompt (about 40 tokens) and 64 new tokens fit
         peer = llama_cpp_peer.start(gguf, port, args.requests, context, threads, tmp / "llama-server.log")
-        try:
-            url = f"http://127.0.0.1:{port}"
-            httpx.post(
-                f"{url}/v1/chat/completions",
-                json=unstreamed(theirs[0]),
-                timeout=600,
-            )
-            results, seconds = stream_all(url, theirs)
-        finally:
-            peer.terminate()
-            peer.wait(timeout=60)
-        runs["llama_cpp"].append(
-            run_summary(sum(r["completion_tokens"] for r in results), seconds, [r["ttft"] for r in results])
-        )
-        texts["llama_cpp"] = [r["text"] for r in results]
+        measure("llama_cpp", peer, f"http://127.0.0.1:{port}", theirs, unstreamed(theirs[0]))
     figures = {side: medians([{side: r} for r in runs[side]], side) for side in runs}
     return {
         "gguf": gguf.name,
