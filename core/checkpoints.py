@@ -79,6 +79,15 @@ def load_checkpoint(
     return {**json.loads(state_file.read_text()), "path": str(path)}
 
 
+def checkpoint_step(path: Path) -> int:
+    """The step a checkpoint directory (or the newest one under an output directory) was saved at."""
+    path = latest_checkpoint(path) or Path(path)
+    state_file = path / "state.json"
+    if not state_file.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    return int(json.loads(state_file.read_text())["step"])
+
+
 def latest_checkpoint(path: Path) -> Path | None:
     candidates = sorted(
         p for p in (Path(path) / "checkpoints").glob("step-*") if (p / "state.json").is_file()

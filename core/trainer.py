@@ -30,7 +30,7 @@ from core.algorithm import (
     lr_factor,
 )
 from core.allocator import release_free_memory
-from core.checkpoints import load_checkpoint, save_checkpoint
+from core.checkpoints import checkpoint_step, load_checkpoint, save_checkpoint
 from core.config import ConfigError, Problem, TrainConfig
 from core.data import (
     DatasetError,
@@ -118,17 +118,37 @@ class Trainer:
             enable_gradient_checkpointing(self.model)
         self.model.eval()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(
-            self.params, lr=config.learning_rate, weight_decay=config.training.weight_decay
-        )
-        t = config.training
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: lr_factor(step, t.steps, t.warmup_steps, t.lr_scheduler)
-        )
+        self._start_phase(0)
         self.reference = trainable_state(self.model) if config.training.kl_beta > 0 else None
         self.train_examples = [self._encode(e) for e in train]
         self.eval_examples = [self._encode(e) for e in heldout]
         self.step = 0
+
+    # ----- phases -----------------------------------------------------------------------------
+
+    def phase_of(self, step: int) -> tuple[int, int]:
+        """(first step, number of steps) of the phase `step` belongs to.
+
+        sft_then_rft has two phases; every other method one. Each phase gets a fresh optimizer
+        and its own learning-rate schedule, warm-up included, as a separate SFT run and an RL run
+        from its checkpoint would: Adam's second moment from SFT's gradients (several times RFT's)
+        would otherwise shrink the RFT updates, and the schedule would give RFT only its tail.
+        """
+        steps, switch = self.config.training.steps, self.config.sft_steps
+        if 0 < switch < steps:
+            return (switch, steps - switch) if step >= switch else (0, switch)
+        return 0, steps
+
+    def _start_phase(self, step: int) -> None:
+        """A fresh optimizer and schedule for the phase of `step`."""
+        t = self.config.training
+        self.phase_start, length = self.phase_of(step)
+        self.optimizer = torch.optim.AdamW(
+            self.params, lr=self.config.learning_rate, weight_decay=t.weight_decay
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda k: lr_factor(k, length, t.warmup_steps, t.lr_scheduler)
+        )
 
     # ----- data -------------------------------------------------------------------------------
 
@@ -201,6 +221,8 @@ class Trainer:
             if any(cb.should_stop() for cb in self.callbacks):
                 stopped = True
                 break
+            if self.phase_of(self.step)[0] != self.phase_start:
+                self._start_phase(self.step)
             metrics = self.sft_step() if self.step < self.config.sft_steps else self.rft_step()
             self.step += 1
             metrics["step"] = self.step
@@ -585,6 +607,8 @@ class Trainer:
 
     def load_checkpoint(self, path: Path) -> None:
         """Resume from a checkpoint directory, or the latest one under an output directory."""
+        # The optimizer and schedule of the phase the checkpoint's last step ran in.
+        self._start_phase(max(checkpoint_step(path) - 1, 0))
         state = load_checkpoint(path, self.model, self.optimizer, self.scheduler, self.device)
         self.step = int(state["step"])
         log.info("resumed from %s at step %d", state["path"], self.step)

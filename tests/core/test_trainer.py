@@ -323,3 +323,30 @@ def test_gradient_checkpointing_trains_the_same_adapter(letters, tmp_path, metho
     assert [m["loss"] for m in checkpointed] == pytest.approx([m["loss"] for m in plain], rel=1e-5, abs=1e-7)
     assert [m["grad_norm"] for m in checkpointed] == pytest.approx([m["grad_norm"] for m in plain], rel=1e-5)
     assert runs[True][1] == runs[False][1]  # the same adapter, byte for byte
+
+
+def test_sft_then_rft_starts_its_rft_phase_with_a_fresh_optimizer_and_schedule(letters, tmp_path):
+    config = make_config(
+        letters,
+        tmp_path / "run",
+        method="sft_then_rft",
+        training__steps=4,
+        training__warmup_steps=3,
+        training__learning_rate=0.01,
+    )
+    trainer = Trainer(config)
+    seen = []
+
+    class Watch(TrainerCallback):
+        def on_step(self, metrics):
+            adam_steps = {int(s["step"]) for s in trainer.optimizer.state.values()}
+            seen.append((metrics["phase"], id(trainer.optimizer), adam_steps, metrics["lr"]))
+
+    trainer.callbacks.append(Watch())
+    trainer.train()
+    phases, optimizers, adam_steps, lrs = zip(*seen, strict=True)
+    assert phases == ("sft", "sft", "rft", "rft")
+    assert optimizers[0] == optimizers[1] != optimizers[2] == optimizers[3]
+    assert adam_steps == ({1}, {2}, {1}, {2})  # Adam's moments restart with RFT
+    # Each phase warms up over its own 3 steps (the lr after a phase's k-th step is for step k + 1).
+    assert lrs == pytest.approx((0.01 * 2 / 3, 0.01, 0.01 * 2 / 3, 0.01))
