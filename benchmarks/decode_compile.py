@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import logging
 import shlex
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -37,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from benchmarks.provenance import provenance, write_report
+    from benchmarks.provenance import provenance, spread, write_report
     from core.decoding import Decoder
     from core.models import load_base_model
 
@@ -90,11 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         times = [decode(decoder)[1] for _ in range(args.repeats)]
         reference = tokens if reference is None else reference
         results[name] = {
-            "step_ms": {
-                "median": 1000 * statistics.median(times),
-                "min": 1000 * min(times),
-                "max": 1000 * max(times),
-            },
+            "step_ms": spread(1000 * t for t in times),
             "warmup_s": round(warmup, 2),
             "tokens_equal_to_eager": float((tokens == reference).float().mean()),
         }

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.provenance import provenance, write_report
+from benchmarks.provenance import provenance, spread, write_report
 
 log = logging.getLogger("benchmarks.gradient_checkpointing")
 
@@ -137,10 +137,6 @@ def run_in_child(adapter: str, checkpointing: bool, updates: int) -> dict[str, A
         return json.loads(out.read_text())
 
 
-def summary(values: list[float]) -> dict[str, float]:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3, help="Fresh processes per configuration.")
@@ -164,8 +160,8 @@ def main(argv: list[str] | None = None) -> int:
             runs = [run_in_child(adapter, checkpointing, args.updates) for _ in range(args.runs)]
             results[f"{adapter}/{'on' if checkpointing else 'off'}"] = {
                 "runs": runs,
-                "update_seconds": summary([r["update_seconds"] for r in runs]),
-                "peak_extra_mib": summary([r["peak_extra_mib"] for r in runs]),
+                "update_seconds": spread([r["update_seconds"] for r in runs]),
+                "peak_extra_mib": spread([r["peak_extra_mib"] for r in runs]),
             }
     lines = [
         f"one policy update: {PROMPTS} x {ROLLOUTS} rows of {RESPONSE_TOKENS} response tokens, "

@@ -107,9 +107,10 @@ def measure(config_name: str, steps: int, result_file: str) -> None:
     rss_torch = sampler.rss()
     import core.decoding as decoding
     import core.trainer as trainer_module
-    from benchmarks.throughput_vs_trl import Settings, ours_config, write_dataset
+    from benchmarks.throughput_vs_trl import Settings, ours_config, peak_rss_bytes, write_dataset
     from core.models import resolve_model_dir
     from core.reporting import TrainerCallback
+    from core.rollout import decoder_for
 
     rss_libraries = sampler.rss()
 
@@ -178,7 +179,7 @@ def measure(config_name: str, steps: int, result_file: str) -> None:
 
         trainer = Trainer(config, callbacks=[StepTimes()])
         rss_loaded = sampler.rss()
-        decoder = decoding_for(trainer.model)  # built here (not in the first rollout) to measure it
+        decoder = decoder_for(trainer.model)  # built here (not in the first rollout) to measure it
         rss_decoder = sampler.rss()
         sampler.phase = "other"
         trainer.train()
@@ -199,8 +200,6 @@ def measure(config_name: str, steps: int, result_file: str) -> None:
     optimizer_bytes = sum(
         v.nbytes for state in trainer.optimizer.state.values() for v in state.values() if torch.is_tensor(v)
     )
-    from benchmarks.throughput_vs_trl import peak_rss_bytes
-
     result = {
         "config": config_name,
         "environment": config_environment(config_name),
@@ -225,12 +224,6 @@ def measure(config_name: str, steps: int, result_file: str) -> None:
         "step_times_s": step_times,
     }
     Path(result_file).write_text(json.dumps(result))
-
-
-def decoding_for(model):
-    from core.rollout import decoder_for
-
-    return decoder_for(model)
 
 
 def run_in_child(config_name: str, steps: int, work_dir: Path) -> dict[str, Any]:
@@ -289,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
 
-    from benchmarks.provenance import provenance, write_report
+    from benchmarks.provenance import provenance, spread, write_report
     from core.models import resolve_model_dir
 
     origin = provenance(
@@ -309,8 +302,8 @@ def main(argv: list[str] | None = None) -> int:
         steps = [statistics.median(r["step_times_s"][1:]) for r in runs[name]]  # the first is a warm-up
         median_run = sorted(runs[name], key=lambda r: r["rss_bytes"]["peak"])[len(runs[name]) // 2]
         headlines[name] = {
-            "peak_rss_mib": {"median": statistics.median(peaks), "min": min(peaks), "max": max(peaks)},
-            "step_time_s": {"median": statistics.median(steps), "min": min(steps), "max": max(steps)},
+            "peak_rss_mib": spread(peaks),
+            "step_time_s": spread(steps),
             "breakdown_mib_of_median_run": {
                 phase: dict(breakdown(median_run, phase)) for phase in PHASE_PARTS
             },

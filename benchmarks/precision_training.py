@@ -17,12 +17,13 @@ import logging
 import multiprocessing
 import os
 import shlex
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from benchmarks.provenance import spread
 
 log = logging.getLogger("benchmarks.precision_training")
 
@@ -85,8 +86,8 @@ def summary(results: list[dict[str, Any]]) -> dict[str, Any]:
         bases = [r["evals"][0]["accuracy"] for r in runs]
         by_dtype[dtype] = {
             "seeds": [r["seed"] for r in runs],
-            "final_accuracy": {"median": statistics.median(finals), "min": min(finals), "max": max(finals)},
-            "base_accuracy": {"median": statistics.median(bases), "min": min(bases), "max": max(bases)},
+            "final_accuracy": spread(finals),
+            "base_accuracy": spread(bases),
             "finals": finals,
         }
     band = by_dtype["float32"]["final_accuracy"]

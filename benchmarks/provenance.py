@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import platform
+import statistics
 import subprocess
 from datetime import UTC, datetime
 from pathlib import Path
@@ -43,3 +44,9 @@ def write_report(out: Path, report: dict[str, Any]) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     logging.getLogger("benchmarks").info("wrote %s", out)
+
+
+def spread(values) -> dict[str, float]:
+    """A headline: the median of the runs, with their range."""
+    values = list(values)
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}

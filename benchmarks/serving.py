@@ -29,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.provenance import spread
+
 log = logging.getLogger("benchmarks.serving")
 
 MODEL = "smollm2-135m-instruct"
@@ -194,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
         peer = against_llama_cpp(Path(tmp), args) if args.peer else None
 
     mismatched = [i for i, (want, got) in enumerate(zip(texts, served, strict=True)) if want != got["text"]]
-    sequential_figures, served_figures = medians(runs, "sequential"), medians(runs, "model_server")
+    sequential_figures = medians([run["sequential"] for run in runs])
+    served_figures = medians([run["model_server"] for run in runs])
     sequential_tokens, served_tokens = runs[-1]["sequential"]["tokens"], runs[-1]["model_server"]["tokens"]
     sequential_s, served_s = sequential_figures["seconds"]["median"], served_figures["seconds"]["median"]
     sequential_tps = sequential_figures["tokens_per_s"]["median"]
@@ -271,17 +274,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def medians(runs: list[dict], side: str) -> dict[str, dict[str, float]]:
-    """Median and range over the runs of each figure of one side (`sequential` or `model_server`)."""
-    keys = [k for k in runs[0][side] if k != "tokens"]
-    return {
-        key: {
-            "median": statistics.median(run[side][key] for run in runs),
-            "min": min(run[side][key] for run in runs),
-            "max": max(run[side][key] for run in runs),
-        }
-        for key in keys
-    }
+def medians(summaries: list[dict]) -> dict[str, dict[str, float]]:
+    """Median and range over the runs of each figure of their `run_summary`s."""
+    return {key: spread(s[key] for s in summaries) for key in summaries[0] if key != "tokens"}
 
 
 def run_summary(tokens: int, seconds: float, ttft: list[float]) -> dict[str, float]:
@@ -493,7 +488,7 @@ def against_llama_cpp(tmp: Path, args) -> dict:
         context = 256  # per slot: the longest prompt (about 40 tokens) and 64 new tokens fit
         peer = llama_cpp_peer.start(gguf, port, args.requests, context, threads, tmp / "llama-server.log")
         measure("llama_cpp", peer, f"http://127.0.0.1:{port}", theirs, unstreamed(theirs[0]))
-    figures = {side: medians([{side: r} for r in runs[side]], side) for side in runs}
+    figures = {side: medians(summaries) for side, summaries in runs.items()}
     return {
         "gguf": gguf.name,
         "llama_cpp_version": f"vendored in llama-cpp-python {llama_cpp_peer.VERSION}",

@@ -44,8 +44,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-# Only the standard library is imported at module level: spawned children re-import this module,
-# and the torch / TRL imports belong to the child that needs them (and to its memory figures).
+# Only the standard library (and benchmarks.provenance, which imports nothing else) at module
+# level: spawned children re-import this module, and the torch / TRL imports belong to the child
+# that needs them (and to its memory figures).
+from benchmarks.provenance import spread
 
 log = logging.getLogger("benchmarks.throughput")
 
@@ -426,7 +428,7 @@ def across_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
     for key in ("tokens_per_s", "median_step_time_s", "peak_rss_mib", "rollout_only_tokens_per_s"):
         values = [run[key] for run in runs if run.get(key) is not None]
         if values:
-            figures[key] = {"median": statistics.median(values), "min": min(values), "max": max(values)}
+            figures[key] = spread(values)
     return {"runs": len(runs), **figures}
 
 

@@ -54,6 +54,7 @@ from benchmarks.polling import (
     uvicorn_command,
     wait_healthy,
 )
+from benchmarks.provenance import spread
 
 log = logging.getLogger("benchmarks.upload_memory")
 
@@ -125,7 +126,7 @@ def write_dataset(path: Path, size_bytes: int, seed: int) -> dict[str, Any]:
 def line_sizes(path: Path, count: int = 20000) -> dict[str, float]:
     with path.open("rb") as handle:
         sizes = [len(line) for _, line in zip(range(count), handle, strict=False)]
-    return {"min": min(sizes), "median": statistics.median(sizes), "max": max(sizes)}
+    return spread(sizes)
 
 
 # ----- the database -------------------------------------------------------------------------------

@@ -65,10 +65,8 @@ def load_checkpoint(
     device: torch.device,
 ) -> dict[str, Any]:
     """Restore a checkpoint directory, or the newest one under an output directory; its state."""
-    path = latest_checkpoint(path) or Path(path)
+    path = _checkpoint_dir(path)
     state_file = path / "state.json"
-    if not state_file.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
     load_trainable_state(model, load_file(path / "adapter_state.safetensors", device=str(device)))
     trainer_state = torch.load(path / "trainer_state.pt", map_location=device, weights_only=True)
     optimizer.load_state_dict(trainer_state["optimizer"])
@@ -81,11 +79,15 @@ def load_checkpoint(
 
 def checkpoint_step(path: Path) -> int:
     """The step a checkpoint directory (or the newest one under an output directory) was saved at."""
+    return int(json.loads((_checkpoint_dir(path) / "state.json").read_text())["step"])
+
+
+def _checkpoint_dir(path: Path) -> Path:
+    """`path` itself if it is a checkpoint, else the newest checkpoint under it."""
     path = latest_checkpoint(path) or Path(path)
-    state_file = path / "state.json"
-    if not state_file.is_file():
+    if not (path / "state.json").is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    return int(json.loads(state_file.read_text())["step"])
+    return path
 
 
 def latest_checkpoint(path: Path) -> Path | None:
