@@ -40,8 +40,10 @@ test: lint
 benchmark-throughput: setup
 	$(PY) -m benchmarks.throughput_vs_trl --steps 4 --repeats 3 --out docs/benchmarks/throughput.json
 
+# Resumable: run it again after an interruption and it continues (benchmarks/learning.py).
 benchmark-learning: setup
-	$(PY) -m benchmarks.learning --steps 20 --eval-every 10 --lr-prefix 1e-2 --lr-lora 3e-4 --jobs 2 --out docs/benchmarks/learning
+	LD_PRELOAD=$$(ls /usr/lib/*/libtcmalloc_minimal.so.4 2>/dev/null | head -n 1) \
+	    $(PY) -m benchmarks.learning --jobs 2 --out docs/benchmarks/learning
 
 # With tcmalloc preloaded where installed, as the model server runs (core/allocator.py).
 benchmark-serving: setup

@@ -7,7 +7,7 @@ from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from core.config import Method
+from core.config import METHODS, Method
 
 T = TypeVar("T")
 
@@ -73,7 +73,7 @@ class RewardOut(BaseModel):
 
 class JobCreate(_Strict):
     model: str = Field(description="Base model id, from GET /v1/models.")
-    method: Method = Field("prefix_rft", description="prefix_rft | rft | sft | sft_then_rft.")
+    method: Method = Field("prefix_rft", description=" | ".join(METHODS) + ".")
     adapter: dict[str, Any] = Field(
         default_factory=dict,
         description="Adapter type and settings: {'type': 'prefix', 'num_virtual_tokens': 16} or "

@@ -1,11 +1,23 @@
-"""Learning benchmark: sft, rft, sft_then_rft and prefix_rft on two-digit addition.
+"""The learning study: six methods on two addition tasks, chosen on validation, reported on test.
 
-Every run gets the same budget of sequences (steps x prompts x rollouts; SFT trains on as many
-demonstrations per step) and is evaluated with greedy decoding on the same 200 held-out
-problems. Writes a JSON of every evaluation, a PNG of held-out accuracy against step, and a
-markdown table of the final numbers.
+    python -m benchmarks.learning --out docs/benchmarks/learning [--jobs 2] [--phase sweep|runs|report]
 
-    python -m benchmarks.learning --steps 20 --eval-every 10 --out docs/benchmarks/learning [--jobs 2]
+Task A is two-digit addition (the base model solves some: RFT has reward to learn from), task B
+three-digit addition (it solves about 2.5%: the demonstrations have to carry the signal). Both use
+worked column-by-column demonstrations (examples/addition/make_data.py), splits disjoint as
+unordered pairs, training prompts in one phrasing and validation and test prompts in four.
+
+1. sweep: the learning rate of each adapter and method family on task A's validation split,
+   from at most three values, one seed, short runs. Families: supervised (sft, psft, the first
+   phase of the two-phase methods) and reinforcement (rft, prefix_rft, the second phase), the
+   latter chosen on the mean of rft and prefix_rft.
+2. runs: every method on both tasks, the prefix adapter (the product default) on three seeds and
+   LoRA on one, with the same number of training sequences per run, validated every 10 steps.
+3. report: test accuracy of each run's checkpoint chosen on validation (never the test peak),
+   mean and sd over seeds, the base model's test accuracy, table.md, curves.png, study.json.
+
+The runner resumes: a finished run (its JSON under runs/) is skipped, a partial one continues
+from its latest checkpoint (under work/, not committed), and each result is written as it lands.
 """
 
 from __future__ import annotations
@@ -16,126 +28,437 @@ import logging
 import multiprocessing
 import os
 import shlex
+import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 log = logging.getLogger("benchmarks.learning")
 
-METHODS = ("sft", "rft", "sft_then_rft", "prefix_rft")
-ADAPTERS = ("prefix", "lora")
+MODEL = "smollm2-135m-instruct"
+METHODS = ("sft", "psft", "rft", "sft_then_rft", "psft_then_rft", "prefix_rft")
+FAMILY = {
+    "sft": "supervised",
+    "psft": "supervised",
+    "rft": "reinforcement",
+    "prefix_rft": "reinforcement",
+}
+TWO_PHASE = ("sft_then_rft", "psft_then_rft")
+SWEEP = {  # (adapter, family) -> (methods it is chosen on, learning rates tried)
+    ("prefix", "supervised"): (("sft",), (3e-3, 1e-2, 3e-2)),
+    ("prefix", "reinforcement"): (("rft", "prefix_rft"), (3e-3, 1e-2, 3e-2)),
+    ("lora", "supervised"): (("sft",), (1e-4, 3e-4, 1e-3)),
+    ("lora", "reinforcement"): (("rft", "prefix_rft"), (1e-4, 3e-4, 1e-3)),
+}
+TASKS = {  # name -> digits, steps, max completion tokens
+    "A": {"digits": 2, "steps": 30, "max_completion_tokens": 64, "title": "two-digit addition"},
+    "B": {"digits": 3, "steps": 30, "max_completion_tokens": 96, "title": "three-digit addition"},
+}
+SIZES = {"train": 2000, "validation": 100, "test": 100}  # problems; test x 4 phrasings
+SWEEP_STEPS = 10
+EVAL_EVERY = 10
+PROMPTS_PER_STEP, ROLLOUTS_PER_PROMPT = 4, 8
+PREFIX_SEEDS, LORA_SEEDS = (0, 1, 2), (0,)
 
 
-def run_one(method: str, adapter: str, settings: dict[str, Any], data_dir: str) -> dict[str, Any]:
-    """Train one (method, adapter) pair; returns its evaluations and timings."""
+# ----- data --------------------------------------------------------------------------------------
+
+
+def write_task_data(task: str, directory: Path) -> dict[str, Path]:
+    """train.jsonl (phrasing 0), validation.jsonl (phrasings in turn), test.jsonl (every phrasing)."""
+    from examples.addition.make_data import PHRASINGS, addition_example, unordered_pair_splits, write_jsonl
+
+    directory.mkdir(parents=True, exist_ok=True)
+    files = {name: directory / f"{name}.jsonl" for name in ("train", "validation", "test")}
+    if all(f.is_file() for f in files.values()):
+        return files
+    validation, test, train = unordered_pair_splits(
+        TASKS[task]["digits"], (SIZES["validation"], SIZES["test"], SIZES["train"]), seed=0
+    )
+    write_jsonl(files["train"], [addition_example(a, b) for a, b in train])
+    write_jsonl(
+        files["validation"],
+        [addition_example(a, b, i % len(PHRASINGS)) for i, (a, b) in enumerate(validation)],
+    )
+    write_jsonl(files["test"], [addition_example(a, b, p) for a, b in test for p in range(len(PHRASINGS))])
+    return files
+
+
+# ----- the plan ----------------------------------------------------------------------------------
+
+
+def sweep_plan() -> list[dict[str, Any]]:
+    runs = []
+    for (adapter, _family), (methods, rates) in SWEEP.items():
+        for method in methods:
+            for lr in rates:
+                runs.append(
+                    {
+                        "key": f"sweep-A-{method}-{adapter}-lr{lr:g}",
+                        "task": "A",
+                        "method": method,
+                        "adapter": adapter,
+                        "seed": 0,
+                        "lr": lr,
+                        "rft_lr": None,
+                        "steps": SWEEP_STEPS,
+                        "test": False,
+                    }
+                )
+    return runs
+
+
+def chosen_rates(out: Path) -> dict[tuple[str, str], float]:
+    """Per (adapter, family): the swept rate with the best mean final validation accuracy."""
+    chosen = {}
+    for (adapter, family), (methods, rates) in SWEEP.items():
+        score = {}
+        for lr in rates:
+            finals = []
+            for method in methods:
+                result = read_result(out, f"sweep-A-{method}-{adapter}-lr{lr:g}")
+                if result is None:
+                    raise RuntimeError(f"the sweep is not finished: no result for {method} {adapter} {lr:g}")
+                finals.append(result["validation"][-1]["accuracy"])
+            score[lr] = statistics.mean(finals)
+        chosen[(adapter, family)] = max(rates, key=lambda lr: (score[lr], -rates.index(lr)))
+    return chosen
+
+
+def main_plan(rates: dict[tuple[str, str], float]) -> list[dict[str, Any]]:
+    runs = []
+    for task in TASKS:
+        for adapter, seeds in (("prefix", PREFIX_SEEDS), ("lora", LORA_SEEDS)):
+            for seed in seeds:
+                for method in METHODS:
+                    supervised = rates[(adapter, "supervised")]
+                    reinforcement = rates[(adapter, "reinforcement")]
+                    lr = supervised if method in TWO_PHASE else rates[(adapter, FAMILY[method])]
+                    runs.append(
+                        {
+                            "key": f"{task}-{method}-{adapter}-s{seed}",
+                            "task": task,
+                            "method": method,
+                            "adapter": adapter,
+                            "seed": seed,
+                            "lr": lr,
+                            "rft_lr": reinforcement if method in TWO_PHASE else None,
+                            "steps": TASKS[task]["steps"],
+                            "test": True,
+                        }
+                    )
+    return runs
+
+
+# ----- one run -----------------------------------------------------------------------------------
+
+
+def run_config(run: dict[str, Any], files: dict[str, Path], work: Path, eval_file: Path | None = None):
+    from core.config import parse_config
+
+    task = TASKS[run["task"]]
+    eval_path = eval_file or files["validation"]
+    return parse_config(
+        {
+            "model": MODEL,
+            "method": run["method"],
+            "adapter": {"type": run["adapter"]},
+            "data": {"train": str(files["train"]), "eval": str(eval_path)},
+            "reward": {"graders": [{"type": "numeric", "name": "correct", "extract": "last_number"}]},
+            "training": {
+                "steps": run["steps"],
+                "prompts_per_step": PROMPTS_PER_STEP,
+                "rollouts_per_prompt": ROLLOUTS_PER_PROMPT,
+                "max_completion_tokens": task["max_completion_tokens"],
+                "learning_rate": run["lr"],
+                **({"rft_learning_rate": run["rft_lr"]} if run["rft_lr"] else {}),
+                "samples_per_step": 0,
+            },
+            "eval": {"every": EVAL_EVERY, "max_examples": 10_000},
+            "checkpoint": {"every": EVAL_EVERY, "keep": run["steps"] // EVAL_EVERY + 1},
+            "seed": run["seed"],
+            "output_dir": str(work / run["key"]),
+        }
+    )
+
+
+def execute(run: dict[str, Any], out: Path) -> dict[str, Any]:
+    """Train one run (resuming its checkpoint if any), test its validation-chosen checkpoint."""
     import torch
 
-    torch.set_num_threads(settings["threads"])
+    torch.set_num_threads(1)  # two runs share the two cores
     _configure_logging()
     from cli.trainer_commands import _quiet_libraries
-    from core.config import parse_config
-    from core.reporting import TrainerCallback
+    from core.checkpoints import latest_checkpoint
     from core.trainer import Trainer
 
     _quiet_libraries()
+    files = write_task_data(run["task"], out / "work" / "data" / run["task"])
+    work = out / "work"
+    config = run_config(run, files, work)
+    run_dir = Path(config.output_dir)
+    cpu_file = run_dir / "cpu_seconds.json"
+    cpu_before = json.loads(cpu_file.read_text())["train"] if cpu_file.is_file() else 0.0
+    started_cpu, started = time.process_time(), time.perf_counter()
+    resume = latest_checkpoint(run_dir)
+    trainer = Trainer(config)
+    log.info("[%s] %s", run["key"], f"resuming from {resume}" if resume else "starting")
+    result = trainer.train(resume_from=resume)
+    train_cpu = cpu_before + time.process_time() - started_cpu
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cpu_file.write_text(json.dumps({"train": train_cpu}))
+    by_step = {  # a run resumed after its last step evaluates that step again: keep one
+        e["step"]: e["accuracy"] for e in map(json.loads, (run_dir / "eval.jsonl").read_text().splitlines())
+    }
+    validation = [{"step": step, "accuracy": accuracy} for step, accuracy in sorted(by_step.items())]
+    steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rft_steps = sum(1 for m in steps if m["phase"] == "rft")
+    report: dict[str, Any] = {
+        **run,
+        "validation": validation,
+        "final_train_metrics": steps[-1],
+        "training_sequences": run["steps"] * PROMPTS_PER_STEP * ROLLOUTS_PER_PROMPT,
+        "rollouts": rft_steps * PROMPTS_PER_STEP * ROLLOUTS_PER_PROMPT,
+        "train_cpu_minutes": train_cpu / 60,
+        "adapter_dir": str(result.adapter_dir) if result.adapter_dir else None,
+    }
+    if run["test"]:
+        # The validation-chosen checkpoint; ties go to the earlier step.
+        best = max(validation, key=lambda e: (e["accuracy"], -e["step"]))
+        test_started = time.process_time()
+        tester = Trainer(run_config(run, files, work, eval_file=files["test"]))
+        if best["step"] > 0:
+            tester.load_checkpoint(run_dir / "checkpoints" / f"step-{best['step']:06d}")
+        report["chosen_step"] = best["step"]
+        report["test"] = test_summary(tester.evaluation().completions, files["test"])
+        report["test_cpu_minutes"] = (time.process_time() - test_started) / 60
+    report["wall_minutes_this_process"] = (time.perf_counter() - started) / 60
+    write_result(out, run["key"], report)
+    log.info("[%s] done: validation %s", run["key"], [e["accuracy"] for e in validation])
+    return report
 
-    class Collect(TrainerCallback):
-        def __init__(self) -> None:
-            self.evals: list[dict[str, Any]] = []
-            self.steps: list[dict[str, Any]] = []
 
-        def on_eval(self, metrics: dict[str, Any]) -> None:
-            self.evals.append(metrics)
-            log.info(
-                "  [%s/%s] eval @ %d: accuracy %.3f", method, adapter, metrics["step"], metrics["accuracy"]
-            )
-
-        def on_step(self, metrics: dict[str, Any]) -> None:
-            self.steps.append({k: v for k, v in metrics.items() if isinstance(v, int | float | str)})
-
-    learning_rate = (
-        settings["lr_prefix"] if adapter == "prefix" else settings["lr_lora"]
-    )  # None: the adapter's default
-    config = parse_config(
-        {
-            "model": "smollm2-135m-instruct",
-            "method": method,
-            "adapter": {"type": adapter},
-            "data": {"train": f"{data_dir}/train.jsonl", "eval": f"{data_dir}/eval.jsonl"},
-            "reward": {"graders": [{"type": "numeric", "name": "correct", "extract": "last_number"}]},
-            "training": {
-                "steps": settings["steps"],
-                "prompts_per_step": settings["prompts_per_step"],
-                "rollouts_per_prompt": settings["rollouts_per_prompt"],
-                "max_completion_tokens": settings["max_completion_tokens"],
-                "samples_per_step": 0,
-                **({"learning_rate": learning_rate} if learning_rate else {}),
-            },
-            "eval": {"every": settings["eval_every"], "max_examples": settings["eval_examples"]},
-            "seed": settings["seed"],
-            "output_dir": f"{data_dir}/runs/{method}-{adapter}",
-        }
-    )
-    learning_rate = config.learning_rate
-    collect = Collect()
-    started = time.perf_counter()
-    Trainer(config, callbacks=[collect]).train()
+def test_summary(completions: list[dict[str, Any]], test_file: Path) -> dict[str, Any]:
+    """Accuracy overall and per phrasing (the test file holds every problem in every phrasing)."""
+    phrasings = [json.loads(line)["phrasing"] for line in test_file.read_text().splitlines()]
+    per: dict[int, list[bool]] = {}
+    for row, phrasing in zip(completions, phrasings, strict=True):
+        per.setdefault(phrasing, []).append(bool(row["correct"]))
     return {
-        "method": method,
-        "adapter": adapter,
-        "learning_rate": learning_rate,
-        "wall_minutes": (time.perf_counter() - started) / 60,
-        "evals": [
-            {"step": e["step"], "accuracy": e["accuracy"], "reward_mean": e["reward_mean"]}
-            for e in collect.evals
-        ],
-        "steps": collect.steps,
+        "accuracy": sum(r["correct"] for r in completions) / len(completions),
+        "per_phrasing": {str(p): sum(v) / len(v) for p, v in sorted(per.items())},
+        "examples": len(completions),
+        "samples": completions[:4],
     }
 
 
-def _run_star(args: tuple) -> dict[str, Any]:
-    return run_one(*args)
+def base_accuracy(task: str, adapter: str, out: Path) -> dict[str, Any]:
+    """Test accuracy before training: LoRA starts as the base model exactly; the prefix adapter's
+    fresh initialisation is measured too (it should match)."""
+    import torch
+
+    torch.set_num_threads(1)
+    _configure_logging()
+    from cli.trainer_commands import _quiet_libraries
+    from core.trainer import Trainer
+
+    _quiet_libraries()
+    key = f"{task}-untrained-{adapter}"
+    files = write_task_data(task, out / "work" / "data" / task)
+    run = {
+        "key": key,
+        "task": task,
+        "method": "rft",
+        "adapter": adapter,
+        "seed": 0,
+        "lr": 1e-3,
+        "rft_lr": None,
+        "steps": 1,
+        "test": True,
+    }
+    started = time.process_time()
+    trainer = Trainer(run_config(run, files, out / "work", eval_file=files["test"]))
+    report = {
+        "key": key,
+        "task": task,
+        "adapter": adapter,
+        "test": test_summary(trainer.evaluation().completions, files["test"]),
+        "test_cpu_minutes": (time.process_time() - started) / 60,
+    }
+    write_result(out, key, report)
+    return report
 
 
-def plot(results: list[dict[str, Any]], path: Path) -> None:
+def read_result(out: Path, key: str) -> dict[str, Any] | None:
+    path = out / "runs" / f"{key}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def write_result(out: Path, key: str, report: dict[str, Any]) -> None:
+    path = out / "runs" / f"{key}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_suffix(".tmp")
+    staging.write_text(json.dumps(report, indent=2))
+    staging.replace(path)  # atomic: a killed runner never leaves half a result
+
+
+# ----- the runner --------------------------------------------------------------------------------
+
+
+def _execute_star(args: tuple) -> dict[str, Any]:
+    kind, payload, out = args
+    if kind == "base":
+        return base_accuracy(*payload, out)
+    return execute(payload, out)
+
+
+def run_all(jobs: list[tuple], out: Path, parallel: int) -> None:
+    pending = [j for j in jobs if read_result(out, _key(j)) is None]
+    log.info("%d to run (%d already done)", len(pending), len(jobs) - len(pending))
+    if not pending:
+        return
+    if parallel > 1:
+        # A fresh process per run: its memory goes back to the system when it ends.
+        context = multiprocessing.get_context("spawn")
+        with context.Pool(parallel, maxtasksperchild=1) as pool:
+            for _ in pool.imap_unordered(_execute_star, [(*j, out) for j in pending]):
+                pass
+    else:
+        for job in pending:
+            _execute_star((*job, out))
+
+
+def _key(job: tuple) -> str:
+    kind, payload = job
+    return f"{payload[0]}-untrained-{payload[1]}" if kind == "base" else payload["key"]
+
+
+# ----- the report --------------------------------------------------------------------------------
+
+
+def summarise(out: Path, rates: dict[tuple[str, str], float]) -> dict[str, Any]:
+    rows = []
+    for task in TASKS:
+        base = read_result(out, f"{task}-untrained-lora")
+        base_test = base["test"]["accuracy"] if base else None
+        for adapter in ("prefix", "lora"):
+            for method in METHODS:
+                results = [
+                    r
+                    for r in (
+                        read_result(out, f"{task}-{method}-{adapter}-s{s}")
+                        for s in (PREFIX_SEEDS if adapter == "prefix" else LORA_SEEDS)
+                    )
+                    if r is not None
+                ]
+                if not results:
+                    continue
+                tests = [r["test"]["accuracy"] for r in results]
+                rows.append(
+                    {
+                        "task": task,
+                        "method": method,
+                        "adapter": adapter,
+                        "seeds": [r["seed"] for r in results],
+                        "lr": results[0]["lr"],
+                        "rft_lr": results[0]["rft_lr"],
+                        "test_accuracy": tests,
+                        "test_mean": statistics.mean(tests),
+                        "test_sd": statistics.stdev(tests) if len(tests) > 1 else 0.0,
+                        "gain_over_base": statistics.mean(tests) - base_test
+                        if base_test is not None
+                        else None,
+                        "chosen_steps": [r["chosen_step"] for r in results],
+                        "training_sequences": results[0]["training_sequences"],
+                        "rollouts": results[0]["rollouts"],
+                        "cpu_minutes": statistics.mean(
+                            r["train_cpu_minutes"] + r["test_cpu_minutes"] for r in results
+                        ),
+                    }
+                )
+    return {
+        "learning_rates": {f"{a}/{f}": lr for (a, f), lr in rates.items()},
+        "base_test_accuracy": {
+            task: {
+                adapter: (read_result(out, f"{task}-untrained-{adapter}") or {})
+                .get("test", {})
+                .get("accuracy")
+                for adapter in ("lora", "prefix")
+            }
+            for task in TASKS
+        },
+        "rows": rows,
+    }
+
+
+def table(summary: dict[str, Any]) -> str:
+    lines = []
+    for task, spec in TASKS.items():
+        base = summary["base_test_accuracy"][task]
+        lines += [
+            f"### Task {task}: {spec['title']} (base model {_pct(base['lora'])} on test; "
+            f"fresh prefix adapter {_pct(base['prefix'])})",
+            "",
+            "| method | adapter | seeds | lr | test accuracy (mean ± sd) | gain (points) | chosen steps "
+            "| sequences | rollouts | CPU-min/run |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in (r for r in summary["rows"] if r["task"] == task):
+            lr = f"{r['lr']:g}" + (f" / {r['rft_lr']:g}" if r["rft_lr"] else "")
+            gain = f"{100 * r['gain_over_base']:+.1f}" if r["gain_over_base"] is not None else "-"
+            lines.append(
+                f"| {r['method']} | {r['adapter']} | {len(r['seeds'])} | {lr} | "
+                f"{100 * r['test_mean']:.1f}% ± {100 * r['test_sd']:.1f} | {gain} | "
+                f"{','.join(map(str, r['chosen_steps']))} | {r['training_sequences']} | {r['rollouts']} | "
+                f"{r['cpu_minutes']:.1f} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def plot(out: Path, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colours = dict(zip(METHODS, ("tab:blue", "tab:orange", "tab:green", "tab:red"), strict=True))
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in results:
-        xs = [e["step"] for e in r["evals"]]
-        ys = [100 * e["accuracy"] for e in r["evals"]]
-        style = "-" if r["adapter"] == "prefix" else "--"
-        ax.plot(
-            xs, ys, style, marker="o", color=colours[r["method"]], label=f"{r['method']} ({r['adapter']})"
-        )
-    ax.set_xlabel("training step")
-    ax.set_ylabel("held-out accuracy, greedy (%)")
-    ax.set_title("Two-digit addition, SmolLM2-135M-Instruct")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    colours = dict(
+        zip(METHODS, ("tab:blue", "tab:cyan", "tab:orange", "tab:green", "tab:olive", "tab:red"), strict=True)
+    )
+    fig, axes = plt.subplots(1, len(TASKS), figsize=(12, 4.5), sharey=True)
+    for ax, (task, spec) in zip(axes, TASKS.items(), strict=True):
+        for method in METHODS:
+            curves = [
+                r["validation"]
+                for r in (read_result(out, f"{task}-{method}-prefix-s{s}") for s in PREFIX_SEEDS)
+                if r
+            ]
+            if not curves:
+                continue
+            steps = [e["step"] for e in curves[0]]
+            accuracy = [[c[i]["accuracy"] for c in curves] for i in range(len(steps))]
+            mean = [100 * statistics.mean(a) for a in accuracy]
+            sd = [100 * (statistics.stdev(a) if len(a) > 1 else 0.0) for a in accuracy]
+            ax.plot(steps, mean, marker="o", color=colours[method], label=f"{method} ({len(curves)} seeds)")
+            ax.fill_between(
+                steps,
+                [m - s for m, s in zip(mean, sd, strict=True)],
+                [m + s for m, s in zip(mean, sd, strict=True)],
+                color=colours[method],
+                alpha=0.15,
+            )
+        ax.set_title(f"Task {task}: {spec['title']}, prefix adapter")
+        ax.set_xlabel("training step")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("validation accuracy, greedy (%), mean ± sd")
+    axes[0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-
-
-def table(results: list[dict[str, Any]]) -> str:
-    lines = [
-        "| method | adapter | lr | base acc. | final acc. | gain (points) | best acc. | minutes |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for r in results:
-        accuracies = [e["accuracy"] for e in r["evals"]]
-        base, final = accuracies[0], accuracies[-1]
-        lines.append(
-            f"| {r['method']} | {r['adapter']} | {r['learning_rate']:g} | {100 * base:.1f}% | {100 * final:.1f}% "
-            f"| {100 * (final - base):+.1f} | {100 * max(accuracies):.1f}% | {r['wall_minutes']:.1f} |"
-        )
-    return "\n".join(lines)
+    fig.savefig(path, dpi=110)
 
 
 def _configure_logging() -> None:
@@ -147,69 +470,45 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    parser.add_argument("--adapters", nargs="+", default=list(ADAPTERS), choices=ADAPTERS)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--prompts-per-step", type=int, default=4)
-    parser.add_argument("--rollouts-per-prompt", type=int, default=8)
-    parser.add_argument("--max-completion-tokens", type=int, default=64)
-    parser.add_argument("--eval-every", type=int, default=10)
-    parser.add_argument("--eval-examples", type=int, default=200)
-    parser.add_argument("--lr-prefix", type=float, help="default: the prefix adapter's default")
-    parser.add_argument("--lr-lora", type=float, help="default: the LoRA adapter's default")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--jobs", type=int, default=1, help="runs in parallel (torch threads are split among them)"
-    )
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks/learning"))
+    parser.add_argument("--jobs", type=int, default=2, help="runs at a time (one core each)")
+    parser.add_argument("--phase", choices=("sweep", "runs", "report", "all"), default="all")
+    parser.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS))
     args = parser.parse_args(argv)
-
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from benchmarks.provenance import provenance
-    from examples.addition.make_data import addition_splits, write_jsonl
+    from core.models import resolve_model_dir
 
     argv = sys.argv[1:] if argv is None else argv
     origin = provenance(shlex.join(["python", "-m", "benchmarks.learning", *argv]), args.out)
-
-    settings = {
-        "steps": args.steps,
-        "prompts_per_step": args.prompts_per_step,
-        "rollouts_per_prompt": args.rollouts_per_prompt,
-        "max_completion_tokens": args.max_completion_tokens,
-        "eval_every": args.eval_every,
-        "eval_examples": args.eval_examples,
-        "lr_prefix": args.lr_prefix,
-        "lr_lora": args.lr_lora,
-        "seed": args.seed,
-        "threads": max(1, (os.cpu_count() or 1) // args.jobs),
+    resolve_model_dir(MODEL)  # convert once, before the runs start
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.phase in ("sweep", "all"):
+        run_all([("run", r) for r in sweep_plan()], args.out, args.jobs)
+    rates = chosen_rates(args.out)
+    log.info("learning rates chosen on validation: %s", rates)
+    if args.phase in ("runs", "all"):
+        base = [("base", (task, adapter)) for task in args.tasks for adapter in ("lora", "prefix")]
+        runs = [("run", r) for r in main_plan(rates) if r["task"] in args.tasks]
+        run_all(base + runs, args.out, args.jobs)
+    summary = summarise(args.out, rates)
+    report = {
+        **origin,
+        "settings": {
+            "tasks": TASKS,
+            "sizes": SIZES,
+            "sweep": {f"{a}/{f}": {"methods": m, "rates": r} for (a, f), (m, r) in SWEEP.items()},
+            "sweep_steps": SWEEP_STEPS,
+            "eval_every": EVAL_EVERY,
+            "prompts_per_step": PROMPTS_PER_STEP,
+            "rollouts_per_prompt": ROLLOUTS_PER_PROMPT,
+        },
+        **summary,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    from core.models import resolve_model_dir
-
-    resolve_model_dir("smollm2-135m-instruct")  # convert once, before the runs start
-    with tempfile.TemporaryDirectory(prefix="prefix-rft-learning-") as data_dir:
-        train, heldout = addition_splits(2000, args.eval_examples, args.seed)
-        write_jsonl(Path(data_dir) / "train.jsonl", train)
-        write_jsonl(Path(data_dir) / "eval.jsonl", heldout)
-        runs = [(m, a, settings, data_dir) for a in args.adapters for m in args.methods]
-        log.info(
-            "%d runs x %d steps x %d sequences",
-            len(runs),
-            args.steps,
-            args.prompts_per_step * args.rollouts_per_prompt,
-        )
-        if args.jobs > 1:
-            with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
-                results = pool.map(_run_star, runs, chunksize=1)
-        else:
-            results = [run_one(*run) for run in runs]
-
-    report = {**origin, "settings": settings, "results": results}
-    (args.out / "learning.json").write_text(json.dumps(report, indent=2))
-    plot(results, args.out / "accuracy.png")
-    summary = table(results)
-    (args.out / "table.md").write_text(summary + "\n")
-    print(summary)
+    (args.out / "study.json").write_text(json.dumps(report, indent=2))
+    (args.out / "table.md").write_text(table(summary))
+    plot(args.out, args.out / "curves.png")
+    print(table(summary))
     return 0
 
 

@@ -1,7 +1,7 @@
 """The trainer's commands: train, evaluate and inspect, locally, without the service.
 
 prefix-rft train CONFIG.yaml [--resume DIR] [--set training.steps=20 ...]
-prefix-rft eval CONFIG.yaml [--adapter DIR]
+prefix-rft eval CONFIG.yaml [--adapter DIR] [--out FILE.jsonl] [--show N]
 prefix-rft data validate FILE.jsonl [--model NAME]
 prefix-rft models
 """
@@ -37,6 +37,10 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     evaluate.add_argument(
         "--adapter", type=Path, help="a PEFT adapter directory (default: none, the base model)"
     )
+    evaluate.add_argument(
+        "--out", type=Path, help="where the completions go (default: OUTPUT_DIR/eval_completions.jsonl)"
+    )
+    evaluate.add_argument("--show", type=int, default=3, help="completions printed (default 3)")
     evaluate.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
     evaluate.set_defaults(handler=_eval)
 
@@ -99,8 +103,17 @@ def _eval(args: argparse.Namespace) -> int:
         from core.adapters import load_exported_adapter
 
         load_exported_adapter(trainer.model, args.adapter)
-    metrics = trainer.evaluate()
-    print(json.dumps(metrics, indent=2))
+    evaluation = trainer.evaluation()
+    if evaluation is None:
+        print("nothing to evaluate: the config has no held-out examples or no reward", file=sys.stderr)
+        return 2
+    out = args.out or Path(config.output_dir) / "eval_completions.jsonl"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(json.dumps(row) + "\n" for row in evaluation.completions), encoding="utf-8")
+    for row in evaluation.completions[: args.show]:
+        print(f"--- line {row['line']}, reward {row['reward']:g}\n> {row['prompt']}\n{row['completion']}")
+    print(json.dumps(evaluation.metrics, indent=2))
+    print(f"{len(evaluation.completions)} completions with their scores: {out}")
     return 0
 
 

@@ -124,16 +124,18 @@ def clipped_policy_loss(
     normaliser: float,
     clip_epsilon: float = 0.2,
     dual_clip: float = 3.0,
+    clip_epsilon_high: float | None = None,
 ) -> PolicyLoss:
     """Dual-clip PPO surrogate, summed over valid tokens and divided by a constant.
 
-    Per token: max(-A r, -A clip(r, 1-eps, 1+eps)), and for A < 0 at most -A * dual_clip.
-    The constant (max_completion_tokens * num_sequences, Dr. GRPO) keeps long and short
-    responses from being weighted differently.
+    Per token: max(-A r, -A clip(r, 1-eps, 1+eps_high)), and for A < 0 at most -A * dual_clip;
+    eps_high is eps unless given. The constant (max_completion_tokens * num_sequences, Dr. GRPO)
+    keeps long and short responses from being weighted differently.
     """
+    high = clip_epsilon if clip_epsilon_high is None else clip_epsilon_high
     ratio = torch.exp(log_probs - old_log_probs)
     unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_epsilon, 1.0 + clip_epsilon)
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_epsilon, 1.0 + high)
     per_token = torch.maximum(unclipped, clipped)
     dual_bound = -advantages * dual_clip
     per_token = torch.where(advantages < 0, torch.minimum(per_token, dual_bound), per_token)
@@ -143,6 +145,27 @@ def clipped_policy_loss(
         loss=(per_token * mask).sum() / normaliser,
         clipped_tokens=(bound.to(mask.dtype) * mask).sum().detach(),
         tokens=mask.sum().detach(),
+    )
+
+
+def proximal_sft_loss(
+    log_probs: torch.Tensor,
+    old_log_probs: torch.Tensor,
+    mask: torch.Tensor,
+    tokens: float,
+    epsilon_low: float = 0.2,
+    epsilon_high: float = 0.28,
+) -> PolicyLoss:
+    """Proximal SFT (Zhu et al. 2025): SFT as a policy gradient with advantage 1 on every
+    demonstration token, through PPO's clipped ratio against the policy that started the batch.
+
+    Per token -min(r, clip(r, 1 - eps_low, 1 + eps_high)), r = pi / pi_old, averaged over
+    `tokens`. With A = 1 only the upper clip acts: a token whose probability has already risen
+    past (1 + eps_high) * p_old gets no more gradient. At r = 1 the gradient is SFT's.
+    """
+    advantages = torch.ones_like(log_probs)
+    return clipped_policy_loss(
+        log_probs, old_log_probs, advantages, mask, tokens, epsilon_low, clip_epsilon_high=epsilon_high
     )
 
 

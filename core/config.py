@@ -18,8 +18,12 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, Validatio
 from core.errors import InvalidInput
 from core.rewards.spec import RewardSpec
 
-Method = Literal["prefix_rft", "rft", "sft", "sft_then_rft"]
-METHODS: tuple[str, ...] = ("prefix_rft", "rft", "sft", "sft_then_rft")
+Method = Literal["prefix_rft", "rft", "sft", "sft_then_rft", "psft", "psft_then_rft"]
+METHODS: tuple[str, ...] = get_args(Method)
+# Methods that start with (or are only) a supervised phase on demonstrations, and its kind.
+SUPERVISED_PHASE = {"sft": "sft", "sft_then_rft": "sft", "psft": "psft", "psft_then_rft": "psft"}
+# Methods that train on demonstrations only, so they need no reward.
+REWARD_FREE_METHODS = ("sft", "psft")
 
 
 class _Strict(BaseModel):
@@ -97,6 +101,12 @@ class TrainingConfig(_Strict):
     max_prompt_tokens: int = Field(1024, ge=1, description="Prompts longer than this are rejected at load.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature of rollouts (and of scoring).")
     learning_rate: float | None = Field(None, gt=0, description="Overrides the adapter type's default.")
+    rft_learning_rate: float | None = Field(
+        None,
+        gt=0,
+        description="sft_then_rft / psft_then_rft: the RFT phase's learning rate, as a separate RL run "
+        "would choose its own; default: the same as the supervised phase.",
+    )
     lr_scheduler: Literal["constant", "cosine", "linear"] = Field(
         "constant", description="Learning-rate shape."
     )
@@ -127,12 +137,25 @@ class TrainingConfig(_Strict):
         None, ge=1, description="Cosine decay length; default: all steps."
     )
     sft_steps: int | None = Field(
-        None, ge=1, description="sft_then_rft: SFT steps before RFT; default: half."
+        None,
+        ge=1,
+        description="sft_then_rft / psft_then_rft: supervised steps before RFT; default: half.",
     )
     sft_examples_per_step: int | None = Field(
         None,
         ge=1,
-        description="SFT batch; default prompts_per_step * rollouts_per_prompt (same sequences per step).",
+        description="Demonstrations per supervised step; default prompts_per_step * rollouts_per_prompt "
+        "(the same sequences per step as RFT).",
+    )
+    psft_minibatches: int = Field(
+        8,
+        ge=1,
+        description="psft: optimizer steps per batch of demonstrations, one per mini-batch, all against "
+        "the policy that started the batch (1 is exactly sft).",
+    )
+    psft_epsilon_low: float = Field(0.2, gt=0, lt=1, description="psft: lower ratio clip.")
+    psft_epsilon_high: float = Field(
+        0.28, gt=0, description="psft: upper ratio clip (the one that acts: the advantage is 1)."
     )
     dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto",
@@ -171,7 +194,7 @@ class TrainingConfig(_Strict):
         if self.demo_prefix_low_start > self.demo_prefix_high:
             raise ValueError("demo_prefix_low_start must not exceed demo_prefix_high")
         if self.sft_steps is not None and self.sft_steps >= self.steps:
-            raise ValueError("sft_steps must be smaller than steps (sft_then_rft needs some RFT steps)")
+            raise ValueError("sft_steps must be smaller than steps (the RFT phase needs some steps)")
         return self
 
 
@@ -191,7 +214,7 @@ class CheckpointConfig(_Strict):
 
 class TrainConfig(_Strict):
     model: str = Field(description="Base model: a registry name, a local directory, or a cached hub id.")
-    method: Method = Field("prefix_rft", description="prefix_rft | rft | sft | sft_then_rft.")
+    method: Method = Field("prefix_rft", description=" | ".join(METHODS) + ".")
     adapter: AdapterConfig = Field(default_factory=PrefixAdapterConfig)
     data: DataConfig
     reward: RewardSpec | None = Field(None, description="Required for every method except sft.")
@@ -205,8 +228,8 @@ class TrainConfig(_Strict):
 
     @model_validator(mode="after")
     def _check_combinations(self) -> TrainConfig:
-        if self.method != "sft" and self.reward is None:
-            raise ValueError(f"method {self.method!r} needs a `reward` (only sft trains without one)")
+        if self.method not in REWARD_FREE_METHODS and self.reward is None:
+            raise ValueError(f"method {self.method!r} needs a `reward` (only sft and psft train without one)")
         return self
 
     @property
@@ -216,11 +239,16 @@ class TrainConfig(_Strict):
     @property
     def sft_steps(self) -> int:
         """Steps of supervised training at the start of the run."""
-        if self.method == "sft":
+        if self.method in ("sft", "psft"):
             return self.training.steps
-        if self.method == "sft_then_rft":
+        if self.method in ("sft_then_rft", "psft_then_rft"):
             return self.training.sft_steps or self.training.steps // 2
         return 0
+
+    @property
+    def supervised_phase(self) -> str | None:
+        """`sft` or `psft`: how the supervised steps train; None for methods without them."""
+        return SUPERVISED_PHASE.get(self.method)
 
     @property
     def hybrid_rollouts_per_prompt(self) -> int:

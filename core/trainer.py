@@ -2,7 +2,8 @@
 
 A step of prefix_rft / rft: sample a group of rollouts per prompt (some continuing a cut of the
 demonstration), reward them, compute group advantages, and take one clipped policy-gradient step.
-sft trains cross-entropy on demonstrations; sft_then_rft runs the two phases in one job.
+sft trains cross-entropy on demonstrations, psft its proximal (clipped) form; sft_then_rft and
+psft_then_rft run a supervised phase and an RFT phase in one job.
 What it uses lives elsewhere: the math as pure functions (algorithm.py), token plumbing
 (rollout.py), adapters (adapters.py), checkpoints (checkpoints.py), callbacks and the run's files
 (reporting.py), and what to do when reward graders fail (reward_errors.py).
@@ -28,6 +29,7 @@ from core.algorithm import (
     group_advantages,
     kl_to_reference,
     lr_factor,
+    proximal_sft_loss,
 )
 from core.allocator import release_free_memory
 from core.checkpoints import checkpoint_step, load_checkpoint, save_checkpoint
@@ -77,6 +79,14 @@ class Rollouts:
     @property
     def prompts(self) -> list[list[int]]:
         return [self.examples[g].prompt_ids for g in self.groups]
+
+
+@dataclass
+class Evaluation:
+    """A held-out evaluation: the metrics, and per example (in file order) what the model said."""
+
+    metrics: dict[str, Any]
+    completions: list[dict[str, Any]]
 
 
 class Trainer:
@@ -129,7 +139,7 @@ class Trainer:
     def phase_of(self, step: int) -> tuple[int, int]:
         """(first step, number of steps) of the phase `step` belongs to.
 
-        sft_then_rft has two phases; every other method one. Each phase gets a fresh optimizer
+        sft_then_rft and psft_then_rft have two phases; every other method one. Each phase gets a fresh optimizer
         and its own learning-rate schedule, warm-up included, as a separate SFT run and an RL run
         from its checkpoint would: Adam's second moment from SFT's gradients (several times RFT's)
         would otherwise shrink the RFT updates, and the schedule would give RFT only its tail.
@@ -143,9 +153,9 @@ class Trainer:
         """A fresh optimizer and schedule for the phase of `step`."""
         t = self.config.training
         self.phase_start, length = self.phase_of(step)
-        self.optimizer = torch.optim.AdamW(
-            self.params, lr=self.config.learning_rate, weight_decay=t.weight_decay
-        )
+        rft_after_supervised = 0 < self.config.sft_steps <= self.phase_start
+        lr = (t.rft_learning_rate if rft_after_supervised else None) or self.config.learning_rate
+        self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=t.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda k: lr_factor(k, length, t.warmup_steps, t.lr_scheduler)
         )
@@ -223,7 +233,8 @@ class Trainer:
                 break
             if self.phase_of(self.step)[0] != self.phase_start:
                 self._start_phase(self.step)
-            metrics = self.sft_step() if self.step < self.config.sft_steps else self.rft_step()
+            metrics = self.supervised_step() if self.step < self.config.sft_steps else self.rft_step()
+            self.scheduler.step()
             self.step += 1
             metrics["step"] = self.step
             self._emit_step(metrics)
@@ -474,14 +485,20 @@ class Trainer:
         return metrics
 
     def _optimizer_step(self) -> float:
+        """One AdamW step; the learning-rate schedule moves once per training step, not here."""
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.training.max_grad_norm).item()
         self.optimizer.step()
-        self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm
 
-    def sft_step(self) -> dict[str, Any]:
-        """Cross-entropy on demonstrations, averaged over every demonstration token of the batch."""
+    def supervised_step(self) -> dict[str, Any]:
+        """A batch of demonstrations: one cross-entropy step (sft), or psft's K clipped steps.
+
+        psft computes the batch's log-probs under the policy that starts it (pi_old), then takes
+        one optimizer step per mini-batch on -min(r, clip(r, 1 - eps_low, 1 + eps_high)),
+        token-mean. Its K = 1 is sft: r = 1 everywhere and the gradient is cross-entropy's.
+        `loss` is the demonstrations' mean cross-entropy in both, before each update.
+        """
         t = self.config.training
         started = time.perf_counter()
         pool = [e for e in self.train_examples if e.demo_ids]
@@ -489,30 +506,67 @@ class Trainer:
         examples = self._examples_at(pool, size, salt=2)
         prompts = [e.prompt_ids for e in examples]
         responses = [e.demo_ids[: t.max_completion_tokens] for e in examples]  # type: ignore[index]
-        total_tokens = sum(len(r) for r in responses)
-        loss_sum = 0.0
+        lengths = [len(r) for r in responses]
+        proximal = self.config.supervised_phase == "psft"
+        k = min(t.psft_minibatches, len(examples)) if proximal else 1
+        rows = list(range(len(examples)))
+        minibatches = [rows[j * len(rows) // k : (j + 1) * len(rows) // k] for j in range(k)]
+        old = self._demonstration_log_probs(prompts, responses) if proximal and k > 1 else None
+
+        nll_sum = clipped = 0.0
+        grad_norms = []
         self.model.train()
-        for mb in self._micro_batches([len(r) for r in responses]):
-            batch = response_batch(
-                [prompts[i] for i in mb], [responses[i] for i in mb], self.pad_id, self.device
-            )
-            log_probs, _ = response_log_probs(self.model, batch)
-            nll = -log_probs * batch.response_mask
-            loss = nll.sum() / total_tokens
-            loss.backward()
-            loss_sum += loss.item()
-        grad_norm = self._optimizer_step()
+        for minibatch in minibatches:
+            tokens = float(sum(lengths[i] for i in minibatch))
+            for mb in self._micro_batches(lengths, minibatch):
+                batch = response_batch(
+                    [prompts[i] for i in mb], [responses[i] for i in mb], self.pad_id, self.device
+                )
+                log_probs, _ = response_log_probs(self.model, batch)
+                mask = batch.response_mask
+                if proximal:
+                    old_log_probs = log_probs.detach() if old is None else _padded([old[i] for i in mb], mask)
+                    result = proximal_sft_loss(
+                        log_probs, old_log_probs, mask, tokens, t.psft_epsilon_low, t.psft_epsilon_high
+                    )
+                    loss = result.loss
+                    clipped += result.clipped_tokens.item()
+                else:
+                    loss = (-log_probs * mask).sum() / tokens
+                loss.backward()
+                nll_sum += (-log_probs.detach() * mask).sum().item()
+            grad_norms.append(self._optimizer_step())
         self.model.eval()
         elapsed = time.perf_counter() - started
-        return {
-            "phase": "sft",
-            "loss": loss_sum,
-            "grad_norm": grad_norm,
+        total_tokens = sum(lengths)
+        metrics: dict[str, Any] = {
+            "phase": self.config.supervised_phase,
+            "loss": nll_sum / total_tokens,
+            "grad_norm": sum(grad_norms) / len(grad_norms),
             "response_length": total_tokens / len(examples),
             "train_tokens_per_s": total_tokens / elapsed,
             "step_time_s": elapsed,
             "lr": self.scheduler.get_last_lr()[0],
         }
+        if proximal:
+            metrics["clip_fraction"] = clipped / total_tokens
+            metrics["optimizer_steps"] = len(minibatches)
+        return metrics
+
+    @torch.inference_mode()
+    def _demonstration_log_probs(
+        self, prompts: list[list[int]], responses: list[list[int]]
+    ) -> list[torch.Tensor]:
+        """Each demonstration's per-token log-probs under the current weights, unpadded."""
+        out: list[torch.Tensor] = [torch.empty(0)] * len(responses)
+        for mb in self._micro_batches([len(r) for r in responses]):
+            batch = response_batch(
+                [prompts[i] for i in mb], [responses[i] for i in mb], self.pad_id, self.device
+            )
+            log_probs, _ = response_log_probs(self.model, batch)
+            for j, row in enumerate(mb):
+                out[row] = log_probs[j, : len(responses[row])].clone()
+        return out
 
     # ----- rewards ----------------------------------------------------------------------------
 
@@ -529,9 +583,18 @@ class Trainer:
 
     # ----- evaluation -------------------------------------------------------------------------
 
-    @torch.inference_mode()
     def evaluate(self) -> dict[str, Any] | None:
         """Greedy decoding on the held-out split: mean reward, accuracy (binary specs), per grader."""
+        evaluation = self.evaluation()
+        if evaluation is None:
+            return None
+        for cb in self.callbacks:
+            cb.on_eval(evaluation.metrics)
+        return evaluation.metrics
+
+    @torch.inference_mode()
+    def evaluation(self) -> Evaluation | None:
+        """The held-out metrics and each example's completion with its scores; reports nothing."""
         if not self.eval_examples or self.config.reward is None:
             return None
         started = time.perf_counter()
@@ -553,9 +616,18 @@ class Trainer:
         }
         if reward.correct is not None:
             metrics["accuracy"] = sum(reward.correct) / len(reward.correct)
-        for cb in self.callbacks:
-            cb.on_eval(metrics)
-        return metrics
+        completions = [
+            {
+                "line": e.example.line,
+                "prompt": e.example.prompt_text,
+                "completion": text,
+                "reward": reward.totals[i],
+                "rewards": {label: scores[i] for label, scores in reward.per_grader.items()},
+                **({"correct": reward.correct[i]} if reward.correct is not None else {}),
+            }
+            for i, (e, text) in enumerate(zip(examples, texts, strict=True))
+        ]
+        return Evaluation(metrics, completions)
 
     # ----- reporting --------------------------------------------------------------------------
 
@@ -612,3 +684,11 @@ class Trainer:
         state = load_checkpoint(path, self.model, self.optimizer, self.scheduler, self.device)
         self.step = int(state["step"])
         log.info("resumed from %s at step %d", state["path"], self.step)
+
+
+def _padded(rows: list[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+    """Unpadded per-row tensors laid out as `mask` [rows, width]; zeros where it is False."""
+    out = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+    for j, row in enumerate(rows):
+        out[j, : len(row)] = row
+    return out

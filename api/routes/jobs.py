@@ -23,6 +23,7 @@ from api.schemas import (
     SamplePage,
 )
 from api.specs import build_config, validated_spec
+from core.config import REWARD_FREE_METHODS
 from protocol.errors import APIError
 from service.db import transaction
 from service.queue import dispatch_job
@@ -109,7 +110,7 @@ def _new_job(session: Session, body: JobCreate, project_id: str) -> Job:
         if body.validation_dataset
         else None
     )
-    if body.method != "sft" and body.reward_id is None and body.reward is None:
+    if body.method not in REWARD_FREE_METHODS and body.reward_id is None and body.reward is None:
         raise APIError(
             422,
             "invalid_job",

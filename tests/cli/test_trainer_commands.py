@@ -68,12 +68,20 @@ def test_validate_reports_bad_lines_and_token_lengths(tmp_path, capsys):
     assert report["prompt_tokens"]["max"] > 0 and report["demonstration_tokens"]["max"] == 3  # "hi" + EOS
 
 
-def test_eval_scores_an_exported_adapter(job, capsys):
+def test_eval_scores_an_exported_adapter_and_shows_what_the_model_said(job, capsys, tmp_path):
     assert main(["train", str(job)]) == 0
     capsys.readouterr()
-    assert main(["eval", str(job), "--adapter", str(job.parent / "run" / "adapter")]) == 0
-    metrics = json.loads(capsys.readouterr().out)
+    out = tmp_path / "completions.jsonl"
+    adapter = job.parent / "run" / "adapter"
+    assert main(["eval", str(job), "--adapter", str(adapter), "--out", str(out), "--show", "2"]) == 0
+    printed = capsys.readouterr().out
+    metrics = json.loads(printed[printed.index("\n{") + 1 : printed.rindex("}") + 1])
     assert metrics["examples"] == 4 and "accuracy" in metrics
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 4
+    assert {"line", "prompt", "completion", "reward", "rewards", "correct"} <= set(rows[0])
+    assert sum(r["correct"] for r in rows) / 4 == metrics["accuracy"]
+    assert printed.count("--- line ") == 2 and rows[0]["prompt"] in printed
 
 
 def test_models_lists_the_registry(capsys):

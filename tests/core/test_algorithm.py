@@ -14,6 +14,7 @@ from core.algorithm import (
     kl_to_reference,
     lr_factor,
     per_token_log_probs,
+    proximal_sft_loss,
     sample_categorical,
     token_entropy,
 )
@@ -152,6 +153,31 @@ def test_dual_clip_loss_hand_computed():
     assert result.loss.item() == pytest.approx((-1.2 + 0.8 + 3.0 - 2.0) / 8.0)
     assert result.clipped_tokens.item() == 3
     assert result.tokens.item() == 4
+
+
+def test_proximal_sft_loss_hand_computed():
+    # Ratios 0.5, 1, 1.5 and 1.2 (masked out), eps 0.2 / 0.28, advantage 1 on every token:
+    #   r=0.5: -min(0.5, 0.8)  = -0.5,  gradient d/dlogp = -r = -0.5 (the lower clip never acts)
+    #   r=1:   -min(1, 1)      = -1,    gradient -1
+    #   r=1.5: -min(1.5, 1.28) = -1.28, gradient 0 (risen past 1.28 p_old: clipped)
+    ratios = torch.tensor([[0.5, 1.0, 1.5, 1.2]])
+    log_probs = torch.log(ratios).requires_grad_(True)
+    mask = torch.tensor([[1, 1, 1, 0]])
+    result = proximal_sft_loss(log_probs, torch.zeros(1, 4), mask, tokens=3.0)
+    result.loss.backward()
+    assert result.loss.item() == pytest.approx(-(0.5 + 1.0 + 1.28) / 3)
+    assert log_probs.grad[0].tolist() == pytest.approx([-0.5 / 3, -1 / 3, 0.0, 0.0])
+    assert result.clipped_tokens.item() == 1 and result.tokens.item() == 3
+
+
+def test_proximal_sft_at_ratio_one_has_the_cross_entropy_gradient():
+    log_probs = torch.tensor([[-0.3, -2.0], [-1.1, -0.7]], requires_grad=True)
+    mask = torch.tensor([[1, 1], [1, 0]])
+    proximal_sft_loss(log_probs, log_probs.detach(), mask, tokens=3.0).loss.backward()
+    proximal = log_probs.grad.clone()
+    log_probs.grad = None
+    ((-log_probs * mask).sum() / 3.0).backward()
+    assert torch.equal(proximal, log_probs.grad)
 
 
 def test_loss_aggregation_is_a_constant_not_per_sequence_length():

@@ -325,14 +325,21 @@ def test_gradient_checkpointing_trains_the_same_adapter(letters, tmp_path, metho
     assert runs[True][1] == runs[False][1]  # the same adapter, byte for byte
 
 
-def test_sft_then_rft_starts_its_rft_phase_with_a_fresh_optimizer_and_schedule(letters, tmp_path):
+@pytest.mark.parametrize(
+    ("method", "supervised_adam_steps"), [("sft_then_rft", ({1}, {2})), ("psft_then_rft", ({2}, {4}))]
+)
+def test_the_rft_phase_starts_with_a_fresh_optimizer_and_schedule(
+    letters, tmp_path, method, supervised_adam_steps
+):
     config = make_config(
         letters,
         tmp_path / "run",
-        method="sft_then_rft",
+        method=method,
         training__steps=4,
         training__warmup_steps=3,
         training__learning_rate=0.01,
+        training__rft_learning_rate=0.03,
+        training__psft_minibatches=2,
     )
     trainer = Trainer(config)
     seen = []
@@ -345,8 +352,132 @@ def test_sft_then_rft_starts_its_rft_phase_with_a_fresh_optimizer_and_schedule(l
     trainer.callbacks.append(Watch())
     trainer.train()
     phases, optimizers, adam_steps, lrs = zip(*seen, strict=True)
-    assert phases == ("sft", "sft", "rft", "rft")
+    supervised = config.supervised_phase
+    assert phases == (supervised, supervised, "rft", "rft")
     assert optimizers[0] == optimizers[1] != optimizers[2] == optimizers[3]
-    assert adam_steps == ({1}, {2}, {1}, {2})  # Adam's moments restart with RFT
-    # Each phase warms up over its own 3 steps (the lr after a phase's k-th step is for step k + 1).
-    assert lrs == pytest.approx((0.01 * 2 / 3, 0.01, 0.01 * 2 / 3, 0.01))
+    assert adam_steps == (*supervised_adam_steps, {1}, {2})  # Adam's moments restart with RFT
+    # Each phase warms up to its own rate over its own 3 steps (a step reports the rate it trained with).
+    assert lrs == pytest.approx((0.01 / 3, 0.01 * 2 / 3, 0.03 / 3, 0.03 * 2 / 3))
+
+
+@pytest.mark.parametrize("adapter", [{"type": "lora", "r": 4}, {"type": "prefix", "num_virtual_tokens": 4}])
+def test_psft_with_one_minibatch_is_sft(letters, tmp_path, adapter):
+    runs = {}
+    for method in ("sft", "psft"):
+        recorder = Recorder()
+        out = tmp_path / method
+        config = make_config(
+            letters,
+            out,
+            method=method,
+            adapter=adapter,
+            training__steps=3,
+            training__learning_rate=0.05,
+            training__psft_minibatches=1,
+        )
+        Trainer(config, [recorder]).train()
+        adapter_bytes = (out / "adapter" / "adapter_model.safetensors").read_bytes()
+        runs[method] = [(m["loss"], m["grad_norm"]) for m in recorder.steps], adapter_bytes
+    assert runs["psft"][0] == runs["sft"][0]  # the same losses and gradient norms, step by step
+    assert runs["psft"][1] == runs["sft"][1]  # and the same adapter, byte for byte
+
+
+def test_psft_takes_a_clipped_step_per_minibatch_against_the_batch_start(letters, tmp_path):
+    config = make_config(
+        letters,
+        tmp_path / "psft",
+        method="psft",
+        adapter={"type": "lora", "r": 4},
+        training__steps=2,
+        training__learning_rate=0.05,
+        training__psft_minibatches=4,
+        training__sft_examples_per_step=8,
+    )
+    trainer = Trainer(config)
+    adam_steps = []
+
+    class Watch(TrainerCallback):
+        def on_step(self, metrics):
+            adam_steps.append({int(s["step"]) for s in trainer.optimizer.state.values()})
+
+    recorder = Recorder()
+    trainer.callbacks += [Watch(), recorder]
+    trainer.train()
+    assert adam_steps == [{4}, {8}]
+    assert [m["optimizer_steps"] for m in recorder.steps] == [4, 4]
+    # The demonstrations are all alike: after the first mini-batch their tokens have risen past
+    # 1.28 times pi_old, and the later mini-batches of the same batch clip them.
+    assert all(m["clip_fraction"] > 0 for m in recorder.steps)
+    assert all(m["phase"] == "psft" for m in recorder.steps)
+
+    sft = Recorder()
+    Trainer(
+        make_config(
+            letters,
+            tmp_path / "sft",
+            method="sft",
+            adapter={"type": "lora", "r": 4},
+            training__steps=2,
+            training__learning_rate=0.05,
+            training__sft_examples_per_step=8,
+        ),
+        [sft],
+    ).train()
+    assert recorder.steps[1]["loss"] != sft.steps[1]["loss"]  # K = 4 is not sft
+
+
+def test_demonstration_prefix_tokens_outside_the_kept_top_fifth_get_exactly_zero_gradient(
+    letters, tmp_path, monkeypatch
+):
+    import core.trainer as trainer_module
+
+    config = make_config(
+        letters,
+        tmp_path / "run",
+        training__steps=1,
+        training__rollouts_per_prompt=4,
+        training__hybrid_rollouts_per_prompt=2,
+        training__micro_batch_size=16,
+    )
+    trainer = Trainer(config)
+    # Every rollout gets advantage 1, so every token the mask keeps has a gradient to show.
+    monkeypatch.setattr(trainer_module, "group_advantages", lambda rewards, *_: torch.ones_like(rewards))
+    captured = {}
+    original_generate, original_scoring = trainer.generate_rollouts, trainer_module.response_log_probs
+
+    def generate(*args, **kwargs):
+        captured["rollouts"] = rollouts = original_generate(*args, **kwargs)
+        return rollouts
+
+    def scoring(model, batch, temperature=1.0, with_entropy=False):
+        log_probs, entropy = original_scoring(model, batch, temperature, with_entropy)
+        if torch.is_grad_enabled():  # the update's forward: keep d loss / d log-prob per token
+            captured["entropy"] = entropy
+            log_probs.register_hook(lambda grad: captured.__setitem__("grad", grad))
+        return log_probs, entropy
+
+    trainer.generate_rollouts = generate
+    monkeypatch.setattr(trainer_module, "response_log_probs", scoring)
+    trainer.train()
+
+    rollouts = captured["rollouts"]
+    (rows,) = trainer._micro_batches([len(r) for r in rollouts.responses])  # one micro-batch: all rows
+    prefix = torch.tensor([rollouts.demo_prefix_lengths[i] for i in rows])
+    lengths = torch.tensor([len(rollouts.responses[i]) for i in rows])
+    positions = torch.arange(captured["grad"].shape[1])[None, :]
+    in_prefix = positions < prefix[:, None]
+    continuation = (positions >= prefix[:, None]) & (positions < lengths[:, None])
+    # The top fifth by entropy over every demonstration-prefix token of the step, found here anew.
+    n_prefix = int(in_prefix.sum())
+    assert n_prefix >= 10
+    kept = torch.zeros_like(in_prefix).flatten()
+    kept[
+        in_prefix.flatten()
+        .nonzero()
+        .squeeze(1)[captured["entropy"][in_prefix].topk(math.ceil(0.2 * n_prefix)).indices]
+    ] = True
+    kept = kept.view_as(in_prefix)
+    grad = captured["grad"]
+    assert (grad[in_prefix & ~kept] == 0).all()
+    assert (grad[kept] != 0).all()
+    assert (grad[continuation] != 0).all()
