@@ -51,11 +51,14 @@ SWEEP = {  # (adapter, family) -> (methods it is chosen on, learning rates tried
     ("lora", "supervised"): (("sft",), (1e-4, 3e-4, 1e-3)),
     ("lora", "reinforcement"): (("rft", "prefix_rft"), (1e-4, 3e-4, 1e-3)),
 }
+# 20 steps: a step of 32 sequences costs about a CPU-minute on one core (measured in the sweep),
+# so a run stays within 30 CPU-minutes with its evaluations.
 TASKS = {  # name -> digits, steps, max completion tokens
-    "A": {"digits": 2, "steps": 30, "max_completion_tokens": 64, "title": "two-digit addition"},
-    "B": {"digits": 3, "steps": 30, "max_completion_tokens": 96, "title": "three-digit addition"},
+    "A": {"digits": 2, "steps": 20, "max_completion_tokens": 64, "title": "two-digit addition"},
+    "B": {"digits": 3, "steps": 20, "max_completion_tokens": 96, "title": "three-digit addition"},
 }
-SIZES = {"train": 2000, "validation": 100, "test": 100}  # problems; test x 4 phrasings
+SIZES = {"train": 2000, "validation": 100, "test": 100}  # problems; the split is drawn with these
+TEST_PROBLEMS = 50  # of the test split, each in all four phrasings: 200 prompts per run
 SWEEP_STEPS = 10
 EVAL_EVERY = 10
 PROMPTS_PER_STEP, ROLLOUTS_PER_PROMPT = 4, 8
@@ -175,7 +178,8 @@ def run_config(run: dict[str, Any], files: dict[str, Path], work: Path, eval_fil
                 **({"rft_learning_rate": run["rft_lr"]} if run["rft_lr"] else {}),
                 "samples_per_step": 0,
             },
-            "eval": {"every": EVAL_EVERY, "max_examples": 10_000},
+            # The test file lists each problem in its four phrasings, one after the other.
+            "eval": {"every": EVAL_EVERY, "max_examples": 4 * TEST_PROBLEMS if eval_file else 10_000},
             "checkpoint": {"every": EVAL_EVERY, "keep": run["steps"] // EVAL_EVERY + 1},
             "seed": run["seed"],
             "output_dir": str(work / run["key"]),
@@ -216,6 +220,7 @@ def execute(run: dict[str, Any], out: Path) -> dict[str, Any]:
     rft_steps = sum(1 for m in steps if m["phase"] == "rft")
     report: dict[str, Any] = {
         **run,
+        **provenance_of_run(run),
         "validation": validation,
         "final_train_metrics": steps[-1],
         "training_sequences": run["steps"] * PROMPTS_PER_STEP * ROLLOUTS_PER_PROMPT,
@@ -239,9 +244,17 @@ def execute(run: dict[str, Any], out: Path) -> dict[str, Any]:
     return report
 
 
+def provenance_of_run(run: dict[str, Any]) -> dict[str, Any]:
+    """Commit, uncommitted paths, date and machine, for one run's result file."""
+    from benchmarks.provenance import provenance
+
+    return provenance(f"python -m benchmarks.learning (run {run['key']})", Path("docs/benchmarks/learning"))
+
+
 def test_summary(completions: list[dict[str, Any]], test_file: Path) -> dict[str, Any]:
     """Accuracy overall and per phrasing (the test file holds every problem in every phrasing)."""
-    phrasings = [json.loads(line)["phrasing"] for line in test_file.read_text().splitlines()]
+    lines = test_file.read_text().splitlines()[: len(completions)]
+    phrasings = [json.loads(line)["phrasing"] for line in lines]
     per: dict[int, list[bool]] = {}
     for row, phrasing in zip(completions, phrasings, strict=True):
         per.setdefault(phrasing, []).append(bool(row["correct"]))
@@ -281,6 +294,7 @@ def base_accuracy(task: str, adapter: str, out: Path) -> dict[str, Any]:
     trainer = Trainer(run_config(run, files, out / "work", eval_file=files["test"]))
     report = {
         "key": key,
+        **provenance_of_run(run),
         "task": task,
         "adapter": adapter,
         "test": test_summary(trainer.evaluation().completions, files["test"]),

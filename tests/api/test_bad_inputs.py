@@ -782,6 +782,14 @@ BAD_JOBS: dict[str, tuple[Callable[[Env], dict[str, Any]], int, str, Any, tuple[
         "training_dataset",
         ("'sft'", "demonstration"),
     ),
+    # psft needs no reward either: without one it gets as far as the demonstration check.
+    "psft-without-demonstrations": (
+        lambda e: e.body(training_dataset=e.bare, method="psft", reward_id=DROP),
+        422,
+        "no_demonstrations",
+        "training_dataset",
+        ("'psft'", "demonstration"),
+    ),
     "sft-then-rft-without-demonstrations": (
         lambda e: e.body(
             **INLINE

@@ -81,9 +81,10 @@ def test_sft_steps_property():
     assert parse_config(_config(method="rft")).sft_steps == 0
 
 
-def test_sft_needs_no_reward_but_the_others_do():
-    assert parse_config(_config(method="sft", reward=None)).reward is None
-    for method in set(METHODS) - {"sft"}:
+def test_sft_and_psft_need_no_reward_but_the_others_do():
+    for method in ("sft", "psft"):
+        assert parse_config(_config(method=method, reward=None)).reward is None
+    for method in set(METHODS) - {"sft", "psft"}:
         message = _error(_config(method=method, reward=None))
         assert f"method {method!r} needs a `reward`" in message
 

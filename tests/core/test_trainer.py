@@ -74,6 +74,22 @@ class Recorder(TrainerCallback):
         return self.stop_after is not None and len(self.steps) >= self.stop_after
 
 
+def learning_run(data: Path, out: Path, steps: int, learning_rate: float, **overrides) -> Recorder:
+    """A learning test's run: 8 prompts x 8 rollouts of at most 6 tokens per step."""
+    recorder = Recorder()
+    training = {
+        "steps": steps,
+        "prompts_per_step": 8,
+        "rollouts_per_prompt": 8,
+        "max_completion_tokens": 6,
+        "learning_rate": learning_rate,
+        "samples_per_step": 0,
+        **overrides.pop("training", {}),
+    }
+    Trainer(make_config(data, out, training=training, **overrides), [recorder]).train()
+    return recorder
+
+
 def test_hybrid_rollouts_continue_a_cut_of_the_demonstration(letters, tmp_path):
     trainer = Trainer(
         make_config(
@@ -270,22 +286,9 @@ def test_stop_request_ends_the_run_early(letters, tmp_path):
 
 @pytest.mark.slow
 def test_a_tiny_model_learns_a_trivially_learnable_reward(letters, tmp_path):
-    recorder = Recorder()
-    config = make_config(
-        letters,
-        tmp_path / "learn",
-        method="rft",
-        adapter={"type": "lora", "r": 8},
-        training={
-            "steps": 40,
-            "prompts_per_step": 8,
-            "rollouts_per_prompt": 8,
-            "max_completion_tokens": 6,
-            "learning_rate": 0.03,
-            "samples_per_step": 0,
-        },
+    recorder = learning_run(
+        letters, tmp_path / "learn", 40, 0.03, method="rft", adapter={"type": "lora", "r": 8}
     )
-    Trainer(config, [recorder]).train()
     rewards = [m["reward_mean"] for m in recorder.steps]
     first, last = rewards[0], sum(rewards[-5:]) / 5
     assert first < 0.3 and last > 0.9, rewards
@@ -481,3 +484,42 @@ def test_demonstration_prefix_tokens_outside_the_kept_top_fifth_get_exactly_zero
     assert (grad[in_prefix & ~kept] == 0).all()
     assert (grad[kept] != 0).all()
     assert (grad[continuation] != 0).all()
+
+
+@pytest.mark.slow
+def test_the_rft_phase_of_sft_then_rft_raises_the_reward_its_demonstrations_do_not_earn(tmp_path):
+    # The demonstrations contain no 'a', so the SFT phase drives the reward down; only the RFT
+    # phase can bring it up.
+    rows = [{"prompt": f"write something {i}", "demonstration": "the sky is blue"} for i in range(24)]
+    recorder = learning_run(
+        write_dataset(tmp_path / "sky.jsonl", rows),
+        tmp_path / "run",
+        30,
+        0.03,
+        method="sft_then_rft",
+        adapter={"type": "lora", "r": 8},
+        training={"sft_steps": 10},
+    )
+    rewards = [m["reward_mean"] for m in recorder.steps if m["phase"] == "rft"]
+    assert len(rewards) == 20
+    assert rewards[0] < 0.2 and sum(rewards[-5:]) / 5 > 0.9, rewards
+
+
+@pytest.mark.slow
+def test_prefix_rft_with_a_prefix_adapter_learns_a_learnable_reward(letters, tmp_path):
+    """The product path: the default method and the default adapter, held-out accuracy up."""
+    recorder = learning_run(
+        letters,
+        tmp_path / "learn",
+        40,
+        0.1,
+        method="prefix_rft",
+        adapter={"type": "prefix"},
+        data__eval_size=8,
+        eval={"every": 10},
+    )
+    accuracy = [e["accuracy"] for e in recorder.evals]
+    rewards = [m["reward_mean"] for m in recorder.steps]
+    assert accuracy[0] <= 0.25 and accuracy[-1] >= 0.75, accuracy
+    assert sum(rewards[:5]) / 5 < 0.3 and sum(rewards[-5:]) / 5 > 0.6, rewards
+    assert all(m["hybrid_rollouts"] == 8 for m in recorder.steps)  # one hybrid per group
