@@ -373,7 +373,10 @@ def test_secrets_in_the_environment_and_files_outside_the_working_directory_are_
     assert_still_serving(pool)
 
 
-def test_packages_off_the_list_are_not_even_in_the_sandbox(pool):
+def test_packages_off_the_list_are_not_even_in_the_sandbox():
+    # What is importable, not how fast: a cold import of sympy (under math_verify) can take over
+    # the suite's 1 s on a loaded machine.
+    pool = SandboxPool(LIMITS.model_copy(update={"timeout_seconds": 10}))
     probe = """
         import importlib
         def reward(completion, example):
@@ -386,7 +389,10 @@ def test_packages_off_the_list_are_not_even_in_the_sandbox(pool):
             from math_verify import parse, verify
             return float(verify(parse("$\\\\frac{1}{2}$"), parse("0.5")))
     """
-    result = score(pool, probe)
+    try:
+        result = score(pool, probe)
+    finally:
+        pool.close()
     assert result.per_grader["user"] == [1.0], result.failures
     output = result.outputs["user"][0]
     for name in ("torch", "fastapi", "service.settings", "core.rewards"):
