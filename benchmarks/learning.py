@@ -277,7 +277,7 @@ def base_accuracy(task: str, adapter: str, out: Path) -> dict[str, Any]:
     from core.trainer import Trainer
 
     _quiet_libraries()
-    key = f"{task}-untrained-{adapter}"
+    key = untrained_key(task, adapter)
     files = write_task_data(task, out / "work" / "data" / task)
     run = {
         "key": key,
@@ -345,7 +345,12 @@ def run_all(jobs: list[tuple], out: Path, parallel: int) -> None:
 
 def _key(job: tuple) -> str:
     kind, payload = job
-    return f"{payload[0]}-untrained-{payload[1]}" if kind == "base" else payload["key"]
+    return untrained_key(*payload) if kind == "base" else payload["key"]
+
+
+def untrained_key(task: str, adapter: str) -> str:
+    """The result name of a task's test accuracy before training, with that adapter."""
+    return f"{task}-untrained-{adapter}"
 
 
 # ----- the report --------------------------------------------------------------------------------
@@ -354,7 +359,7 @@ def _key(job: tuple) -> str:
 def summarise(out: Path, rates: dict[tuple[str, str], float]) -> dict[str, Any]:
     rows = []
     for task in TASKS:
-        base = read_result(out, f"{task}-untrained-lora")
+        base = read_result(out, untrained_key(task, "lora"))
         base_test = base["test"]["accuracy"] if base else None
         for adapter in ("prefix", "lora"):
             for method in METHODS:
@@ -395,7 +400,7 @@ def summarise(out: Path, rates: dict[tuple[str, str], float]) -> dict[str, Any]:
         "learning_rates": {f"{a}/{f}": lr for (a, f), lr in rates.items()},
         "base_test_accuracy": {
             task: {
-                adapter: (read_result(out, f"{task}-untrained-{adapter}") or {})
+                adapter: (read_result(out, untrained_key(task, adapter)) or {})
                 .get("test", {})
                 .get("accuracy")
                 for adapter in ("lora", "prefix")

@@ -31,6 +31,15 @@ def probe_prompts(count: int) -> list[str]:
     return (list(QUESTIONS) + questions)[:count]
 
 
+def chat_prompt_ids(tokenizer, text: str) -> list[int]:
+    """One user turn through the chat template, ready for the assistant's answer."""
+    return list(
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=True
+        )["input_ids"]
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", type=int, default=64)
@@ -49,17 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     outputs, models = {}, {}
     for dtype in (torch.float32, torch.bfloat16):
         model, tokenizer = load_base_model(MODEL, dtype=dtype)
-        prompts = [
-            list(
-                tokenizer.apply_chat_template(
-                    [{"role": "user", "content": t}],
-                    add_generation_prompt=True,
-                    tokenize=True,
-                    return_dict=True,
-                )["input_ids"]
-            )
-            for t in texts
-        ]
+        prompts = [chat_prompt_ids(tokenizer, t) for t in texts]
         stops = stop_token_ids(model, tokenizer)
         outputs[dtype] = sample(model, prompts, args.max_tokens, stops, tokenizer.pad_token_id, greedy=True)
         models[dtype] = model

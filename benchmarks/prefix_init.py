@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from benchmarks.precision import probe_prompts
+    from benchmarks.precision import chat_prompt_ids, probe_prompts
     from benchmarks.provenance import provenance, write_report
     from core.adapters import attach_adapter, kv_prefix_activations, kv_prefix_init_ids
     from core.config import PrefixAdapterConfig
@@ -70,17 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     base, tokenizer = load_base_model(MODEL, dtype=dtype)
     stops = stop_token_ids(base, tokenizer)
 
-    def chat(text: str) -> list[int]:
-        return list(
-            tokenizer.apply_chat_template(
-                [{"role": "user", "content": text}],
-                add_generation_prompt=True,
-                tokenize=True,
-                return_dict=True,
-            )["input_ids"]
-        )
-
-    prompts = [chat(t) for t in probe_prompts(args.prompts)]
+    prompts = [chat_prompt_ids(tokenizer, t) for t in probe_prompts(args.prompts)]
     reference = sample(base, prompts, args.max_tokens, stops, tokenizer.pad_token_id, greedy=True)
 
     def log_probs(model, rows: list[list[int]], seqs_prompts: list[list[int]]) -> list[torch.Tensor]:
@@ -127,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     measure("zero_keys", adapter_with(zero_keys))
 
     if args.distill_steps:
-        generic = [chat(t) for t in DISTILL_PROMPTS]
+        generic = [chat_prompt_ids(tokenizer, t) for t in DISTILL_PROMPTS]
         torch.manual_seed(0)
         continuations = sample(base, generic, args.max_tokens, stops, tokenizer.pad_token_id)
         with torch.no_grad():
