@@ -17,9 +17,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.deps import Services
 from api.errors import document_error_responses, install_api_error_handlers
-from api.routes import completions, datasets, health, jobs, models, rewards
+from api.routes import completions, datasets, graders, health, jobs, models, rewards
 from core.rewards import SandboxLimits, SandboxPool
+from protocol.request_ids import RequestIds
 from service.db import make_engine, make_sessionmaker
+from service.judge import ChatJudge
 from service.queue import make_celery
 from service.reaper import Reaper
 from service.settings import Settings, get_settings
@@ -47,6 +49,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         ),
         celery=make_celery(settings),
         sandbox=SandboxPool(SandboxLimits.from_settings(settings)),
+        judge=ChatJudge(settings.judge_models),
     )
 
     @asynccontextmanager
@@ -58,6 +61,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if reaper:
             reaper.stop()
         services.sandbox.close()
+        services.judge.close()
         engine.dispose()
 
     app = FastAPI(
@@ -69,10 +73,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.services = services
     install_api_error_handlers(app)
     document_error_responses(app)
-    for module in (datasets, rewards, jobs, models, completions, health):
+    for module in (datasets, rewards, graders, jobs, models, completions, health):
         app.include_router(module.router)
 
     app.add_middleware(RecordMetrics)
+    app.add_middleware(RequestIds)  # outermost: error responses carry the id too
     return app
 
 

@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from api.errors import BEARER_CHALLENGE, MISSING_KEY, not_found
 from core.rewards import SandboxPool
 from protocol.errors import APIError
+from service.judge import ChatJudge
 from service.keys import project_for_key
 from service.settings import Settings
 from service.storage import Storage
@@ -29,6 +30,7 @@ class Services:
     storage: Storage
     celery: Celery
     sandbox: SandboxPool  # warm processes for python graders (POST /v1/rewards/.../test)
+    judge: ChatJudge  # the judges of model graders (settings.judge_models)
 
 
 # Dependencies that touch no database are async: a sync dependency costs a trip through the

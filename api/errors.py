@@ -17,6 +17,7 @@ from protocol.errors import APIError, error_body, install_error_handlers, invali
 log = logging.getLogger(__name__)
 
 OPENAI_COMPATIBLE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+OPENAI_COMPATIBLE_PREFIXES = ("/v1/fine_tuning/",)
 MISSING_KEY = ("missing_api_key", "send an API key as 'Authorization: Bearer <key>'")
 BEARER_CHALLENGE = {"WWW-Authenticate": "Bearer"}
 
@@ -42,7 +43,12 @@ async def _invalid_request(request: Request, details: list[dict[str, Any]]) -> J
     if request.url.path.startswith("/v1/") and not request.headers.get("authorization"):
         return JSONResponse(error_body(401, *MISSING_KEY), 401, headers=BEARER_CHALLENGE)
     # The OpenAI-compatible routes answer 400, as OpenAI does (its clients raise BadRequestError).
-    return invalid_request_response(400 if request.url.path in OPENAI_COMPATIBLE_PATHS else 422, details)
+    return invalid_request_response(400 if is_openai_path(request.url.path) else 422, details)
+
+
+def is_openai_path(path: str) -> bool:
+    """A route of OpenAI's API, whose invalid requests answer 400 as OpenAI's do."""
+    return path in OPENAI_COMPATIBLE_PATHS or path.startswith(OPENAI_COMPATIBLE_PREFIXES)
 
 
 # ----- errors in the OpenAPI schema ------------------------------------------------------------
@@ -120,7 +126,10 @@ def _with_shared_errors(schema: dict[str, Any]) -> dict[str, Any]:
     for path, item in schema.get("paths", {}).items():
         for operation in item.values():
             responses = operation.setdefault("responses", {})
-            if "422" in responses:
+            if "422" in responses and is_openai_path(path):
+                del responses["422"]
+                responses["400"] = _error_response(400)
+            elif "422" in responses:
                 responses["422"] = _error_response(422)
             if "{" in path:
                 responses.setdefault("404", _error_response(404))

@@ -252,3 +252,69 @@ class RewardTestOut(BaseModel):
     reward_errors: int = Field(description="Failed (grader, sample) pairs, as in a training step's metric.")
     errors_by_grader: dict[str, int]
     timing: RewardTestTiming
+
+
+# ----- OpenAI's grader endpoints (/v1/fine_tuning/alpha/graders) --------------------------------
+
+
+class GraderValidateRequest(_Strict):
+    """POST /v1/fine_tuning/alpha/graders/validate."""
+
+    grader: dict[str, Any] = Field(
+        description="One grader object: string_check, text_similarity, python, score_model, label_model, "
+        "multi, or one of ours (numeric, math, regex, json_schema, ...)."
+    )
+
+
+class GraderValidateResponse(BaseModel):
+    grader: dict[str, Any] = Field(description="The grader, as given.")
+
+
+class GraderRunRequest(GraderValidateRequest):
+    """POST /v1/fine_tuning/alpha/graders/run: score one sample."""
+
+    model_sample: str = Field(
+        max_length=100_000,
+        description="The model's output: {{sample.output_text}}, and {{sample.output_json}} when it is JSON.",
+    )
+    item: dict[str, Any] = Field(default_factory=dict, description="The dataset row: {{item.<key>}}.")
+
+
+class GraderRunErrors(BaseModel):
+    """What went wrong, by OpenAI's names; all false when the grader scored the sample."""
+
+    formula_parse_error: bool = False
+    sample_parse_error: bool = False
+    truncated_observation_error: bool = False
+    unresponsive_reward_error: bool = False
+    invalid_variable_error: bool = False
+    other_error: bool = False
+    python_grader_server_error: bool = False
+    python_grader_server_error_type: str | None = None
+    python_grader_runtime_error: bool = False
+    python_grader_runtime_error_details: str | None = None
+    model_grader_server_error: bool = False
+    model_grader_refusal_error: bool = False
+    model_grader_parse_error: bool = False
+    model_grader_server_error_details: str | None = None
+
+
+class GraderRunMetadata(BaseModel):
+    name: str
+    type: str
+    execution_time: float = Field(description="Seconds spent scoring.")
+    scores: dict[str, float] = Field(description="A multi grader's sub-graders' scores, by name.")
+    token_usage: int | None = None
+    sampled_model_name: str | None = Field(None, description="The judge's served model, for model graders.")
+    errors: GraderRunErrors
+    messages: dict[str, str] = Field(
+        default_factory=dict, description="Ours: per grader that failed, what went wrong (a traceback)."
+    )
+    output: dict[str, str] = Field(default_factory=dict, description="Ours: what python graders printed.")
+
+
+class GraderRunResponse(BaseModel):
+    reward: float
+    metadata: GraderRunMetadata
+    sub_rewards: dict[str, float] = Field(description="A multi grader's sub-graders' scores, by name.")
+    model_grader_token_usage_per_model: dict[str, Any] = Field(default_factory=dict)

@@ -68,9 +68,14 @@ def _check_fields(dataset: Dataset, needed: set[str], param: str) -> None:
 
 
 def build_config(
-    body: JobCreate, reward: dict[str, Any] | None, train: Dataset, heldout: Dataset | None
+    body: JobCreate,
+    reward: dict[str, Any] | None,
+    train: Dataset,
+    heldout: Dataset | None,
+    served_judges: frozenset[str] = frozenset(),
 ) -> dict:
-    """The job's validated trainer config as JSON; data paths are filled in by the worker."""
+    """The job's validated trainer config as JSON; data paths are filled in by the worker.
+    `served_judges`: the judge models this deployment maps (model graders must name one)."""
     if body.model not in {info.name for info in REGISTRY}:
         allowed = ", ".join(info.name for info in REGISTRY)
         raise APIError(
@@ -105,6 +110,15 @@ def build_config(
             "training_dataset",
         )
     if config.reward is not None:
+        unserved = sorted(config.reward.judge_models - served_judges)
+        if unserved:
+            raise APIError(
+                422,
+                "judge_model_unavailable",
+                f"the reward's model graders name judges this deployment does not serve: {', '.join(unserved)} "
+                f"(served: {', '.join(sorted(served_judges)) or 'none'})",
+                "reward",
+            )
         needed = config.reward.fields_needed()
         _check_fields(train, needed, "training_dataset")
         if heldout:

@@ -72,6 +72,14 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=UserWarning, module="peft")
 
 
+def _judge():
+    """The judges of model graders, as the deployment's settings name them (PREFIX_RFT_JUDGE_MODELS)."""
+    from service.judge import ChatJudge
+    from service.settings import get_settings
+
+    return ChatJudge(get_settings().judge_models)
+
+
 def _train(args: argparse.Namespace) -> int:
     config = load_config(args.config, _overrides(args.set))
     _quiet_libraries()
@@ -80,7 +88,7 @@ def _train(args: argparse.Namespace) -> int:
 
     print(f"loading {config.model} with a {config.adapter.type} adapter ({config.method}) ...", flush=True)
     reporter = ProgressReporter(total_steps=config.training.steps)
-    trainer = Trainer(config, callbacks=[reporter])
+    trainer = Trainer(config, callbacks=[reporter], judge=_judge())
     print(
         f"{len(trainer.train_examples)} training examples "
         f"({sum(1 for e in trainer.train_examples if e.demo_ids)} with demonstrations), "
@@ -98,7 +106,7 @@ def _eval(args: argparse.Namespace) -> int:
     _quiet_libraries()
     from core.trainer import Trainer
 
-    trainer = Trainer(config)
+    trainer = Trainer(config, judge=_judge())
     if args.adapter is not None:
         from core.adapters import load_exported_adapter
 

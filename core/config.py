@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
 from core.errors import InvalidInput
-from core.rewards.spec import RewardSpec
+from core.rewards.spec import Grader, RewardSpec, spec_of_grader
 
 Method = Literal["prefix_rft", "rft", "sft", "sft_then_rft", "psft", "psft_then_rft"]
 METHODS: tuple[str, ...] = get_args(Method)
@@ -365,6 +365,54 @@ def parse_reward_spec(raw: Any) -> RewardSpec:
         return RewardSpec.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError([_describe(e, RewardSpec) for e in exc.errors()]) from None
+
+
+def parse_grader(raw: Any) -> RewardSpec:
+    """One grader object as OpenAI's API takes it (a `multi` grader included) as a reward spec.
+
+    Problems name their place in the grader object: `operation`, `graders.style.input`,
+    `calculate_output`.
+    """
+    if not isinstance(raw, dict) or not isinstance(raw.get("type"), str):
+        raise ConfigError(
+            [Problem("type", "a grader is an object with a `type`, e.g. string_check or python")]
+        )
+    types = [*_model_of(Grader), "multi"]
+    if raw["type"] not in types:
+        raise ConfigError(
+            [Problem("type", f"unknown grader type {raw['type']!r}; one of {', '.join(types)}")]
+        )
+    keys = _multi_keys(raw)
+    try:
+        return spec_of_grader(raw)
+    except ValidationError as exc:
+        problems = [_describe(e, RewardSpec) for e in exc.errors()]
+    except ValueError as exc:  # the multi grader's own shape
+        raise ConfigError([Problem("graders", str(exc).removeprefix("multi grader: "))]) from None
+    raise ConfigError([_in_grader(p, keys) for p in problems]) from None
+
+
+def _multi_keys(raw: dict[str, Any]) -> list[str] | None:
+    """The sub-graders' names as a multi grader's map gives them (None for other shapes)."""
+    inner = raw.get("graders") if raw.get("type") == "multi" else None
+    return [str(k) for k in inner] if isinstance(inner, dict) and "type" not in inner else None
+
+
+def _in_grader(problem: Problem, keys: list[str] | None) -> Problem:
+    """A spec's problem (`graders.0.operation`) at its place in the grader object the user wrote."""
+    parts = (problem.param or "").split(".")
+    if problem.param is None:
+        return Problem(
+            "calculate_output" if problem.message.startswith("calculate_output") else None, problem.message
+        )
+    if parts[0] != "graders" or len(parts) < 2:
+        return problem
+    if keys is None and len(parts) >= 2 and parts[1] == "0":  # a single grader: its own fields
+        rest = parts[2:]
+        return Problem(".".join(rest) or None, problem.message)
+    index = int(parts[1]) if parts[1].isdigit() else None
+    name = keys[index] if keys is not None and index is not None and index < len(keys) else parts[1]
+    return Problem(".".join(["graders", name, *parts[2:]]), problem.message)
 
 
 def _resolve(path: Path, base_dir: Path) -> Path:

@@ -48,6 +48,7 @@ from core.models import load_base_model, resolve_dtype
 from core.reporting import RunFiles, TrainerCallback, TrainResult
 from core.reward_errors import RewardErrorPolicy
 from core.rewards import RewardResult, SandboxLimits, SandboxPool, score_completions
+from core.rewards.spec import Judge
 from core.rollout import (
     EncodedExample,
     enable_gradient_checkpointing,
@@ -95,8 +96,10 @@ class Trainer:
         config: TrainConfig,
         callbacks: list[TrainerCallback] | None = None,
         sandbox_limits: SandboxLimits | None = None,
+        judge: Judge | None = None,
     ):
-        """`sandbox_limits`: of the processes that run python graders (default: SandboxLimits())."""
+        """`sandbox_limits`: of the processes that run python graders (default: SandboxLimits());
+        `judge`: asked by model graders (score_model, label_model)."""
         self.config = config
         self.out_dir = Path(config.output_dir)
         self.callbacks = [RunFiles(self.out_dir), *(callbacks or [])]
@@ -113,6 +116,13 @@ class Trainer:
         if config.reward is not None and config.reward.runs_user_code:
             self.sandbox = SandboxPool(sandbox_limits or SandboxLimits())
             log.info("reward sandbox: %s", self.sandbox.check())  # refuses here if it cannot isolate
+        self.judge = judge
+        wanted = config.reward.judge_models if config.reward is not None else set()
+        unserved = judge.missing(wanted) if judge is not None else sorted(wanted)
+        if unserved:
+            raise ConfigError(
+                [f"the reward's model graders need judges that are not configured: {', '.join(unserved)}"]
+            )
         self.reward_errors = RewardErrorPolicy(
             config.training.max_reward_error_rate, config.training.reward_error_steps
         )
@@ -579,6 +589,7 @@ class Trainer:
             [e.example.fields for e in examples],
             prompts=[e.example.prompt for e in examples],
             sandbox=self.sandbox,
+            judge=self.judge,
         )
 
     # ----- evaluation -------------------------------------------------------------------------

@@ -42,6 +42,7 @@ from protocol.completions import (
 )
 from protocol.disconnects import unless_disconnected
 from protocol.errors import APIError, install_error_handlers
+from protocol.request_ids import RequestIds
 from service.settings import Settings, get_settings
 from service.storage import open_storage
 
@@ -102,6 +103,7 @@ def create_model_server(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="Prefix-RFT model server", version="0.1.0", lifespan=lifespan)
     app.state.pool = pool
     install_error_handlers(app)
+    app.add_middleware(RequestIds)
 
     @app.get("/health")
     async def health() -> dict[str, str]:

@@ -15,6 +15,7 @@ from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from core.base_models import data_dir as default_data_dir
+from service.judge import JudgeEndpoint
 
 
 class Settings(BaseSettings):
@@ -78,6 +79,14 @@ class Settings(BaseSettings):
     )
     inference_timeout_seconds: float = Field(
         600, gt=0, description="How long the API waits for a non-streamed completion (and a model to load)."
+    )
+
+    # ----- judge models -------------------------------------------------------------------------
+    judge_models: dict[str, JudgeEndpoint] = Field(
+        default_factory=dict,
+        description="Judges that score_model and label_model graders may name, as JSON: "
+        '{"gpt-4o-mini": {"base_url": "http://model-server:8001/v1", "model": "smollm2-135m-instruct"}}. '
+        "A grader naming another judge is refused.",
     )
 
     # ----- reward sandbox -----------------------------------------------------------------------

@@ -8,11 +8,13 @@ tests that need it are skipped with the reason.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -20,7 +22,9 @@ import uuid
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import create_engine, text
@@ -285,3 +289,74 @@ def api(pg_settings: Settings) -> Iterator[ApiClient]:
     client = ApiClient(pg_settings)
     yield client
     client.http.close()
+
+
+# ----- a judge model for model graders ------------------------------------------------------
+
+
+class ScriptedJudge:
+    """An OpenAI-style chat server on loopback that answers with `answers[last user message]`,
+    and 500 for a message it has no answer for. It stands in for a judge model that answers in
+    JSON, which no model on this machine does reliably."""
+
+    def __init__(self) -> None:
+        self.answers: dict[str, str] = {}
+        self.requests: list[dict] = []
+        judge = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                judge.requests.append(body)
+                user = [m["content"] for m in body["messages"] if m["role"] == "user"][-1]
+                answer = judge.answers.get(user)
+                if answer is None:
+                    self.send_response(500)
+                    self.end_headers()
+                    self.wfile.write(b"judge broke")
+                    return
+                reply = {"choices": [{"index": 0, "message": {"role": "assistant", "content": answer}}]}
+                data = json.dumps(reply).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture(scope="module")
+def scripted_judge() -> Iterator[ScriptedJudge]:
+    judge = ScriptedJudge()
+    yield judge
+    judge.close()
+
+
+@contextmanager
+def served(app: Any) -> Iterator[str]:
+    """The app behind uvicorn on a free loopback port, for clients that need a real server
+    (the official openai client speaks httpx2, which a TestClient cannot stand in for)."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{server.config.port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

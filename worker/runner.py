@@ -42,6 +42,7 @@ from core.reporting import TrainerCallback, TrainResult
 from core.rewards import SandboxLimits, SandboxUnavailable
 from core.trainer import Trainer
 from service.db import connection_lost, make_engine, make_sessionmaker, transaction
+from service.judge import ChatJudge
 from service.lifecycle import (
     LostJob,
     add_event,
@@ -145,7 +146,12 @@ class JobRun:
         config = self._config(job, train, heldout, workdir)
         resume_from = self._restore(checkpoint, workdir / "run") if checkpoint else None
         limits = SandboxLimits.from_settings(self.services.settings)
-        trainer = Trainer(config, callbacks=[_Reporter(self)], sandbox_limits=limits)
+        trainer = Trainer(
+            config,
+            callbacks=[_Reporter(self)],
+            sandbox_limits=limits,
+            judge=ChatJudge(self.services.settings.judge_models),
+        )
         self.log.info("job %s: training %d steps of %s", self.job_id, config.training.steps, config.method)
         result = trainer.train(resume_from=resume_from)
         if self.lost.is_set():

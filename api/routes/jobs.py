@@ -92,7 +92,7 @@ def create_job(
         with transaction(services.sessions) as session:
             if first := request.replay(session):
                 return first
-            job = _new_job(session, body, project_id)
+            job = _new_job(session, body, project_id, frozenset(services.judge.endpoints))
             out = job_out(job)
             request.remember(session, 201, out.model_dump(mode="json"))
     except ConcurrentDuplicate:
@@ -102,7 +102,7 @@ def create_job(
     return out
 
 
-def _new_job(session: Session, body: JobCreate, project_id: str) -> Job:
+def _new_job(session: Session, body: JobCreate, project_id: str, served_judges: frozenset[str]) -> Job:
     # Shared locks: a concurrent delete of these datasets waits for this job (or wins before it).
     train = _locked_dataset(session, project_id, body.training_dataset, "training_dataset")
     heldout = (
@@ -124,7 +124,7 @@ def _new_job(session: Session, body: JobCreate, project_id: str) -> Job:
         reward = owned(session, RewardSpecRecord, body.reward_id, project_id, "reward_id").spec
     elif reward is not None:
         reward = validated_spec(reward, "reward").model_dump(mode="json")
-    config = build_config(body, reward, train, heldout)
+    config = build_config(body, reward, train, heldout, served_judges)
     job = Job(
         id=new_id("job"),
         project_id=project_id,

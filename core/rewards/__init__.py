@@ -5,10 +5,11 @@ Python graders (user code) run in the sandbox of core.rewards.sandbox, never in 
 
 from core.rewards.graders import PythonGrader
 from core.rewards.sandbox import SandboxLimits, SandboxPool, SandboxUnavailable
-from core.rewards.spec import Grader, RewardResult, RewardSpec, score_completions
+from core.rewards.spec import Grader, JudgeUnavailable, RewardResult, RewardSpec, score_completions
 
 __all__ = [
     "Grader",
+    "JudgeUnavailable",
     "PythonGrader",
     "RewardResult",
     "RewardSpec",

@@ -313,7 +313,10 @@ class PythonGrader(BaseModel):
 
     `def reward(completion: str, example: dict) -> float` is called once per completion; a
     function with a `completions` or `prompts` parameter is called once per batch with TRL's
-    convention, `(prompts=..., completions=..., **columns) -> list[float]`.
+    convention, `(prompts=..., completions=..., **columns) -> list[float]`; and OpenAI's
+    `def grade(sample: dict, item: dict) -> float` gets OpenAI's `sample` and `item`
+    (core/rewards/templates.py). Without `function`, the source's `reward` is called, else its
+    `grade`.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
@@ -330,8 +333,22 @@ class PythonGrader(BaseModel):
         "reward",
         pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
         validate_default=True,
-        description="The function to call, defined at top level.",
+        description="The function to call, defined at top level: default `reward`, else `grade`.",
     )
+    image_tag: str | None = Field(None, description="OpenAI's grader image; accepted, and ignored here.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_function(cls, data: Any) -> Any:
+        """OpenAI's python graders name no function: they define `grade`."""
+        if isinstance(data, dict) and "function" not in data and isinstance(data.get("source"), str):
+            try:
+                defined = {n.name for n in ast.parse(data["source"]).body if isinstance(n, ast.FunctionDef)}
+            except (SyntaxError, ValueError, RecursionError, MemoryError):
+                return data  # the source validator says what is wrong
+            if "reward" not in defined and "grade" in defined:
+                return {**data, "function": "grade"}
+        return data
 
     @field_validator("source")
     @classmethod
@@ -376,24 +393,26 @@ class PythonGrader(BaseModel):
         return set()  # unknown: user code reads what it reads
 
     @property
-    def form(self) -> Literal["sample", "batch"]:
+    def form(self) -> Literal["sample", "batch", "openai"]:
         return call_form(self.source, self.function)
 
     @cached_property
     def program(self) -> GraderProgram:
-        return GraderProgram(self.source, self.function, self.form)
+        # OpenAI's form is the per-sample call with (sample, item) in place of (completion, example).
+        return GraderProgram(self.source, self.function, "batch" if self.form == "batch" else "sample")
 
 
-def call_form(source: str, function: str) -> Literal["sample", "batch"]:
+def call_form(source: str, function: str) -> Literal["sample", "batch", "openai"]:
     """How the sandbox calls `function`, read from its signature; ValueError if it cannot be called."""
     tree = ast.parse(source)
     found = [
         n for n in tree.body if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef) and n.name == function
     ]
     if not found:
+        openai = " or OpenAI's def grade(sample, item): ..." if function == "reward" else ""
         raise ValueError(
             f"the source defines no top-level function {function!r} "
-            f"(def {function}(completion, example): ... returning a number)"
+            f"(def {function}(completion, example): ... returning a number{openai})"
         )
     node = found[-1]
     if isinstance(node, ast.AsyncFunctionDef):
@@ -403,7 +422,7 @@ def call_form(source: str, function: str) -> Literal["sample", "batch"]:
     if names & {"completions", "prompts"}:
         return "batch"
     if len(args.posonlyargs) + len(args.args) >= 2 or args.vararg is not None:
-        return "sample"
+        return "openai" if function == "grade" else "sample"
     raise ValueError(
         f"{function!r} must take (completion, example), or TRL's (prompts, completions, **columns) for a batch"
     )

@@ -297,7 +297,21 @@ def _b_posts(a: ProjectA, b: ApiClient) -> dict[str, list[tuple[dict[str, Any], 
             )
         ],
         "/v1/completions": [({"model": a.fine_tuned_model, "prompt": "hi"}, 404, "model", "model")],
+        # Graders name nothing of A's; running or validating one shows nothing of A's either.
+        "/v1/fine_tuning/alpha/graders/run": [
+            ({"grader": STRING_CHECK, "model_sample": "1", "item": {"a": "1"}}, 200, None, "")
+        ],
+        "/v1/fine_tuning/alpha/graders/validate": [({"grader": STRING_CHECK}, 200, None, "")],
     }
+
+
+STRING_CHECK = {
+    "type": "string_check",
+    "name": "s",
+    "input": "{{sample.output_text}}",
+    "reference": "{{item.a}}",
+    "operation": "eq",
+}
 
 
 def test_routes_without_ids_keep_projects_apart(projects: tuple[ProjectA, ApiClient]):

@@ -179,7 +179,7 @@ def test_two_projects_never_share_a_warm_sandbox_even_with_the_same_code(api):
             "graders.0.source",
             "over the limit of 262144",
         ),
-        ("def grade(c, e):\n    return 1\n", "graders.0.function", "no top-level function 'reward'"),
+        ("def score(c, e):\n    return 1\n", "graders.0.function", "no top-level function 'reward'"),
     ],
     ids=["syntax", "import", "size", "function"],
 )

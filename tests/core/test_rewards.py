@@ -208,7 +208,6 @@ def test_score_completions_weighted_totals():
     assert result.error_count == 0
     assert result.error_messages == []
     assert spec.labels == ["numeric", "fmt"]
-    assert spec.max_total == 1.5
     assert spec.is_binary
 
 
@@ -221,7 +220,6 @@ def test_negative_weight_counts_in_total_but_not_in_correct():
     assert result.per_grader == {"numeric": [1.0, 1.0], "too_long": [0.0, 1.0]}
     assert result.totals == pytest.approx([2.0, 1.5])
     assert result.correct == [True, True]
-    assert spec.max_total == 2.0
 
 
 def test_correct_is_none_with_a_similarity_grader():
