@@ -73,16 +73,23 @@ def current_project(request: Request, services: ServicesDep) -> str:
 
 ProjectDep = Annotated[str, Depends(current_project)]
 
-ID_PATTERN = r"^[a-z]+_[0-9a-f]{24}$"  # the shape of service.tables.new_id
+ID_PATTERN = r"^[a-z]+[_-][0-9a-f]{24}$"  # the shape of service.tables.new_id
 _ID = re.compile(ID_PATTERN)
 Model = TypeVar("Model", Dataset, Job, RewardSpecRecord)
 
 
 def owned(
-    session: Session, model: type[Model], resource_id: str, project_id: str, param: str | None = None, **get
+    session: Session,
+    model: type[Model],
+    resource_id: str,
+    project_id: str,
+    param: str | None = None,
+    kind: str | None = None,
+    **get,
 ) -> Model:
-    """The caller's resource by id; anything else (another project's, malformed, missing) is a 404."""
-    kind = {Dataset: "dataset", Job: "job", RewardSpecRecord: "reward"}[model]
+    """The caller's resource by id; anything else (another project's, malformed, missing) is a 404.
+    `kind` names it in the error (`file_not_found`); default: the table's resource name."""
+    kind = kind or {Dataset: "dataset", Job: "job", RewardSpecRecord: "reward"}[model]
     row = session.get(model, resource_id, **get) if _ID.match(resource_id) else None
     if row is None or row.project_id != project_id:
         raise not_found(kind, resource_id, param)

@@ -17,7 +17,7 @@ from protocol.errors import APIError, error_body, install_error_handlers, invali
 log = logging.getLogger(__name__)
 
 OPENAI_COMPATIBLE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
-OPENAI_COMPATIBLE_PREFIXES = ("/v1/fine_tuning/",)
+OPENAI_COMPATIBLE_PREFIXES = ("/v1/fine_tuning/", "/v1/files")
 MISSING_KEY = ("missing_api_key", "send an API key as 'Authorization: Bearer <key>'")
 BEARER_CHALLENGE = {"WWW-Authenticate": "Bearer"}
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Select
+from sqlalchemy import Select, tuple_
 from sqlalchemy.orm import InstrumentedAttribute, Session
+
+from protocol.errors import APIError
 
 
 def page_of(
@@ -29,3 +31,35 @@ def ascending_page(
     has_more = len(rows) > limit
     rows = rows[:limit]
     return {"data": rows, "has_more": has_more, "last_id": rows[-1].id if rows else None}
+
+
+def openai_page(
+    session: Session,
+    query: Select,
+    model: Any,
+    after: str | None,
+    limit: int,
+    order: str = "desc",
+) -> dict:
+    """A page as OpenAI's lists answer: `created_at` then id, newest first unless `order="asc"`,
+    items strictly after the `after` item (which must be in `query`: else 400 on `after`, never
+    the first page again, which would loop a client that follows `has_more`)."""
+    newest_first = order == "desc"
+    key = (model.created_at, model.id)
+    if after is not None:
+        anchor = session.scalar(query.where(model.id == after))
+        if anchor is None:
+            raise APIError(400, "invalid_cursor", f"`after` names no item of this list: {after!r}", "after")
+        earlier = tuple_(*key) < tuple_(anchor.created_at, anchor.id)
+        later = tuple_(*key) > tuple_(anchor.created_at, anchor.id)
+        query = query.where(earlier if newest_first else later)
+    ordering = [c.desc() for c in key] if newest_first else list(key)
+    rows = list(session.scalars(query.order_by(*ordering).limit(limit + 1)))
+    has_more = len(rows) > limit
+    rows = rows[:limit]
+    return {
+        "data": rows,
+        "has_more": has_more,
+        "first_id": rows[0].id if rows else None,
+        "last_id": rows[-1].id if rows else None,
+    }

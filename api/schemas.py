@@ -318,3 +318,50 @@ class GraderRunResponse(BaseModel):
     metadata: GraderRunMetadata
     sub_rewards: dict[str, float] = Field(description="A multi grader's sub-graders' scores, by name.")
     model_grader_token_usage_per_model: dict[str, Any] = Field(default_factory=dict)
+
+
+# ----- OpenAI's files (/v1/files) ----------------------------------------------------------------
+
+
+class FileValidation(BaseModel):
+    """Ours: what the upload's validation found (every line was checked before it was stored)."""
+
+    lines: int
+    examples: int
+    with_demonstration: int = Field(
+        description="Examples with a demonstration (a final assistant message or a `demonstration` key): "
+        "what sft, psft and prefix_rft train on."
+    )
+    field_counts: dict[str, int] = Field(
+        description="Extra fields (a grader's {{item.x}}) and how many carry each."
+    )
+    sha256: str
+
+
+class FileObject(BaseModel):
+    """OpenAI's file object; `status` is `processed` because a file is validated before it is stored."""
+
+    id: str
+    object: Literal["file"] = "file"
+    bytes: int
+    created_at: int = Field(description="Unix seconds.")
+    filename: str
+    purpose: Literal["fine-tune"] = "fine-tune"
+    status: Literal["uploaded", "processed", "error"] = "processed"
+    status_details: str | None = None
+    expires_at: int | None = None
+    validation: FileValidation
+
+
+class FilePage(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[FileObject]
+    has_more: bool
+    first_id: str | None = None
+    last_id: str | None = None
+
+
+class FileDeleted(BaseModel):
+    id: str
+    object: Literal["file"] = "file"
+    deleted: bool = True

@@ -18,8 +18,13 @@ AutoId = BigInteger().with_variant(Integer(), "sqlite")
 
 
 def new_id(prefix: str) -> str:
-    """`job_0195a1b2c3d4e5f6a7b8c9d0`: a millisecond timestamp then randomness, so ids sort by creation."""
-    return f"{prefix}_{int(time.time() * 1000):012x}{secrets.token_hex(6)}"
+    """`job_0195a1b2c3d4e5f6a7b8c9d0`: a millisecond timestamp then randomness, so ids sort by creation.
+    OpenAI's kinds take its separator: `file-0195a1b2c3d4e5f6a7b8c9d0`."""
+    separator = "-" if prefix in OPENAI_ID_PREFIXES else "_"
+    return f"{prefix}{separator}{int(time.time() * 1000):012x}{secrets.token_hex(6)}"
+
+
+OPENAI_ID_PREFIXES = frozenset({"file", "ftjob", "ftevent"})
 
 
 def utcnow() -> datetime:

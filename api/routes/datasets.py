@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import CursorQuery, LimitQuery, ProjectDep, ServicesDep, SessionDep, owned
+from api.deps import CursorQuery, LimitQuery, ProjectDep, Services, ServicesDep, SessionDep, owned
 from api.errors import error_responses
 from api.idempotency import ConcurrentDuplicate, IdempotencyKeyHeader, IdempotentRequest, fingerprint
 from api.pagination import page_of
@@ -22,6 +25,7 @@ from service.db import transaction
 from service.tables import ACTIVE_STATUSES, Dataset, Job, new_id
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+Out = TypeVar("Out", bound=BaseModel)
 
 
 @router.post(
@@ -40,11 +44,41 @@ async def upload_dataset(
     """Upload JSONL as multipart (`file`, optional `name`). Invalid files are refused with every bad line.
 
     With an `Idempotency-Key`, a retry of the same upload returns the first dataset."""
+    return await store_dataset(
+        request, project_id, services, idempotency_key, "upload_dataset", "ds", 422, dataset_out
+    )
+
+
+def dataset_out(dataset: Dataset) -> DatasetOut:
+    return DatasetOut.model_validate(dataset, from_attributes=True)
+
+
+async def store_dataset(
+    request: Request,
+    project_id: str,
+    services: Services,
+    idempotency_key: str | None,
+    operation: str,
+    id_prefix: str,
+    invalid_status: int,
+    render: Callable[[Dataset], Out],
+    check_fields: Callable[[dict[str, str]], None] | None = None,
+    created_status: int = 201,
+) -> Out | JSONResponse:
+    """Receive a JSONL upload, validate it line by line while it streams, store it and its row.
+
+    Shared by /v1/datasets and OpenAI's /v1/files, which `render` the row each its own way: a
+    refused file answers `invalid_status` with every bad line; a replayed `Idempotency-Key`
+    returns the first answer (a JSONResponse). `check_fields` checks the form's text fields
+    (purpose) before the file is read; `created_status` is what a replay answers (OpenAI: 200).
+    """
     settings = services.settings
     settings.scratch_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=settings.scratch_dir, prefix="upload-") as scratch:
         path = Path(scratch) / "data.jsonl"
         upload = await receive_file(request, path, settings.max_upload_bytes)
+        if check_fields is not None:
+            check_fields(upload.fields)
         report = await run_in_threadpool(
             lambda: read_jsonl(
                 iter_byte_lines(path, settings.max_line_bytes), settings.max_line_bytes, keep_examples=False
@@ -58,10 +92,10 @@ async def upload_dataset(
                 )
             else:
                 message = "the file has no examples"
-            raise APIError(422, "invalid_dataset", message, "file", details)
+            raise APIError(invalid_status, "invalid_dataset", message, "file", details)
         name = _printable(upload.fields.get("name") or upload.filename or "")[:255] or "dataset.jsonl"
         dataset = Dataset(
-            id=new_id("ds"),
+            id=new_id(id_prefix),
             project_id=project_id,
             name=name,
             bytes=upload.bytes,
@@ -73,21 +107,21 @@ async def upload_dataset(
             field_counts=report.field_counts,
         )
         dataset.storage_key = f"datasets/{project_id}/{dataset.id}.jsonl"
-        request = IdempotentRequest(
+        idempotent = IdempotentRequest(
             project_id,
-            "upload_dataset",
+            operation,
             idempotency_key,
             fingerprint([upload.sha256, upload.fields, upload.filename]),
         )
-        if first := await run_in_threadpool(_replay, services, request):
+        if first := await run_in_threadpool(_replay, services, idempotent):
             return first
         # The object first, then its row: a failure in between leaves an object that is removed here.
         await run_in_threadpool(services.storage.put_file, dataset.storage_key, path)
     try:
-        return await run_in_threadpool(_insert, services, dataset, request)
+        return await run_in_threadpool(_insert, services, dataset, idempotent, render, created_status)
     except ConcurrentDuplicate:
         await run_in_threadpool(services.storage.delete, dataset.storage_key)
-        return await run_in_threadpool(_replay, services, request)
+        return await run_in_threadpool(_replay, services, idempotent)
     except Exception:
         await run_in_threadpool(services.storage.delete, dataset.storage_key)
         raise
@@ -103,12 +137,14 @@ def _printable(text: str) -> str:
     return "".join(ch for ch in text if ch.isprintable()).strip()
 
 
-def _insert(services, dataset: Dataset, request: IdempotentRequest) -> DatasetOut:
+def _insert(
+    services, dataset: Dataset, request: IdempotentRequest, render: Callable[[Dataset], Out], status: int
+) -> Out:
     with transaction(services.sessions) as session:
         session.add(dataset)
         session.flush()
-        out = DatasetOut.model_validate(dataset, from_attributes=True)
-        request.remember(session, 201, out.model_dump(mode="json"))
+        out = render(dataset)
+        request.remember(session, status, out.model_dump(mode="json"))
     return out
 
 
@@ -131,9 +167,15 @@ def read_dataset(dataset_id: str, session: SessionDep, project_id: ProjectDep) -
 @router.delete("/{dataset_id}", response_model=Deleted, responses=error_responses(409))
 def delete_dataset(dataset_id: str, project_id: ProjectDep, services: ServicesDep) -> Deleted:
     """Refused while a queued or running job uses the dataset; finished jobs keep their history."""
+    delete_dataset_row(services, project_id, dataset_id)
+    return Deleted(id=dataset_id, object="dataset")
+
+
+def delete_dataset_row(services: Services, project_id: str, dataset_id: str, kind: str = "dataset") -> None:
+    """Delete the row, then its object; 409 (not to be retried) while an active job uses it."""
     with transaction(services.sessions) as session:
         # The row lock serialises this with job creation, which takes a shared lock.
-        dataset = owned(session, Dataset, dataset_id, project_id, with_for_update=True)
+        dataset = owned(session, Dataset, dataset_id, project_id, with_for_update=True, kind=kind)
         in_use = session.scalar(
             select(Job.id)
             .where(
@@ -143,8 +185,12 @@ def delete_dataset(dataset_id: str, project_id: ProjectDep, services: ServicesDe
             .limit(1)
         )
         if in_use:
-            raise APIError(409, "dataset_in_use", f"dataset {dataset_id!r} is used by active job {in_use!r}")
+            raise APIError(
+                409,
+                f"{kind}_in_use",
+                f"{kind} {dataset_id!r} is used by active job {in_use!r}",
+                headers={"x-should-retry": "false"},  # the official client retries a 409 unless told
+            )
         session.delete(dataset)
         key = dataset.storage_key
     services.storage.delete(key)  # after the commit: a failed commit never loses the object
-    return Deleted(id=dataset_id, object="dataset")

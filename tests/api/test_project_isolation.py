@@ -56,7 +56,13 @@ KNOWN_ID_ROUTES = {
     ("GET", "/v1/models/{model_id:path}"),
 }
 # The resource kind each path parameter names, as in the `<kind>_not_found` error code.
-PARAM_KINDS = {"dataset_id": "dataset", "reward_id": "reward", "job_id": "job", "model_id": "model"}
+PARAM_KINDS = {
+    "dataset_id": "dataset",
+    "file_id": "file",
+    "reward_id": "reward",
+    "job_id": "job",
+    "model_id": "model",
+}
 
 
 def api_routes(app: FastAPI) -> list[tuple[str, str]]:
@@ -164,6 +170,7 @@ def make_project_a(a: ApiClient) -> ProjectA:
         fine_tuned_model=fine_tuned_model,
         ids={
             "dataset_id": [dataset],
+            "file_id": [dataset],  # a dataset is a file of purpose fine-tune
             "reward_id": [reward],
             "job_id": [queued, done],
             "model_id": [fine_tuned_model],
@@ -329,6 +336,12 @@ def test_routes_without_ids_keep_projects_apart(projects: tuple[ProjectA, ApiCli
             assert not leaked, f"GET {path} shows project A's {leaked}"
         elif method == "POST" and path == "/v1/datasets":
             assert created(b.upload(LINES))["id"] not in a.secrets
+        elif method == "POST" and path == "/v1/files":
+            body = ("\n".join(LINES) + "\n").encode()
+            response = b.http.post(
+                "/v1/files", files={"file": ("b.jsonl", body)}, data={"purpose": "fine-tune"}
+            )
+            assert response.status_code == 200 and response.json()["id"] not in a.secrets
         elif method == "POST":
             assert path in posts, f"POST {path}: add bodies that use project A's ids to this test"
             for body, status, param, kind in posts[path]:
@@ -388,6 +401,7 @@ def test_another_projects_ids_answer_like_missing_ones(projects: tuple[ProjectA,
     a, b = projects
     for kind, path, real in (
         ("dataset", "/v1/datasets/{}", a.dataset),
+        ("file", "/v1/files/{}", a.dataset),
         ("reward", "/v1/rewards/{}", a.reward),
         ("job", "/v1/jobs/{}", a.done_job),
     ):
