@@ -365,3 +365,75 @@ class FileDeleted(BaseModel):
     id: str
     object: Literal["file"] = "file"
     deleted: bool = True
+
+
+# ----- OpenAI's fine-tuning jobs (/v1/fine_tuning/jobs) -----------------------------------------
+
+
+class FineTuningJobCreate(BaseModel):
+    """POST /v1/fine_tuning/jobs, as the official client sends it (api/fine_tuning_methods.py maps it)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="Base model id, from GET /v1/models.")
+    training_file: str = Field(description="A file id of purpose fine-tune.")
+    validation_file: str | None = Field(
+        None, description="Held-out file; default: a seeded split of training."
+    )
+    method: dict[str, Any] | None = Field(
+        None,
+        description="{type, <type>: {grader?, hyperparameters?, adapter?}}: supervised, reinforcement, "
+        "prefix_rft, sft_then_rft, psft, psft_then_rft. Default: supervised.",
+    )
+    hyperparameters: dict[str, Any] | None = Field(
+        None, description="Deprecated: supervised's hyperparameters."
+    )
+    suffix: str | None = Field(None, min_length=1, max_length=40, pattern=r"^[a-z0-9][a-z0-9-]*$")
+    seed: int | None = Field(None, ge=0, le=2**31 - 1)
+    metadata: dict[str, str] | None = Field(None, max_length=16)
+    integrations: list[dict[str, Any]] | None = Field(
+        None, max_length=5, description="Not supported: empty or null."
+    )
+
+
+class FineTuningJobError(BaseModel):
+    code: str
+    message: str
+    param: str | None = None
+
+
+class FineTuningJob(BaseModel):
+    """OpenAI's fine-tuning job; every documented key is present (null where absent)."""
+
+    id: str
+    object: Literal["fine_tuning.job"] = "fine_tuning.job"
+    created_at: int
+    model: str
+    organization_id: str
+    status: Literal["validating_files", "queued", "running", "succeeded", "failed", "cancelled", "paused"]
+    training_file: str | None
+    validation_file: str | None
+    result_files: list[str] = Field(default_factory=list)
+    fine_tuned_model: str | None
+    finished_at: int | None
+    trained_tokens: int | None = None
+    estimated_finish: int | None = None
+    error: FineTuningJobError | None
+    seed: int
+    hyperparameters: dict[str, Any] = Field(
+        description="batch_size, learning_rate_multiplier, n_epochs, resolved."
+    )
+    method: dict[str, Any]
+    integrations: list[dict[str, Any]] = Field(default_factory=list)
+    metadata: dict[str, str] | None
+    user_provided_suffix: str | None
+    step: int = Field(description="Ours: steps done.")
+    total_steps: int = Field(description="Ours.")
+
+
+class FineTuningJobPage(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[FineTuningJob]
+    has_more: bool
+    first_id: str | None = None
+    last_id: str | None = None

@@ -108,6 +108,8 @@ class Job(Base):
     reward_spec_id: Mapped[str | None] = mapped_column(ForeignKey("reward_specs.id", ondelete="SET NULL"))
     suffix: Mapped[str | None] = mapped_column(String(64))
     user_metadata: Mapped[dict[str, str] | None] = mapped_column("metadata", JSON)
+    # OpenAI's `method` as /v1/fine_tuning/jobs was asked for it, "auto" resolved: shown back as is.
+    fine_tuning_method: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     seed: Mapped[int] = mapped_column(Integer)
     total_steps: Mapped[int] = mapped_column(Integer)
     step: Mapped[int] = mapped_column(Integer, default=0)

@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from api.deps import CursorQuery, LimitQuery, ProjectDep, ServicesDep, SessionDep, owned
+from api.deps import CursorQuery, LimitQuery, ProjectDep, Services, ServicesDep, SessionDep, owned
 from api.errors import error_responses
 from api.idempotency import ConcurrentDuplicate, IdempotencyKeyHeader, IdempotentRequest, fingerprint
 from api.pagination import ascending_page, page_of
@@ -92,7 +92,7 @@ def create_job(
         with transaction(services.sessions) as session:
             if first := request.replay(session):
                 return first
-            job = _new_job(session, body, project_id, frozenset(services.judge.endpoints))
+            job = new_job(session, body, project_id, frozenset(services.judge.endpoints))
             out = job_out(job)
             request.remember(session, 201, out.model_dump(mode="json"))
     except ConcurrentDuplicate:
@@ -102,7 +102,9 @@ def create_job(
     return out
 
 
-def _new_job(session: Session, body: JobCreate, project_id: str, served_judges: frozenset[str]) -> Job:
+def new_job(
+    session: Session, body: JobCreate, project_id: str, served_judges: frozenset[str], id_prefix: str = "job"
+) -> Job:
     # Shared locks: a concurrent delete of these datasets waits for this job (or wins before it).
     train = _locked_dataset(session, project_id, body.training_dataset, "training_dataset")
     heldout = (
@@ -126,7 +128,7 @@ def _new_job(session: Session, body: JobCreate, project_id: str, served_judges: 
         reward = validated_spec(reward, "reward").model_dump(mode="json")
     config = build_config(body, reward, train, heldout, served_judges)
     job = Job(
-        id=new_id("job"),
+        id=new_id(id_prefix),
         project_id=project_id,
         status=JobStatus.QUEUED,
         model=body.model,
@@ -175,6 +177,13 @@ def read_job(job_id: str, session: SessionDep, project_id: ProjectDep) -> JobOut
 @router.post("/{job_id}/cancel", response_model=JobOut, responses=error_responses(409))
 def cancel_job(job_id: str, project_id: ProjectDep, services: ServicesDep) -> JobOut:
     """A queued job is cancelled at once; a running one stops at its next step and ends `cancelled`."""
+    request_cancel(services, project_id, job_id)
+    with services.sessions() as session:
+        return job_out(get_job(session, project_id, job_id))
+
+
+def request_cancel(services: Services, project_id: str, job_id: str) -> None:
+    """Cancel at once when queued, at the next step when running; 409 once it has finished."""
     with transaction(services.sessions) as session:
         job = get_job(session, project_id, job_id)
         transitions = {
@@ -184,7 +193,12 @@ def cancel_job(job_id: str, project_id: ProjectDep, services: ServicesDep) -> Jo
         }
         target = transitions.get(JobStatus(job.status))
         if target is None and job.status != JobStatus.CANCELLING:
-            raise APIError(409, "job_finished", f"job {job_id!r} has already finished ({job.status})")
+            raise APIError(
+                409,
+                "job_finished",
+                f"job {job_id!r} has already finished ({job.status})",
+                headers={"x-should-retry": "false"},  # the official client retries a 409 unless told
+            )
         if target is not None:
             values: dict[str, Any] = {"status": target}
             if target == JobStatus.CANCELLED:
@@ -196,8 +210,6 @@ def cancel_job(job_id: str, project_id: ProjectDep, services: ServicesDep) -> Jo
             if not moved:
                 raise APIError(409, "job_changed", "the job changed state meanwhile; read it and retry")
             session.add(JobEvent(job_id=job_id, level="info", message=f"cancel requested: {target}"))
-    with services.sessions() as session:
-        return job_out(get_job(session, project_id, job_id))
 
 
 @router.get("/{job_id}/events", response_model=EventPage)

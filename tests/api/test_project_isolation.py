@@ -61,6 +61,7 @@ PARAM_KINDS = {
     "file_id": "file",
     "reward_id": "reward",
     "job_id": "job",
+    "fine_tuning_job_id": "job",
     "model_id": "model",
 }
 
@@ -173,6 +174,7 @@ def make_project_a(a: ApiClient) -> ProjectA:
             "file_id": [dataset],  # a dataset is a file of purpose fine-tune
             "reward_id": [reward],
             "job_id": [queued, done],
+            "fine_tuning_job_id": [queued, done],
             "model_id": [fine_tuned_model],
         },
     )
@@ -304,6 +306,15 @@ def _b_posts(a: ProjectA, b: ApiClient) -> dict[str, list[tuple[dict[str, Any], 
             )
         ],
         "/v1/completions": [({"model": a.fine_tuned_model, "prompt": "hi"}, 404, "model", "model")],
+        "/v1/fine_tuning/jobs": [
+            ({"model": MODEL, "training_file": a.dataset}, 404, "training_file", "file"),
+            (
+                {"model": MODEL, "training_file": own, "validation_file": a.dataset},
+                404,
+                "validation_file",
+                "file",
+            ),
+        ],
         # Graders name nothing of A's; running or validating one shows nothing of A's either.
         "/v1/fine_tuning/alpha/graders/run": [
             ({"grader": STRING_CHECK, "model_sample": "1", "item": {"a": "1"}}, 200, None, "")
@@ -404,6 +415,7 @@ def test_another_projects_ids_answer_like_missing_ones(projects: tuple[ProjectA,
         ("file", "/v1/files/{}", a.dataset),
         ("reward", "/v1/rewards/{}", a.reward),
         ("job", "/v1/jobs/{}", a.done_job),
+        ("job", "/v1/fine_tuning/jobs/{}", a.done_job),
     ):
         made_up = real[:-4] + ("0000" if not real.endswith("0000") else "1111")
         seen = b.http.get(path.format(real))

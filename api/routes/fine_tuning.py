@@ -1,0 +1,167 @@
+"""OpenAI's fine-tuning jobs: create, list, retrieve, cancel, in the shapes the official client parses.
+
+A job here is the same job as under /v1/jobs (the same rows, checks, queue and worker); its
+`method` is read into ours by api/fine_tuning_methods.py and shown back with "auto" resolved.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request
+from sqlalchemy import select
+
+from api.deps import ProjectDep, ServicesDep, SessionDep, owned
+from api.errors import error_responses
+from api.fine_tuning_methods import OPENAI_TYPES, resolve_method
+from api.pagination import openai_page
+from api.routes.jobs import new_job, request_cancel
+from api.schemas import FineTuningJob, FineTuningJobCreate, FineTuningJobError, FineTuningJobPage, JobCreate
+from core.config import ConfigError, parse_grader
+from protocol.errors import APIError
+from service.db import transaction
+from service.queue import dispatch_job
+from service.tables import Dataset, Job, JobStatus
+
+router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
+
+_STATUS = {JobStatus.VALIDATING: "validating_files", JobStatus.CANCELLING: "running"}
+_OPENAI_NAME = {ours: theirs for theirs, ours in OPENAI_TYPES.items()}
+# Where our job fields live in OpenAI's body, for errors raised by the shared job checks.
+_PARAMS = {"training_dataset": "training_file", "validation_dataset": "validation_file"}
+
+
+def fine_tuning_job(job: Job) -> FineTuningJob:
+    method = job.fine_tuning_method or _method_of_config(job)
+    kind = method["type"]
+    hyper = method.get(kind, {}).get("hyperparameters", {})
+    return FineTuningJob(
+        id=job.id,
+        created_at=int(job.created_at.timestamp()),
+        model=job.model,
+        organization_id=job.project_id,
+        status=_STATUS.get(JobStatus(job.status), job.status),
+        training_file=job.training_dataset_id,
+        validation_file=job.validation_dataset_id,
+        fine_tuned_model=job.fine_tuned_model,
+        finished_at=int(job.finished_at.timestamp()) if job.finished_at else None,
+        error=FineTuningJobError(**job.error) if job.error and job.status == JobStatus.FAILED else None,
+        seed=job.seed,
+        hyperparameters={k: hyper.get(k) for k in ("batch_size", "learning_rate_multiplier", "n_epochs")},
+        method=method,
+        metadata=job.user_metadata,
+        user_provided_suffix=job.suffix,
+        step=job.step,
+        total_steps=job.total_steps,
+    )
+
+
+def _method_of_config(job: Job) -> dict[str, Any]:
+    """The method of a job created under /v1/jobs, in OpenAI's layout."""
+    kind = _OPENAI_NAME.get(job.method, job.method)
+    body: dict[str, Any] = {"hyperparameters": dict(job.config["training"]), "adapter": job.config["adapter"]}
+    if job.config.get("reward"):
+        body["grader"] = job.config["reward"]
+    return {"type": kind, kind: body}
+
+
+@router.post("", response_model=FineTuningJob, responses=error_responses(400, 404))
+def create_fine_tuning_job(
+    body: FineTuningJobCreate, project_id: ProjectDep, services: ServicesDep
+) -> FineTuningJob:
+    """Validate and queue a job: the files, the method and its grader are checked before it is queued."""
+    if body.integrations:
+        raise APIError(
+            400, "unsupported_parameter", "integrations (wandb) are not supported here", "integrations"
+        )
+    with transaction(services.sessions) as session:
+        train = owned(session, Dataset, body.training_file, project_id, "training_file", kind="file")
+        resolved = resolve_method(body.method, body.hyperparameters, train.examples)
+        reward = None
+        if resolved.grader is not None:
+            try:
+                reward = parse_grader(resolved.grader).model_dump(mode="json")
+            except ConfigError as exc:
+                where = f"method.{resolved.echo['type']}.grader"
+                details = [
+                    {"param": ".".join(x for x in (where, p.param) if x), "message": p.message}
+                    for p in exc.details
+                ]
+                raise APIError(
+                    400, "invalid_grader", details[0]["message"], details[0]["param"], details
+                ) from exc
+        ours = JobCreate(
+            model=body.model,
+            method=resolved.method,
+            adapter=resolved.adapter,
+            training_dataset=body.training_file,
+            validation_dataset=body.validation_file,
+            reward=reward,
+            hyperparameters=resolved.training,
+            evaluation=resolved.evaluation,
+            seed=body.seed,
+            suffix=body.suffix,
+            metadata=body.metadata,
+        )
+        try:
+            job = new_job(session, ours, project_id, frozenset(services.judge.endpoints), id_prefix="ftjob")
+        except APIError as exc:
+            raise _in_openai_terms(exc, resolved.echo["type"]) from exc
+        job.fine_tuning_method = resolved.echo
+        session.flush()
+        out = fine_tuning_job(job)
+    dispatch_job(services.celery, services.sessions, job.id)  # after the commit, so the worker finds the row
+    return out
+
+
+def _in_openai_terms(error: APIError, kind: str) -> APIError:
+    """A shared job check's error with OpenAI's status (400 for what 422 says) and field names."""
+    param = error.param or ""
+    head, _, rest = param.partition(".")
+    if head in _PARAMS:
+        param = _PARAMS[head]
+    elif head in ("hyperparameters", "evaluation", "adapter"):
+        param = f"method.{kind}.{'adapter' if head == 'adapter' else 'hyperparameters'}" + (
+            f".{rest}" if rest else ""
+        )
+    elif head == "reward":
+        param = f"method.{kind}.grader"
+    status = 400 if error.status == 422 else error.status
+    code = error.code.replace("dataset", "file")
+    message = error.message.replace("dataset", "file")
+    return APIError(status, code, message, param or None, error.details, error.headers)
+
+
+@router.get("", response_model=FineTuningJobPage, responses=error_responses(400))
+def list_fine_tuning_jobs(
+    request: Request,
+    session: SessionDep,
+    project_id: ProjectDep,
+    after: Annotated[str | None, Query(description="The last id of the previous page.")] = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+) -> dict:
+    """Newest first; `metadata[key]=value` keeps the jobs whose metadata has that pair."""
+    query = select(Job).where(Job.project_id == project_id)
+    for name, value in request.query_params.multi_items():
+        if name.startswith("metadata[") and name.endswith("]"):
+            query = query.where(Job.user_metadata[name[len("metadata[") : -1]].as_string() == value)
+    page = openai_page(session, query, Job, after, limit)
+    page["data"] = [fine_tuning_job(j) for j in page["data"]]
+    return page
+
+
+@router.get("/{fine_tuning_job_id}", response_model=FineTuningJob)
+def retrieve_fine_tuning_job(
+    fine_tuning_job_id: str, session: SessionDep, project_id: ProjectDep
+) -> FineTuningJob:
+    return fine_tuning_job(owned(session, Job, fine_tuning_job_id, project_id))
+
+
+@router.post("/{fine_tuning_job_id}/cancel", response_model=FineTuningJob, responses=error_responses(409))
+def cancel_fine_tuning_job(
+    fine_tuning_job_id: str, project_id: ProjectDep, services: ServicesDep
+) -> FineTuningJob:
+    """Queued: cancelled at once; running: stops at its next step (it reads `running` until then)."""
+    request_cancel(services, project_id, fine_tuning_job_id)
+    with services.sessions() as session:
+        return fine_tuning_job(owned(session, Job, fine_tuning_job_id, project_id))

@@ -1,0 +1,176 @@
+"""/v1/fine_tuning/jobs through the official openai client: create, retrieve, list, cancel.
+
+The API behind uvicorn on PostgreSQL with Redis as the broker and no worker: jobs stay queued,
+which is what these calls see (training through this surface is tested with a worker elsewhere).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import openai
+import pytest
+
+from tests.conftest import ApiClient, served
+
+SFT_LINES = [
+    json.dumps(
+        {"messages": [{"role": "user", "content": f"{i}+1?"}, {"role": "assistant", "content": str(i + 1)}]}
+    )
+    for i in range(20)
+]
+RFT_LINES = [
+    json.dumps({"messages": [{"role": "user", "content": f"{i}+1?"}], "answer": str(i + 1)})
+    for i in range(12)
+]
+GRADER = {
+    "type": "string_check",
+    "name": "exact",
+    "input": "{{sample.output_text}}",
+    "reference": "{{item.answer}}",
+    "operation": "eq",
+}
+
+
+@pytest.fixture
+def deployment(api: ApiClient) -> Iterator[tuple[ApiClient, openai.OpenAI]]:
+    with served(api.app) as base_url:
+        yield api, openai.OpenAI(base_url=f"{base_url}/v1", api_key=api.key, max_retries=0)
+
+
+def upload(client: openai.OpenAI, lines: list[str]) -> str:
+    return client.files.create(
+        file=("data.jsonl", ("\n".join(lines) + "\n").encode()), purpose="fine-tune"
+    ).id
+
+
+def test_a_supervised_job_as_openai_shows_it(deployment):
+    _, client = deployment
+    training = upload(client, SFT_LINES)
+    job = client.fine_tuning.jobs.create(
+        model="tiny-random",
+        training_file=training,
+        method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2, "batch_size": 8}}},
+        suffix="adder",
+        seed=7,
+        metadata={"team": "a"},
+    )
+    assert job.id.startswith("ftjob-") and job.object == "fine_tuning.job"
+    assert (job.status, job.model, job.training_file, job.validation_file) == (
+        "queued",
+        "tiny-random",
+        training,
+        None,
+    )
+    assert job.seed == 7 and job.metadata == {"team": "a"} and job.user_provided_suffix == "adder"
+    assert job.error is None and job.fine_tuned_model is None and job.finished_at is None
+    assert job.result_files == [] and job.integrations == [] and isinstance(job.created_at, int)
+    # ceil(2 epochs x 20 examples / 8) = 5 steps
+    assert job.hyperparameters.to_dict() == {"batch_size": 8, "learning_rate_multiplier": 1.0, "n_epochs": 2}
+    assert job.method.type == "supervised"
+    assert job.method.supervised.hyperparameters.n_epochs == 2 and job.total_steps == 5
+    assert client.fine_tuning.jobs.retrieve(job.id).to_dict() == job.to_dict()
+    for key in ("trained_tokens", "estimated_finish", "fine_tuned_model", "error", "finished_at"):
+        assert key in job.to_dict(exclude_unset=False)
+
+
+def test_reinforcement_and_our_methods_take_openai_s_layout(deployment):
+    _, client = deployment
+    training = upload(client, RFT_LINES)
+    rft = client.fine_tuning.jobs.create(
+        model="tiny-random",
+        training_file=training,
+        method={
+            "type": "reinforcement",
+            "reinforcement": {"grader": GRADER, "hyperparameters": {"batch_size": 4, "eval_interval": 2}},
+        },
+    )
+    echoed = rft.method.reinforcement
+    assert echoed.grader.to_dict() == GRADER
+    assert echoed.hyperparameters.n_epochs == 1 and rft.total_steps == 3  # 12 prompts at 4 a step
+    assert echoed.hyperparameters.eval_interval == 2 and echoed.hyperparameters.compute_multiplier == 1.0
+    ours = client.fine_tuning.jobs.create(
+        model="tiny-random",
+        training_file=training,
+        extra_body={
+            "method": {
+                "type": "prefix_rft",
+                "prefix_rft": {"grader": GRADER, "hyperparameters": {"steps": 4}},
+            }
+        },
+    )
+    assert ours.method.type == "prefix_rft" and ours.total_steps == 4
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "code", "param"),
+    [
+        ({"method": {"type": "dpo", "dpo": {}}}, "unsupported_method", "method.type"),
+        (
+            {"method": {"type": "reinforcement", "reinforcement": {"grader": {**GRADER, "operation": "is"}}}},
+            "invalid_grader",
+            "method.reinforcement.grader.operation",
+        ),
+        (
+            {"method": {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": -1}}}},
+            "invalid_request",
+            "method.supervised.hyperparameters.n_epochs",
+        ),
+        ({"model": "gpt-4o-mini"}, "unknown_model", "model"),
+        (
+            {"integrations": [{"type": "wandb", "wandb": {"project": "p"}}]},
+            "unsupported_parameter",
+            "integrations",
+        ),
+        ({"suffix": "Not:Allowed"}, None, "suffix"),
+    ],
+)
+def test_what_cannot_run_is_refused_as_bad_request_naming_the_field(deployment, kwargs, code, param):
+    _, client = deployment
+    training = upload(client, SFT_LINES)
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.fine_tuning.jobs.create(**{"model": "tiny-random", "training_file": training, **kwargs})
+    assert caught.value.param == param
+    if code:
+        assert caught.value.code == code
+    assert list(client.fine_tuning.jobs.list()) == []  # nothing was queued
+
+
+def test_unknown_or_foreign_files_are_not_found(deployment):
+    api, client = deployment
+    theirs = openai.OpenAI(base_url=str(client.base_url), api_key=api.other_project().key, max_retries=0)
+    foreign = upload(theirs, SFT_LINES)
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.fine_tuning.jobs.create(model="tiny-random", training_file=foreign)
+    assert (caught.value.code, caught.value.param) == ("file_not_found", "training_file")
+    job = client.fine_tuning.jobs.create(model="tiny-random", training_file=upload(client, SFT_LINES))
+    with pytest.raises(openai.NotFoundError):
+        theirs.fine_tuning.jobs.retrieve(job.id)
+
+
+def test_list_pages_end_and_filter_by_metadata(deployment):
+    _, client = deployment
+    training = upload(client, SFT_LINES)
+    ids = [
+        client.fine_tuning.jobs.create(
+            model="tiny-random", training_file=training, metadata={"run": str(i % 2)}
+        ).id
+        for i in range(4)
+    ]
+    assert [j.id for j in client.fine_tuning.jobs.list(limit=1)] == ids[::-1]  # four pages of one, then done
+    assert [j.id for j in client.fine_tuning.jobs.list(metadata={"run": "1"})] == [ids[3], ids[1]]
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.fine_tuning.jobs.list(after="ftjob-000000000000000000000000")
+    assert caught.value.param == "after"
+
+
+def test_cancel(deployment):
+    _, client = deployment
+    job = client.fine_tuning.jobs.create(model="tiny-random", training_file=upload(client, SFT_LINES))
+    cancelled = client.fine_tuning.jobs.cancel(job.id)
+    assert cancelled.status == "cancelled" and isinstance(cancelled.finished_at, int)
+    with pytest.raises(openai.ConflictError) as caught:
+        client.fine_tuning.jobs.cancel(job.id)
+    assert caught.value.code == "job_finished"
+    assert caught.value.response.headers["x-should-retry"] == "false"
