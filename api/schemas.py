@@ -437,3 +437,42 @@ class FineTuningJobPage(BaseModel):
     has_more: bool
     first_id: str | None = None
     last_id: str | None = None
+
+
+class FineTuningJobEvent(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job.event"] = "fine_tuning.job.event"
+    created_at: int
+    level: Literal["info", "warn", "error"]
+    message: str
+    type: Literal["message", "metrics"] = "message"
+    data: dict[str, Any] | None = None
+
+
+class FineTuningJobEventPage(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[FineTuningJobEvent]
+    has_more: bool
+
+
+class FineTuningJobCheckpoint(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job.checkpoint"] = "fine_tuning.job.checkpoint"
+    created_at: int
+    fine_tuned_model_checkpoint: str = Field(
+        description="The checkpoint's model name (not yet accepted by chat completions: the finished "
+        "job's fine_tuned_model is)."
+    )
+    fine_tuning_job_id: str
+    step_number: int
+    metrics: dict[str, float] = Field(
+        description="The step's training metrics, and held-out ones if evaluated."
+    )
+
+
+class FineTuningJobCheckpointPage(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[FineTuningJobCheckpoint]
+    has_more: bool
+    first_id: str | None = None
+    last_id: str | None = None

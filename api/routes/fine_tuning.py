@@ -10,18 +10,29 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from api.deps import ProjectDep, ServicesDep, SessionDep, owned
 from api.errors import error_responses
 from api.fine_tuning_methods import OPENAI_TYPES, resolve_method
 from api.pagination import openai_page
 from api.routes.jobs import new_job, request_cancel
-from api.schemas import FineTuningJob, FineTuningJobCreate, FineTuningJobError, FineTuningJobPage, JobCreate
+from api.schemas import (
+    FineTuningJob,
+    FineTuningJobCheckpoint,
+    FineTuningJobCheckpointPage,
+    FineTuningJobCreate,
+    FineTuningJobError,
+    FineTuningJobEvent,
+    FineTuningJobEventPage,
+    FineTuningJobPage,
+    JobCreate,
+)
 from core.config import ConfigError, parse_grader
 from protocol.errors import APIError
 from service.db import transaction
 from service.queue import dispatch_job
-from service.tables import Dataset, Job, JobStatus
+from service.tables import Checkpoint, Dataset, Job, JobEvent, JobMetric, JobStatus
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
 
@@ -165,3 +176,111 @@ def cancel_fine_tuning_job(
     request_cancel(services, project_id, fine_tuning_job_id)
     with services.sessions() as session:
         return fine_tuning_job(owned(session, Job, fine_tuning_job_id, project_id))
+
+
+# ----- events and checkpoints -------------------------------------------------------------------
+# Our rows have integer ids; OpenAI's have prefixed strings. The integer is kept in the string
+# (`ftevent-12`), so `after` reads back exactly and pages follow the rows' order, newest first.
+
+
+def _row_id(prefix: str, value: str | None) -> int | None:
+    if value is None:
+        return None
+    number = value.removeprefix(prefix)
+    if number == value or not number.isdigit() or int(number) > MAX_BIGINT:
+        raise APIError(400, "invalid_cursor", f"`after` names no item of this list: {value!r}", "after")
+    return int(number)
+
+
+def _newest_first(
+    session: Session, query: Any, column: Any, after: int | None, limit: int
+) -> tuple[list, bool]:
+    if after is not None:
+        query = query.where(column < after)
+    rows = list(session.scalars(query.order_by(column.desc()).limit(limit + 1)))
+    return rows[:limit], len(rows) > limit
+
+
+@router.get(
+    "/{fine_tuning_job_id}/events", response_model=FineTuningJobEventPage, responses=error_responses(400)
+)
+def list_fine_tuning_events(
+    fine_tuning_job_id: str,
+    session: SessionDep,
+    project_id: ProjectDep,
+    after: Annotated[
+        str | None, Query(pattern=r"^ftevent-\d{1,18}$", description="The last id of the previous page.")
+    ] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 20,
+) -> dict:
+    """Newest first, as OpenAI's."""
+    owned(session, Job, fine_tuning_job_id, project_id)
+    query = select(JobEvent).where(JobEvent.job_id == fine_tuning_job_id)
+    rows, has_more = _newest_first(session, query, JobEvent.id, _row_id(EVENT_PREFIX, after), limit)
+    return {
+        "data": [
+            FineTuningJobEvent(
+                id=f"{EVENT_PREFIX}{e.id}",
+                created_at=int(e.created_at.timestamp()),
+                level=_LEVELS.get(e.level, "info"),
+                message=e.message,
+                data=e.data,
+            )
+            for e in rows
+        ],
+        "has_more": has_more,
+    }
+
+
+@router.get(
+    "/{fine_tuning_job_id}/checkpoints",
+    response_model=FineTuningJobCheckpointPage,
+    responses=error_responses(400),
+)
+def list_fine_tuning_checkpoints(
+    fine_tuning_job_id: str,
+    session: SessionDep,
+    project_id: ProjectDep,
+    after: Annotated[
+        str | None, Query(pattern=r"^ftckpt_\d{1,18}$", description="The last id of the previous page.")
+    ] = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 10,
+) -> dict:
+    """Newest first, each with its step's metrics."""
+    job = owned(session, Job, fine_tuning_job_id, project_id)
+    query = select(Checkpoint).where(Checkpoint.job_id == job.id)
+    rows, has_more = _newest_first(session, query, Checkpoint.id, _row_id(CHECKPOINT_PREFIX, after), limit)
+    steps = [c.step for c in rows]
+    metrics: dict[int, dict[str, float]] = {}
+    for row in session.scalars(
+        select(JobMetric).where(JobMetric.job_id == job.id, JobMetric.step.in_(steps))
+    ):
+        prefix = "train_" if row.kind == "train" else "valid_"
+        values = {f"{prefix}{k}": float(v) for k, v in row.values.items() if _is_number(v) and k != "step"}
+        metrics.setdefault(row.step, {"step": float(row.step)}).update(values)
+    data = [
+        FineTuningJobCheckpoint(
+            id=f"{CHECKPOINT_PREFIX}{c.id}",
+            created_at=int(c.created_at.timestamp()),
+            fine_tuned_model_checkpoint=f"{job.fine_tuned_model or job.id}:ckpt-step-{c.step}",
+            fine_tuning_job_id=job.id,
+            step_number=c.step,
+            metrics=metrics.get(c.step, {"step": float(c.step)}),
+        )
+        for c in rows
+    ]
+    return {
+        "data": data,
+        "has_more": has_more,
+        "first_id": data[0].id if data else None,
+        "last_id": data[-1].id if data else None,
+    }
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+EVENT_PREFIX, CHECKPOINT_PREFIX = "ftevent-", "ftckpt_"
+MAX_BIGINT = 2**63 - 1
+_LEVELS = {"info": "info", "warning": "warn", "error": "error"}

@@ -174,3 +174,48 @@ def test_cancel(deployment):
         client.fine_tuning.jobs.cancel(job.id)
     assert caught.value.code == "job_finished"
     assert caught.value.response.headers["x-should-retry"] == "false"
+
+
+def test_events_and_checkpoints_page_newest_first_and_end(deployment):
+    from service.db import transaction
+    from service.tables import Checkpoint, JobEvent, JobMetric
+
+    api, client = deployment
+    job = client.fine_tuning.jobs.create(model="tiny-random", training_file=upload(client, SFT_LINES))
+    with transaction(api.sessions) as session:  # what a worker reports, written as it writes it
+        for i in range(24):
+            session.add(JobEvent(job_id=job.id, level="warning" if i == 5 else "info", message=f"event {i}"))
+        for step in (2, 4, 6, 8):
+            session.add(
+                Checkpoint(job_id=job.id, step=step, storage_key=f"jobs/{job.id}/ckpt-{step}.tar", bytes=1)
+            )
+            session.add(
+                JobMetric(job_id=job.id, kind="train", step=step, values={"loss": 1.0 / step, "step": step})
+            )
+        session.add(
+            JobMetric(job_id=job.id, kind="eval", step=8, values={"accuracy": 0.5, "reward_mean": 0.25})
+        )
+
+    events = list(client.fine_tuning.jobs.list_events(job.id, limit=7))
+    assert [e.message for e in events] == [f"event {i}" for i in reversed(range(24))] + [events[-1].message]
+    assert len({e.id for e in events}) == 25 and all(e.id.startswith("ftevent-") for e in events)
+    assert events[-1].message.startswith("job created")
+    assert [e.level for e in events if e.message == "event 5"] == ["warn"]
+    assert {e.object for e in events} == {"fine_tuning.job.event"} and all(
+        isinstance(e.created_at, int) for e in events
+    )
+
+    checkpoints = list(client.fine_tuning.jobs.checkpoints.list(job.id, limit=3))
+    assert [c.step_number for c in checkpoints] == [8, 6, 4, 2]
+    latest = checkpoints[0]
+    assert latest.id.startswith("ftckpt_") and latest.fine_tuning_job_id == job.id
+    assert latest.fine_tuned_model_checkpoint.endswith(":ckpt-step-8")
+    assert latest.metrics.to_dict() == {
+        "step": 8.0,
+        "train_loss": 0.125,
+        "valid_accuracy": 0.5,
+        "valid_reward_mean": 0.25,
+    }
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.fine_tuning.jobs.list_events(job.id, after="ftevent-x")
+    assert caught.value.param == "after"
