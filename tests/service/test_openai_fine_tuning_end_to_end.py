@@ -1,0 +1,91 @@
+"""An OpenAI fine-tuning script, unchanged but for its base URL and key, trains here end to end:
+the official client, the API behind uvicorn, PostgreSQL, Redis and a Celery worker process."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import openai
+import pytest
+
+from tests.conftest import ApiClient, served
+
+pytestmark = pytest.mark.slow
+
+SFT = [
+    json.dumps(
+        {
+            "messages": [
+                {"role": "user", "content": f"What is {a} + 1?"},
+                {"role": "assistant", "content": str(a + 1)},
+            ]
+        }
+    )
+    for a in range(16)
+]
+RFT = [
+    json.dumps({"messages": [{"role": "user", "content": f"What is {a} + 1?"}], "answer": str(a + 1)})
+    for a in range(8)
+]
+GRADER = {
+    "type": "string_check",
+    "name": "says the answer",
+    "input": "{{sample.output_text}}",
+    "reference": "{{item.answer}}",
+    "operation": "like",
+}
+SMALL = {"max_completion_tokens": 8, "rollouts_per_prompt": 4}
+
+
+def wait_until_done(client: openai.OpenAI, job_id: str, worker, timeout: float = 240):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.fine_tuning.jobs.retrieve(job_id)
+        if job.status in ("succeeded", "failed", "cancelled"):
+            return job
+        time.sleep(0.5)
+    raise AssertionError(f"{job_id} is still {job.status}\n{worker.log()[-3000:]}")
+
+
+def test_supervised_and_reinforcement_jobs_train_through_the_official_client(pg_settings, start_worker):
+    api = ApiClient(pg_settings)
+    worker = start_worker(pg_settings)
+    with served(api.app) as base_url:
+        client = openai.OpenAI(base_url=f"{base_url}/v1", api_key=api.key, max_retries=0)
+        sft_file = client.files.create(
+            file=("sft.jsonl", ("\n".join(SFT) + "\n").encode()), purpose="fine-tune"
+        )
+        rft_file = client.files.create(
+            file=("rft.jsonl", ("\n".join(RFT) + "\n").encode()), purpose="fine-tune"
+        )
+        supervised = client.fine_tuning.jobs.create(
+            model="tiny-random",
+            training_file=sft_file.id,
+            method={
+                "type": "supervised",
+                "supervised": {"hyperparameters": {"n_epochs": 1, "batch_size": 8}},
+            },
+            suffix="sum",
+        )
+        reinforcement = client.fine_tuning.jobs.create(
+            model="tiny-random",
+            training_file=rft_file.id,
+            method={
+                "type": "reinforcement",
+                "reinforcement": {"grader": GRADER, "hyperparameters": {"batch_size": 4, **SMALL}},
+            },
+        )
+        for job, steps in ((supervised, 2), (reinforcement, 2)):
+            done = wait_until_done(client, job.id, worker)
+            assert done.status == "succeeded", (done.error, worker.log()[-3000:])
+            assert done.total_steps == steps and done.step == steps and done.error is None
+            assert done.fine_tuned_model and job.id in done.fine_tuned_model
+            assert isinstance(done.finished_at, int) and done.finished_at >= done.created_at
+            events = list(client.fine_tuning.jobs.list_events(job.id, limit=2))  # pages of two, to the end
+            assert len({e.id for e in events}) == len(events) > 2
+            assert events[-1].message.startswith("job created")
+            assert any("succeeded" in e.message for e in events)
+            names = [m.id for m in client.models.list()]
+            assert done.fine_tuned_model in names
+        assert done.method.reinforcement.grader.to_dict() == GRADER
