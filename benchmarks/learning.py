@@ -160,7 +160,8 @@ def main_plan(rates: dict[tuple[str, str], float], dtype: str) -> list[dict[str,
                             "dtype": dtype,
                         }
                     )
-    return runs
+    # Seed 0 of every task and adapter first: a study stopped part way still compares every method.
+    return sorted(runs, key=lambda run: run["seed"])
 
 
 # ----- one run -----------------------------------------------------------------------------------
