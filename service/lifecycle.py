@@ -1,7 +1,7 @@
 """Job state changes, each a conditional UPDATE fenced by the attempt number.
 
-A worker owns a job only while the row says `attempt == its attempt` and the job is running or
-cancelling; every write checks that, so a worker that lost the job cannot overwrite the state
+A worker owns a job only while the row says `attempt == its attempt` and the job is running,
+cancelling or pausing; every write checks that, so a worker that lost the job cannot overwrite the state
 written by the one that took over. The database is the source of truth: the broker's messages
 only say "look at job X", and the reaper (service/reaper.py) re-queues what a lost worker held.
 """
@@ -16,7 +16,9 @@ from sqlalchemy.orm import Session
 
 from service.tables import Job, JobEvent, JobStatus, utcnow
 
-OWNED = (JobStatus.RUNNING, JobStatus.CANCELLING)
+OWNED = (JobStatus.RUNNING, JobStatus.CANCELLING, JobStatus.PAUSING)
+# What a user asked of a running job, which its worker carries out at the next step.
+STOP_REQUESTS = (JobStatus.CANCELLING, JobStatus.PAUSING)
 
 
 class LostJob(Exception):
@@ -103,6 +105,10 @@ def release_job(session: Session, job_id: str, attempt: int, reason: str) -> Non
         )
         add_event(session, job_id, f"cancelled ({reason})")
         return
+    if status == JobStatus.PAUSING:  # the user asked to pause: it waits for resume, not a worker
+        update_job(session, job_id, attempt, **_paused())
+        add_event(session, job_id, f"paused ({reason})")
+        return
     update_job(session, job_id, attempt, **_requeued())
     add_event(session, job_id, f"released for another worker: {reason}")
 
@@ -125,6 +131,9 @@ def _after_failure(session: Session, job: Job, error: dict[str, str], max_attemp
     if job.status == JobStatus.CANCELLING:
         values = {"status": JobStatus.CANCELLED, **finished}
         message = f"cancelled; the attempt had ended with: {error['message']}"
+    elif job.status == JobStatus.PAUSING and failures < max_attempts:
+        values = _paused()
+        message = f"paused; the attempt had ended with: {error['message']}"
     elif failures >= max_attempts:
         error = {
             "code": error["code"],
@@ -142,6 +151,16 @@ def _after_failure(session: Session, job: Job, error: dict[str, str], max_attemp
     level = "error" if values["status"] == JobStatus.FAILED else "warning"
     add_event(session, job.id, message[:4000], level=level)
     return values["status"]
+
+
+def pause_finished(session: Session, job_id: str, attempt: int, step: int) -> None:
+    """The worker stopped a pausing job at a step, its checkpoint stored: now it waits for resume."""
+    update_job(session, job_id, attempt, step=step, **_paused())
+    add_event(session, job_id, f"paused at step {step}; resume continues from its checkpoint")
+
+
+def _paused() -> dict[str, Any]:
+    return {"status": JobStatus.PAUSED, "worker_id": None, "lease_expires_at": None}
 
 
 def _requeued() -> dict[str, Any]:
@@ -196,8 +215,32 @@ def mark_undispatched(session: Session, job_id: str) -> None:
     )
 
 
-def cancel_requested(session: Session, job_id: str) -> bool:
-    return session.scalar(select(Job.status).where(Job.id == job_id)) == JobStatus.CANCELLING
+def stop_requested(session: Session, job_id: str) -> bool:
+    """Cancel or pause was asked for: the worker stops at the next step."""
+    return session.scalar(select(Job.status).where(Job.id == job_id)) in STOP_REQUESTS
+
+
+def request_stop(session: Session, job: Job, target: JobStatus) -> bool:
+    """Move a job the user cancels or pauses on to `target`, conditionally (the worker may have moved
+    it since it was read); False when it changed meanwhile."""
+    values: dict[str, Any] = {"status": target}
+    if target == JobStatus.CANCELLED:
+        values |= {"finished_at": utcnow()}
+    return bool(
+        session.execute(
+            update(Job).where(Job.id == job.id, Job.status == job.status).values(**values)
+        ).rowcount
+    )
+
+
+def resume_job(session: Session, job: Job) -> bool:
+    """A paused job back to the queue (the caller sends its message after the commit)."""
+    moved = session.execute(
+        update(Job).where(Job.id == job.id, Job.status == JobStatus.PAUSED).values(**_requeued())
+    ).rowcount
+    if moved:
+        add_event(session, job.id, "resumed: queued to continue from its last checkpoint")
+    return bool(moved)
 
 
 def add_event(

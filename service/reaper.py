@@ -34,6 +34,7 @@ class ReapReport:
     requeued: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
     cancelled: list[str] = field(default_factory=list)
+    paused: list[str] = field(default_factory=list)  # lost while pausing: they wait for resume
     dispatched: list[str] = field(default_factory=list)
     forgotten_keys: int = 0
 
@@ -49,6 +50,7 @@ def reap_once(
                 JobStatus.QUEUED: report.requeued,
                 JobStatus.FAILED: report.failed,
                 JobStatus.CANCELLED: report.cancelled,
+                JobStatus.PAUSED: report.paused,
             }[status].append(job_id)
     with transaction(sessions) as session:
         to_send = report.requeued + undispatched_jobs(
@@ -60,7 +62,7 @@ def reap_once(
         report.forgotten_keys = session.execute(
             delete(IdempotencyKey).where(IdempotencyKey.created_at < cutoff)
         ).rowcount
-    for name in ("requeued", "failed", "cancelled", "dispatched"):
+    for name in ("requeued", "failed", "cancelled", "paused", "dispatched"):
         if ids := getattr(report, name):
             log.info("reaper: %s %s", name, ", ".join(ids))
     return report

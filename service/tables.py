@@ -36,13 +36,23 @@ class JobStatus(enum.StrEnum):
     QUEUED = "queued"
     RUNNING = "running"
     CANCELLING = "cancelling"
+    PAUSING = "pausing"  # running until its next step, where it checkpoints and stops
+    PAUSED = "paused"  # resumes from its last checkpoint when asked
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
 
 
 TERMINAL_STATUSES = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
-ACTIVE_STATUSES = (JobStatus.VALIDATING, JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.CANCELLING)
+# A job in these states may still read its files: they cannot be deleted.
+ACTIVE_STATUSES = (
+    JobStatus.VALIDATING,
+    JobStatus.QUEUED,
+    JobStatus.RUNNING,
+    JobStatus.CANCELLING,
+    JobStatus.PAUSING,
+    JobStatus.PAUSED,
+)
 
 
 class Project(Base):

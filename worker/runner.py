@@ -47,12 +47,13 @@ from service.lifecycle import (
     LostJob,
     add_event,
     assert_owned,
-    cancel_requested,
     claim_job,
     finish_job,
+    pause_finished,
     release_job,
     renew_lease,
     retry_or_fail,
+    stop_requested,
     update_job,
 )
 from service.queue import dispatch_job, make_celery
@@ -169,12 +170,19 @@ class JobRun:
             return
         if result.stopped:
 
-            def cancelled(session: Session) -> None:
-                finish_job(session, self.job_id, self.attempt, JobStatus.CANCELLED, step=result.steps_done)
-                add_event(session, self.job_id, f"cancelled at step {result.steps_done}")
+            def stopped(session: Session) -> str:
+                status = session.scalar(select(Job.status).where(Job.id == self.job_id))
+                if status == JobStatus.PAUSING:
+                    pause_finished(session, self.job_id, self.attempt, result.steps_done)
+                else:
+                    finish_job(
+                        session, self.job_id, self.attempt, JobStatus.CANCELLED, step=result.steps_done
+                    )
+                    add_event(session, self.job_id, f"cancelled at step {result.steps_done}")
+                return status
 
-            self.commit(cancelled)
-            self._remove_orphans()
+            if self.commit(stopped) != JobStatus.PAUSING:
+                self._remove_orphans()  # a paused job keeps its checkpoints to resume from
             return
         self._store_adapter(job, result, workdir)
 
@@ -350,7 +358,7 @@ class JobRun:
     def should_stop(self) -> bool:
         if self.lost.is_set() or shutdown.requested.is_set():
             return True
-        return self.commit(lambda session: cancel_requested(session, self.job_id))
+        return self.commit(lambda session: stop_requested(session, self.job_id))
 
 
 class _Reporter(TrainerCallback):

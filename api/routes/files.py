@@ -12,11 +12,11 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from sqlalchemy import select
 
+from api.datasets import delete_dataset_row, store_dataset
 from api.deps import ProjectDep, ServicesDep, SessionDep, owned
 from api.errors import error_responses
 from api.idempotency import IdempotencyKeyHeader
 from api.pagination import openai_page
-from api.routes.datasets import delete_dataset_row, store_dataset
 from api.schemas import FileDeleted, FileObject, FilePage, FileValidation
 from api.uploads import UPLOAD_OPENAPI
 from protocol.errors import APIError

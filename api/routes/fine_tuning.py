@@ -15,8 +15,8 @@ from sqlalchemy.orm import Session
 from api.deps import ProjectDep, ServicesDep, SessionDep, owned
 from api.errors import error_responses
 from api.fine_tuning_methods import OPENAI_TYPES, resolve_method
+from api.jobs import new_job, request_cancel, request_pause, request_resume
 from api.pagination import openai_page
-from api.routes.jobs import new_job, request_cancel
 from api.schemas import (
     FineTuningJob,
     FineTuningJobCheckpoint,
@@ -36,7 +36,12 @@ from service.tables import Checkpoint, Dataset, Job, JobEvent, JobMetric, JobSta
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
 
-_STATUS = {JobStatus.VALIDATING: "validating_files", JobStatus.CANCELLING: "running"}
+# Ours that OpenAI has no name for read as the state they are leaving, until the next step.
+_STATUS = {
+    JobStatus.VALIDATING: "validating_files",
+    JobStatus.CANCELLING: "running",
+    JobStatus.PAUSING: "running",
+}
 _OPENAI_NAME = {ours: theirs for theirs, ours in OPENAI_TYPES.items()}
 # Where our job fields live in OpenAI's body, for errors raised by the shared job checks.
 _PARAMS = {"training_dataset": "training_file", "validation_dataset": "validation_file"}
@@ -174,6 +179,26 @@ def cancel_fine_tuning_job(
 ) -> FineTuningJob:
     """Queued: cancelled at once; running: stops at its next step (it reads `running` until then)."""
     request_cancel(services, project_id, fine_tuning_job_id)
+    with services.sessions() as session:
+        return fine_tuning_job(owned(session, Job, fine_tuning_job_id, project_id))
+
+
+@router.post("/{fine_tuning_job_id}/pause", response_model=FineTuningJob, responses=error_responses(409))
+def pause_fine_tuning_job(
+    fine_tuning_job_id: str, project_id: ProjectDep, services: ServicesDep
+) -> FineTuningJob:
+    """Queued: paused at once; running: checkpoints at its next step and stops (`running` until then)."""
+    request_pause(services, project_id, fine_tuning_job_id)
+    with services.sessions() as session:
+        return fine_tuning_job(owned(session, Job, fine_tuning_job_id, project_id))
+
+
+@router.post("/{fine_tuning_job_id}/resume", response_model=FineTuningJob, responses=error_responses(409))
+def resume_fine_tuning_job(
+    fine_tuning_job_id: str, project_id: ProjectDep, services: ServicesDep
+) -> FineTuningJob:
+    """A paused job is queued again and continues from its last checkpoint."""
+    request_resume(services, project_id, fine_tuning_job_id)
     with services.sessions() as session:
         return fine_tuning_job(owned(session, Job, fine_tuning_job_id, project_id))
 

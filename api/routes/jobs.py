@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Query
 from fastapi.responses import JSONResponse, StreamingResponse
-from sqlalchemy import select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import select
 
-from api.deps import CursorQuery, LimitQuery, ProjectDep, Services, ServicesDep, SessionDep, owned
+from api.deps import CursorQuery, LimitQuery, ProjectDep, ServicesDep, SessionDep
 from api.errors import error_responses
 from api.idempotency import ConcurrentDuplicate, IdempotencyKeyHeader, IdempotentRequest, fingerprint
+from api.jobs import get_job, new_job, request_cancel
 from api.pagination import ascending_page, page_of
 from api.schemas import (
     CheckpointList,
@@ -22,23 +22,17 @@ from api.schemas import (
     Page,
     SamplePage,
 )
-from api.specs import build_config, validated_spec
-from core.config import REWARD_FREE_METHODS
 from protocol.errors import APIError
 from service.db import transaction
 from service.queue import dispatch_job
 from service.tables import (
     Artifact,
     Checkpoint,
-    Dataset,
     Job,
     JobEvent,
     JobMetric,
     JobSample,
     JobStatus,
-    RewardSpecRecord,
-    new_id,
-    utcnow,
 )
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -73,10 +67,6 @@ def job_out(job: Job) -> JobOut:
     )
 
 
-def get_job(session: Session, project_id: str, job_id: str) -> Job:
-    return owned(session, Job, job_id, project_id)
-
-
 @router.post("", status_code=201, response_model=JobOut, responses=error_responses(404))
 def create_job(
     body: JobCreate,
@@ -100,57 +90,6 @@ def create_job(
             return request.replay(session)
     dispatch_job(services.celery, services.sessions, job.id)  # after the commit, so the worker finds the row
     return out
-
-
-def new_job(
-    session: Session, body: JobCreate, project_id: str, served_judges: frozenset[str], id_prefix: str = "job"
-) -> Job:
-    # Shared locks: a concurrent delete of these datasets waits for this job (or wins before it).
-    train = _locked_dataset(session, project_id, body.training_dataset, "training_dataset")
-    heldout = (
-        _locked_dataset(session, project_id, body.validation_dataset, "validation_dataset")
-        if body.validation_dataset
-        else None
-    )
-    if body.method not in REWARD_FREE_METHODS and body.reward_id is None and body.reward is None:
-        raise APIError(
-            422,
-            "invalid_job",
-            f"method {body.method!r} needs a reward: give reward_id or reward",
-            "reward",
-        )
-    if body.reward_id and body.reward:
-        raise APIError(422, "invalid_job", "give either reward_id or an inline reward, not both", "reward")
-    reward = body.reward
-    if body.reward_id:
-        reward = owned(session, RewardSpecRecord, body.reward_id, project_id, "reward_id").spec
-    elif reward is not None:
-        reward = validated_spec(reward, "reward").model_dump(mode="json")
-    config = build_config(body, reward, train, heldout, served_judges)
-    job = Job(
-        id=new_id(id_prefix),
-        project_id=project_id,
-        status=JobStatus.QUEUED,
-        model=body.model,
-        method=body.method,
-        config=config,
-        training_dataset_id=train.id,
-        validation_dataset_id=heldout.id if heldout else None,
-        reward_spec_id=body.reward_id,
-        suffix=body.suffix,
-        user_metadata=body.metadata,
-        seed=config["seed"],
-        total_steps=config["training"]["steps"],
-        dispatched_at=utcnow(),
-    )
-    session.add(job)
-    session.add(JobEvent(job_id=job.id, level="info", message=f"job created: {body.method} on {body.model}"))
-    session.flush()  # defaults (created_at, ...) for the response
-    return job
-
-
-def _locked_dataset(session: Session, project_id: str, dataset_id: str, param: str) -> Dataset:
-    return owned(session, Dataset, dataset_id, project_id, param, with_for_update={"read": True})
 
 
 @router.get("", response_model=Page[JobOut])
@@ -180,36 +119,6 @@ def cancel_job(job_id: str, project_id: ProjectDep, services: ServicesDep) -> Jo
     request_cancel(services, project_id, job_id)
     with services.sessions() as session:
         return job_out(get_job(session, project_id, job_id))
-
-
-def request_cancel(services: Services, project_id: str, job_id: str) -> None:
-    """Cancel at once when queued, at the next step when running; 409 once it has finished."""
-    with transaction(services.sessions) as session:
-        job = get_job(session, project_id, job_id)
-        transitions = {
-            JobStatus.VALIDATING: JobStatus.CANCELLED,
-            JobStatus.QUEUED: JobStatus.CANCELLED,
-            JobStatus.RUNNING: JobStatus.CANCELLING,
-        }
-        target = transitions.get(JobStatus(job.status))
-        if target is None and job.status != JobStatus.CANCELLING:
-            raise APIError(
-                409,
-                "job_finished",
-                f"job {job_id!r} has already finished ({job.status})",
-                headers={"x-should-retry": "false"},  # the official client retries a 409 unless told
-            )
-        if target is not None:
-            values: dict[str, Any] = {"status": target}
-            if target == JobStatus.CANCELLED:
-                values["finished_at"] = utcnow()
-            # Conditional: the worker may have moved the job on since it was read.
-            moved = session.execute(
-                update(Job).where(Job.id == job_id, Job.status == job.status).values(**values)
-            ).rowcount
-            if not moved:
-                raise APIError(409, "job_changed", "the job changed state meanwhile; read it and retry")
-            session.add(JobEvent(job_id=job_id, level="info", message=f"cancel requested: {target}"))
 
 
 @router.get("/{job_id}/events", response_model=EventPage)

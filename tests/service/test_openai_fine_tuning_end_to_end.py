@@ -89,3 +89,45 @@ def test_supervised_and_reinforcement_jobs_train_through_the_official_client(pg_
             names = [m.id for m in client.models.list()]
             assert done.fine_tuned_model in names
         assert done.method.reinforcement.grader.to_dict() == GRADER
+
+
+def test_pause_checkpoints_and_resume_continues_from_it(pg_settings, start_worker):
+    api = ApiClient(pg_settings)
+    worker = start_worker(pg_settings)
+    with served(api.app) as base_url:
+        client = openai.OpenAI(base_url=f"{base_url}/v1", api_key=api.key, max_retries=0)
+        training = client.files.create(
+            file=("sft.jsonl", ("\n".join(SFT) + "\n").encode()), purpose="fine-tune"
+        )
+        job = client.fine_tuning.jobs.create(
+            model="tiny-random",
+            training_file=training.id,
+            method={"type": "supervised", "supervised": {"hyperparameters": {"steps": 200, "batch_size": 4}}},
+        )
+        deadline = time.monotonic() + 120
+        while client.fine_tuning.jobs.retrieve(job.id).step < 3:
+            assert time.monotonic() < deadline, worker.log()[-3000:]
+            time.sleep(0.2)
+        with pytest.raises(openai.ConflictError) as caught:  # only a paused job resumes
+            client.fine_tuning.jobs.resume(job.id)
+        assert caught.value.code == "job_not_paused"
+        asked = client.fine_tuning.jobs.pause(job.id)
+        assert asked.status in ("running", "paused")  # running until its next step
+        while (paused := client.fine_tuning.jobs.retrieve(job.id)).status != "paused":
+            assert paused.status == "running" and time.monotonic() < deadline, (
+                paused.status,
+                worker.log()[-3000:],
+            )
+            time.sleep(0.2)
+        stopped_at = paused.step
+        assert 3 <= stopped_at < 200
+        [latest, *_] = client.fine_tuning.jobs.checkpoints.list(job.id)
+        assert latest.step_number == stopped_at  # the step it stopped at is saved
+        time.sleep(1.0)
+        assert client.fine_tuning.jobs.retrieve(job.id).step == stopped_at  # nobody trains a paused job
+        assert client.fine_tuning.jobs.resume(job.id).status == "queued"
+        done = wait_until_done(client, job.id, worker, timeout=300)
+        assert done.status == "succeeded" and done.step == 200, worker.log()[-3000:]
+        messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id)]
+        assert f"resuming from the checkpoint of step {stopped_at}" in messages
+        assert any(m.startswith(f"paused at step {stopped_at}") for m in messages)

@@ -165,6 +165,17 @@ def test_a_lost_job_being_cancelled_ends_cancelled(settings, sessions, celery):
     assert job(sessions, job_id).status == JobStatus.CANCELLED
 
 
+def test_a_lost_job_being_paused_ends_paused_and_is_not_requeued(settings, sessions, celery):
+    job_id, attempt = running_job(sessions, lease_left=-1)
+    with transaction(sessions) as session:
+        update_job(session, job_id, attempt, status=JobStatus.PAUSING)
+    report = reap_once(settings, sessions, celery)
+    assert report.paused == [job_id] and job_id not in report.requeued + report.dispatched
+    row = job(sessions, job_id)
+    assert row.status == JobStatus.PAUSED and row.worker_id is None and row.finished_at is None
+    assert reap_once(settings, sessions, celery).paused == []  # a paused job holds no lease
+
+
 def test_a_training_error_is_retried_then_fails_with_the_last_error(sessions):
     job_id = new_job(sessions)
     for n in (1, 2, 3):

@@ -1,0 +1,144 @@
+"""Creating a job and moving it between states on request: what /v1/jobs and OpenAI's
+/v1/fine_tuning/jobs share."""
+
+from __future__ import annotations
+
+from sqlalchemy.orm import Session
+
+from api.deps import Services, owned
+from api.schemas import JobCreate
+from api.specs import build_config, validated_spec
+from core.config import REWARD_FREE_METHODS
+from protocol.errors import APIError
+from service.db import transaction
+from service.lifecycle import add_event, request_stop, resume_job
+from service.queue import dispatch_job
+from service.tables import (
+    TERMINAL_STATUSES,
+    Dataset,
+    Job,
+    JobEvent,
+    JobStatus,
+    RewardSpecRecord,
+    new_id,
+    utcnow,
+)
+
+
+def get_job(session: Session, project_id: str, job_id: str) -> Job:
+    return owned(session, Job, job_id, project_id)
+
+
+def new_job(
+    session: Session, body: JobCreate, project_id: str, served_judges: frozenset[str], id_prefix: str = "job"
+) -> Job:
+    # Shared locks: a concurrent delete of these datasets waits for this job (or wins before it).
+    train = _locked_dataset(session, project_id, body.training_dataset, "training_dataset")
+    heldout = (
+        _locked_dataset(session, project_id, body.validation_dataset, "validation_dataset")
+        if body.validation_dataset
+        else None
+    )
+    if body.method not in REWARD_FREE_METHODS and body.reward_id is None and body.reward is None:
+        raise APIError(
+            422,
+            "invalid_job",
+            f"method {body.method!r} needs a reward: give reward_id or reward",
+            "reward",
+        )
+    if body.reward_id and body.reward:
+        raise APIError(422, "invalid_job", "give either reward_id or an inline reward, not both", "reward")
+    reward = body.reward
+    if body.reward_id:
+        reward = owned(session, RewardSpecRecord, body.reward_id, project_id, "reward_id").spec
+    elif reward is not None:
+        reward = validated_spec(reward, "reward").model_dump(mode="json")
+    config = build_config(body, reward, train, heldout, served_judges)
+    job = Job(
+        id=new_id(id_prefix),
+        project_id=project_id,
+        status=JobStatus.QUEUED,
+        model=body.model,
+        method=body.method,
+        config=config,
+        training_dataset_id=train.id,
+        validation_dataset_id=heldout.id if heldout else None,
+        reward_spec_id=body.reward_id,
+        suffix=body.suffix,
+        user_metadata=body.metadata,
+        seed=config["seed"],
+        total_steps=config["training"]["steps"],
+        dispatched_at=utcnow(),
+    )
+    session.add(job)
+    session.add(JobEvent(job_id=job.id, level="info", message=f"job created: {body.method} on {body.model}"))
+    session.flush()  # defaults (created_at, ...) for the response
+    return job
+
+
+def _locked_dataset(session: Session, project_id: str, dataset_id: str, param: str) -> Dataset:
+    return owned(session, Dataset, dataset_id, project_id, param, with_for_update={"read": True})
+
+
+# What cancel and pause do from each state; a state missing here refuses with 409.
+CANCEL = {
+    JobStatus.VALIDATING: JobStatus.CANCELLED,
+    JobStatus.QUEUED: JobStatus.CANCELLED,
+    JobStatus.PAUSED: JobStatus.CANCELLED,
+    JobStatus.RUNNING: JobStatus.CANCELLING,
+    JobStatus.PAUSING: JobStatus.CANCELLING,
+    JobStatus.CANCELLING: JobStatus.CANCELLING,
+}
+PAUSE = {
+    JobStatus.VALIDATING: JobStatus.PAUSED,
+    JobStatus.QUEUED: JobStatus.PAUSED,
+    JobStatus.RUNNING: JobStatus.PAUSING,
+    JobStatus.PAUSING: JobStatus.PAUSING,
+    JobStatus.PAUSED: JobStatus.PAUSED,
+}
+
+
+def request_cancel(services: Services, project_id: str, job_id: str) -> None:
+    """Cancel at once when queued or paused, at the next step when running; 409 once finished."""
+    _request(services, project_id, job_id, CANCEL, "cancel")
+
+
+def request_pause(services: Services, project_id: str, job_id: str) -> None:
+    """Pause at once when queued, at the next step (with a checkpoint) when running."""
+    _request(services, project_id, job_id, PAUSE, "pause")
+
+
+def _request(
+    services: Services, project_id: str, job_id: str, transitions: dict[JobStatus, JobStatus], verb: str
+) -> None:
+    with transaction(services.sessions) as session:
+        job = get_job(session, project_id, job_id)
+        target = transitions.get(JobStatus(job.status))
+        if target is None:
+            raise APIError(
+                409,
+                "job_finished" if job.status in TERMINAL_STATUSES else f"cannot_{verb}",
+                f"job {job_id!r} cannot {verb}: it is {job.status}",
+                headers={"x-should-retry": "false"},  # the official client retries a 409 unless told
+            )
+        if target == job.status:
+            return  # asked again: nothing changes
+        if not request_stop(session, job, target):  # the worker moved it on since it was read
+            raise APIError(409, "job_changed", "the job changed state meanwhile; read it and retry")
+        add_event(session, job_id, f"{verb} requested: {target}")
+
+
+def request_resume(services: Services, project_id: str, job_id: str) -> None:
+    """A paused job goes back to the queue and continues from its last checkpoint."""
+    with transaction(services.sessions) as session:
+        job = get_job(session, project_id, job_id)
+        if job.status != JobStatus.PAUSED:
+            raise APIError(
+                409,
+                "job_not_paused",
+                f"job {job_id!r} is {job.status}; only a paused job resumes",
+                headers={"x-should-retry": "false"},
+            )
+        if not resume_job(session, job):
+            raise APIError(409, "job_changed", "the job changed state meanwhile; read it and retry")
+    dispatch_job(services.celery, services.sessions, job_id)  # after the commit, so the worker finds it
