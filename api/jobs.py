@@ -15,6 +15,7 @@ from service.lifecycle import add_event, request_stop, resume_job
 from service.queue import dispatch_job
 from service.tables import (
     TERMINAL_STATUSES,
+    TRAINING_PURPOSE,
     Dataset,
     Job,
     JobEvent,
@@ -77,7 +78,12 @@ def new_job(
 
 
 def _locked_dataset(session: Session, project_id: str, dataset_id: str, param: str) -> Dataset:
-    return owned(session, Dataset, dataset_id, project_id, param, with_for_update={"read": True})
+    dataset = owned(session, Dataset, dataset_id, project_id, param, with_for_update={"read": True})
+    if dataset.purpose != TRAINING_PURPOSE:
+        raise APIError(
+            422, "invalid_file", f"{dataset_id!r} is a job's {dataset.purpose} file, not training data", param
+        )
+    return dataset
 
 
 # What cancel and pause do from each state; a state missing here refuses with 409.

@@ -128,6 +128,9 @@ class JobOut(BaseModel):
     attempt: int
     error: JobError | None
     fine_tuned_model: str | None
+    trained_tokens: int | None = Field(
+        None, description="Prompt and completion tokens trained on; set when the job finishes."
+    )
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
@@ -137,6 +140,9 @@ class EventOut(BaseModel):
     id: int
     object: Literal["fine_tuning.job.event"] = "fine_tuning.job.event"
     level: str
+    type: Literal["message", "metrics"] = Field(
+        "message", description="`metrics`: a training step's or an evaluation's numbers in `data`."
+    )
     message: str
     data: dict[str, Any] | None
     created_at: datetime
@@ -346,7 +352,9 @@ class FileObject(BaseModel):
     bytes: int
     created_at: int = Field(description="Unix seconds.")
     filename: str
-    purpose: Literal["fine-tune"] = "fine-tune"
+    purpose: Literal["fine-tune", "fine-tune-results"] = Field(
+        "fine-tune", description="`fine-tune-results`: a succeeded job's step metrics, CSV."
+    )
     status: Literal["uploaded", "processed", "error"] = "processed"
     status_details: str | None = None
     expires_at: int | None = None
@@ -413,7 +421,9 @@ class FineTuningJob(BaseModel):
     status: Literal["validating_files", "queued", "running", "succeeded", "failed", "cancelled", "paused"]
     training_file: str | None
     validation_file: str | None
-    result_files: list[str] = Field(default_factory=list)
+    result_files: list[str] = Field(
+        default_factory=list, description="Once succeeded: the file id of its step metrics (CSV)."
+    )
     fine_tuned_model: str | None
     finished_at: int | None
     trained_tokens: int | None = None

@@ -303,6 +303,8 @@ class Trainer:
             "reward_mean": rewards.mean().item(),
             "reward_std": rewards.std(unbiased=False).item(),
             "reward_errors": reward.error_count,
+            # Prompt and completion tokens of the sequences the update trained on, counted once.
+            "trained_tokens": sum(map(len, rollouts.prompts)) + sum(map(len, rollouts.responses)),
             **{f"reward_errors/{label}": reward.errors.get(label, 0) for label in reward.per_grader},
             **{f"reward/{label}": sum(v) / len(v) for label, v in reward.per_grader.items()},
             "demo_prefix_low": low,
@@ -554,6 +556,7 @@ class Trainer:
             "loss": nll_sum / total_tokens,
             "grad_norm": sum(grad_norms) / len(grad_norms),
             "response_length": total_tokens / len(examples),
+            "trained_tokens": sum(map(len, prompts)) + total_tokens,
             "train_tokens_per_s": total_tokens / elapsed,
             "step_time_s": elapsed,
             "lr": self.scheduler.get_last_lr()[0],

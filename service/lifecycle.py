@@ -14,7 +14,7 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from service.tables import Job, JobEvent, JobStatus, utcnow
+from service.tables import Job, JobEvent, JobMetric, JobStatus, utcnow
 
 OWNED = (JobStatus.RUNNING, JobStatus.CANCELLING, JobStatus.PAUSING)
 # What a user asked of a running job, which its worker carries out at the next step.
@@ -88,8 +88,17 @@ def finish_job(
         error=error,
         finished_at=utcnow(),
         lease_expires_at=None,
+        trained_tokens=trained_tokens(session, job_id),
         **values,
     )
+
+
+def trained_tokens(session: Session, job_id: str) -> int:
+    """The tokens of every training step (its `trained_tokens`; a step re-run after a resume counts once)."""
+    rows = session.scalars(
+        select(JobMetric.values).where(JobMetric.job_id == job_id, JobMetric.kind == "train")
+    )
+    return int(sum(values.get("trained_tokens") or 0 for values in rows))
 
 
 def release_job(session: Session, job_id: str, attempt: int, reason: str) -> None:
@@ -244,6 +253,11 @@ def resume_job(session: Session, job: Job) -> bool:
 
 
 def add_event(
-    session: Session, job_id: str, message: str, level: str = "info", data: dict | None = None
+    session: Session,
+    job_id: str,
+    message: str,
+    level: str = "info",
+    data: dict | None = None,
+    type: str = "message",
 ) -> None:
-    session.add(JobEvent(job_id=job_id, level=level, message=message, data=data))
+    session.add(JobEvent(job_id=job_id, level=level, type=type, message=message, data=data))

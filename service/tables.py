@@ -73,6 +73,9 @@ class ApiKey(Base):
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
+TRAINING_PURPOSE, RESULTS_PURPOSE = "fine-tune", "fine-tune-results"
+
+
 class Dataset(Base):
     __tablename__ = "datasets"
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("ds"))
@@ -86,6 +89,10 @@ class Dataset(Base):
     with_demonstration: Mapped[int] = mapped_column(Integer)
     # How many examples carry each extra field: a job checks its reward's fields against this.
     field_counts: Mapped[dict[str, int]] = mapped_column(JSON)
+    # `fine-tune`: an uploaded JSONL; `fine-tune-results`: a finished job's step metrics (CSV).
+    purpose: Mapped[str] = mapped_column(
+        String(32), default=TRAINING_PURPOSE, server_default=TRAINING_PURPOSE
+    )
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
@@ -116,6 +123,8 @@ class Job(Base):
         ForeignKey("datasets.id", ondelete="SET NULL"), index=True
     )
     reward_spec_id: Mapped[str | None] = mapped_column(ForeignKey("reward_specs.id", ondelete="SET NULL"))
+    # The step metrics CSV a succeeded job leaves (OpenAI's `result_files`).
+    result_file_id: Mapped[str | None] = mapped_column(ForeignKey("datasets.id", ondelete="SET NULL"))
     suffix: Mapped[str | None] = mapped_column(String(64))
     user_metadata: Mapped[dict[str, str] | None] = mapped_column("metadata", JSON)
     # OpenAI's `method` as /v1/fine_tuning/jobs was asked for it, "auto" resolved: shown back as is.
@@ -134,6 +143,8 @@ class Job(Base):
     lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     error: Mapped[dict[str, str] | None] = mapped_column(JSON)  # {"code", "message"} when failed
     fine_tuned_model: Mapped[str | None] = mapped_column(String(300))
+    # Prompt and completion tokens of every training step, written when the job finishes.
+    trained_tokens: Mapped[int | None] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
@@ -144,6 +155,8 @@ class JobEvent(Base):
     id: Mapped[int] = mapped_column(AutoId, primary_key=True, autoincrement=True)
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
     level: Mapped[str] = mapped_column(String(10))
+    # `metrics`: a training step's or an evaluation's numbers in `data` (`split` says which).
+    type: Mapped[str] = mapped_column(String(10), default="message", server_default="message")
     message: Mapped[str] = mapped_column(Text)
     data: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -57,9 +57,20 @@ from service.lifecycle import (
     update_job,
 )
 from service.queue import dispatch_job, make_celery
+from service.results import results_csv
 from service.settings import Settings, get_settings
 from service.storage import ObjectNotFound, Storage, open_storage
-from service.tables import Artifact, Checkpoint, Dataset, Job, JobMetric, JobSample, JobStatus
+from service.tables import (
+    RESULTS_PURPOSE,
+    Artifact,
+    Checkpoint,
+    Dataset,
+    Job,
+    JobMetric,
+    JobSample,
+    JobStatus,
+    new_id,
+)
 from worker import shutdown
 
 log = logging.getLogger(__name__)
@@ -149,7 +160,7 @@ class JobRun:
         limits = SandboxLimits.from_settings(self.services.settings)
         trainer = Trainer(
             config,
-            callbacks=[_Reporter(self)],
+            callbacks=[_Reporter(self, config.training.steps)],
             sandbox_limits=limits,
             judge=ChatJudge(self.services.settings.judge_models),
         )
@@ -226,20 +237,56 @@ class JobRun:
         digest, size = sha256_of(archive), archive.stat().st_size
         key = f"jobs/{self.job_id}/attempt-{self.attempt}/adapter.tar.gz"
         self.services.storage.put_file(key, archive)
+        results = self._store_results(job, workdir)
         name = f"ft:{job.model}:{job.suffix or ''}:{self.job_id}"
         try:
-            self.commit(lambda session: self._succeed(session, key, digest, size, name, result))
+            self.commit(lambda session: self._succeed(session, key, digest, size, name, result, results))
         except LostJob:
-            self.services.storage.delete(key)  # no row will ever point at it
+            for stored in (key, results.storage_key):  # no row will ever point at them
+                self.services.storage.delete(stored)
             raise
         self.log.info("job %s: succeeded, adapter %s (%d bytes)", self.job_id, digest[:12], size)
         self._remove_orphans()
 
+    def _store_results(self, job: Job, workdir: Path) -> Dataset:
+        """The step metrics as CSV in storage, and the file row that the success commits."""
+        with self.services.sessions() as session:
+            metrics = session.scalars(select(JobMetric).where(JobMetric.job_id == self.job_id)).all()
+        train = {m.step: m.values for m in metrics if m.kind == "train"}
+        evals = {m.step: m.values for m in metrics if m.kind == "eval"}
+        path = workdir / "results.csv"
+        path.write_text(results_csv(train, evals))
+        file = Dataset(
+            id=new_id("file"),
+            project_id=job.project_id,
+            name=f"{self.job_id}-results.csv",
+            purpose=RESULTS_PURPOSE,
+            bytes=path.stat().st_size,
+            sha256=sha256_of(path),
+            storage_key=f"jobs/{self.job_id}/attempt-{self.attempt}/results.csv",
+            lines=len(set(train) | set(evals)) + 1,
+            examples=0,
+            with_demonstration=0,
+            field_counts={},
+        )
+        self.services.storage.put_file(file.storage_key, path)
+        return file
+
     def _succeed(
-        self, session: Session, key: str, digest: str, size: int, name: str, result: TrainResult
+        self,
+        session: Session,
+        key: str,
+        digest: str,
+        size: int,
+        name: str,
+        result: TrainResult,
+        results: Dataset,
     ) -> None:
         # The unique job_id of artifacts makes a second success impossible; the fence makes
         # sure that only the current attempt gets here.
+        assert_owned(session, self.job_id, self.attempt)
+        session.merge(results)
+        session.flush()  # the file row before the job names it
         finish_job(
             session,
             self.job_id,
@@ -247,6 +294,7 @@ class JobRun:
             JobStatus.SUCCEEDED,
             step=result.steps_done,
             fine_tuned_model=name,
+            result_file_id=results.id,
         )
         session.merge(
             Artifact(
@@ -276,6 +324,13 @@ class JobRun:
                 )
                 kept |= set(
                     session.scalars(select(Artifact.storage_key).where(Artifact.job_id == self.job_id))
+                )
+                kept |= set(
+                    session.scalars(
+                        select(Dataset.storage_key).where(
+                            Dataset.storage_key.startswith(f"jobs/{self.job_id}/")
+                        )
+                    )
                 )
             for key in self.services.storage.list_keys(f"jobs/{self.job_id}/"):
                 if key not in kept:
@@ -364,15 +419,24 @@ class JobRun:
 class _Reporter(TrainerCallback):
     """Trainer callbacks -> rows in the database and objects in storage."""
 
-    def __init__(self, run: JobRun):
+    def __init__(self, run: JobRun, total_steps: int):
         self.run = run
+        self.total_steps = total_steps
 
     def on_step(self, metrics: dict[str, Any]) -> None:
         step = metrics["step"]
+        values = _finite(metrics)
 
         def record(session: Session) -> None:
             update_job(session, self.run.job_id, self.run.attempt, step=step)
-            session.merge(JobMetric(job_id=self.run.job_id, kind="train", step=step, values=_finite(metrics)))
+            session.merge(JobMetric(job_id=self.run.job_id, kind="train", step=step, values=values))
+            add_event(
+                session,
+                self.run.job_id,
+                f"step {step}/{self.total_steps}: {_shown(values)}",
+                data={"split": "train", "total_steps": self.total_steps, **values},
+                type="metrics",
+            )
 
         self.run.commit(record)
 
@@ -382,12 +446,13 @@ class _Reporter(TrainerCallback):
             session.merge(
                 JobMetric(job_id=self.run.job_id, kind="eval", step=metrics["step"], values=_finite(metrics))
             )
-            shown = {k: round(v, 4) for k, v in metrics.items() if k in ("accuracy", "reward_mean")}
+            values = _finite(metrics)
             add_event(
                 session,
                 self.run.job_id,
-                f"evaluation at step {metrics['step']}: {shown}",
-                data=_finite(metrics),
+                f"evaluation at step {metrics['step']}: {_shown(values)}",
+                data={"split": "validation", "total_steps": self.total_steps, **values},
+                type="metrics",
             )
 
         self.run.commit(record)
@@ -465,6 +530,12 @@ def sha256_of(path: Path) -> str:
         while chunk := handle.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def _shown(metrics: dict[str, Any]) -> str:
+    """The headline numbers of a step or an evaluation, for its event's message."""
+    keys = ("loss", "reward_mean", "accuracy")
+    return ", ".join(f"{k}={metrics[k]:.4g}" for k in keys if isinstance(metrics.get(k), float | int))
 
 
 def _finite(value: Any) -> Any:

@@ -16,7 +16,7 @@ from api.idempotency import IdempotencyKeyHeader
 from api.pagination import page_of
 from api.schemas import DatasetOut, Deleted, Page
 from api.uploads import UPLOAD_OPENAPI
-from service.tables import Dataset
+from service.tables import TRAINING_PURPOSE, Dataset
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 Out = TypeVar("Out", bound=BaseModel)
@@ -54,7 +54,7 @@ def list_datasets(
     after: CursorQuery = None,
     limit: LimitQuery = 20,
 ) -> dict:
-    query = select(Dataset).where(Dataset.project_id == project_id)
+    query = select(Dataset).where(Dataset.project_id == project_id, Dataset.purpose == TRAINING_PURPOSE)
     return page_of(session, query, Dataset.id, after, limit)
 
 

@@ -20,7 +20,7 @@ from api.pagination import openai_page
 from api.schemas import FileDeleted, FileObject, FilePage, FileValidation
 from api.uploads import UPLOAD_OPENAPI
 from protocol.errors import APIError
-from service.tables import Dataset
+from service.tables import RESULTS_PURPOSE, Dataset
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
 
@@ -56,6 +56,7 @@ def file_object(dataset: Dataset) -> FileObject:
         bytes=dataset.bytes,
         created_at=int(dataset.created_at.timestamp()),
         filename=dataset.name,
+        purpose=dataset.purpose,
         validation=FileValidation(
             lines=dataset.lines,
             examples=dataset.examples,
@@ -120,8 +121,8 @@ def list_files(
     purpose: str | None = None,
 ) -> dict:
     query = select(Dataset).where(Dataset.project_id == project_id)
-    if purpose not in (None, PURPOSE):
-        query = query.where(False)  # no files of other purposes are kept here
+    if purpose is not None:
+        query = query.where(Dataset.purpose == purpose)
     page = openai_page(session, query, Dataset, after, limit, order)
     page["data"] = [file_object(d) for d in page["data"]]
     return page
@@ -146,12 +147,17 @@ def delete_file(file_id: str, project_id: ProjectDep, services: ServicesDep) -> 
 @router.get(
     "/{file_id}/content",
     response_class=StreamingResponse,
-    responses={200: {"content": {"application/jsonl": {}}, "description": "The file as uploaded."}},
+    responses={
+        200: {
+            "content": {"application/jsonl": {}, "text/csv": {}},
+            "description": "The file as uploaded; a job's results file is CSV.",
+        }
+    },
 )
 def file_content(file_id: str, session: SessionDep, project_id: ProjectDep, services: ServicesDep):
     dataset = _owned_file(session, project_id, file_id)
     return StreamingResponse(
         services.storage.iter_chunks(dataset.storage_key),
-        media_type="application/jsonl",
+        media_type="text/csv" if dataset.purpose == RESULTS_PURPOSE else "application/jsonl",
         headers={"Content-Length": str(dataset.bytes), "X-Content-SHA256": dataset.sha256},
     )

@@ -16,6 +16,7 @@ from api.deps import ProjectDep, ServicesDep, SessionDep, owned
 from api.errors import error_responses
 from api.fine_tuning_methods import OPENAI_TYPES, resolve_method
 from api.jobs import new_job, request_cancel, request_pause, request_resume
+from api.openai_metrics import event_data, event_message, prefixed
 from api.pagination import openai_page
 from api.schemas import (
     FineTuningJob,
@@ -60,6 +61,8 @@ def fine_tuning_job(job: Job) -> FineTuningJob:
         training_file=job.training_dataset_id,
         validation_file=job.validation_dataset_id,
         fine_tuned_model=job.fine_tuned_model,
+        trained_tokens=job.trained_tokens,
+        result_files=[job.result_file_id] if job.result_file_id else [],
         finished_at=int(job.finished_at.timestamp()) if job.finished_at else None,
         error=FineTuningJobError(**job.error) if job.error and job.status == JobStatus.FAILED else None,
         seed=job.seed,
@@ -243,18 +246,21 @@ def list_fine_tuning_events(
     query = select(JobEvent).where(JobEvent.job_id == fine_tuning_job_id)
     rows, has_more = _newest_first(session, query, JobEvent.id, _row_id(EVENT_PREFIX, after), limit)
     return {
-        "data": [
-            FineTuningJobEvent(
-                id=f"{EVENT_PREFIX}{e.id}",
-                created_at=int(e.created_at.timestamp()),
-                level=_LEVELS.get(e.level, "info"),
-                message=e.message,
-                data=e.data,
-            )
-            for e in rows
-        ],
+        "data": [_event(e) for e in rows],
         "has_more": has_more,
     }
+
+
+def _event(event: JobEvent) -> FineTuningJobEvent:
+    metrics = event.type == "metrics" and event.data is not None
+    return FineTuningJobEvent(
+        id=f"{EVENT_PREFIX}{event.id}",
+        created_at=int(event.created_at.timestamp()),
+        level=_LEVELS.get(event.level, "info"),
+        message=event_message(event.data) if metrics else event.message,
+        type="metrics" if metrics else "message",
+        data=event_data(event.data) if metrics else event.data,
+    )
 
 
 @router.get(
@@ -280,8 +286,7 @@ def list_fine_tuning_checkpoints(
     for row in session.scalars(
         select(JobMetric).where(JobMetric.job_id == job.id, JobMetric.step.in_(steps))
     ):
-        prefix = "train_" if row.kind == "train" else "valid_"
-        values = {f"{prefix}{k}": float(v) for k, v in row.values.items() if _is_number(v) and k != "step"}
+        values = prefixed(row.values, "train" if row.kind == "train" else "validation")
         metrics.setdefault(row.step, {"step": float(row.step)}).update(values)
     data = [
         FineTuningJobCheckpoint(
@@ -300,10 +305,6 @@ def list_fine_tuning_checkpoints(
         "first_id": data[0].id if data else None,
         "last_id": data[-1].id if data else None,
     }
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 EVENT_PREFIX, CHECKPOINT_PREFIX = "ftevent-", "ftckpt_"

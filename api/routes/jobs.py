@@ -61,6 +61,7 @@ def job_out(job: Job) -> JobOut:
         attempt=job.attempt,
         error=job.error,
         fine_tuned_model=job.fine_tuned_model,
+        trained_tokens=job.trained_tokens,
         created_at=job.created_at,
         started_at=job.started_at,
         finished_at=job.finished_at,

@@ -219,3 +219,23 @@ def test_events_and_checkpoints_page_newest_first_and_end(deployment):
     with pytest.raises(openai.BadRequestError) as caught:
         client.fine_tuning.jobs.list_events(job.id, after="ftevent-x")
     assert caught.value.param == "after"
+
+
+def test_a_metrics_event_reads_in_openai_s_names(deployment):
+    from service.db import transaction
+    from service.lifecycle import add_event
+
+    api, client = deployment
+    job = client.fine_tuning.jobs.create(model="tiny-random", training_file=upload(client, SFT_LINES))
+    step = {"split": "train", "total_steps": 20, "step": 3, "loss": 0.5, "reward_mean": 0.25, "phase": "rft"}
+    with transaction(api.sessions) as session:  # as the worker writes a training step
+        add_event(session, job.id, "step 3/20: loss=0.5", data=step, type="metrics")
+    newest = client.fine_tuning.jobs.list_events(job.id, limit=1).data[0]
+    assert newest.type == "metrics"
+    assert newest.message == "Step 3/20: training loss=0.50, train mean reward=0.25"
+    assert newest.data["train_loss"] == 0.5 and newest.data["train_mean_reward"] == 0.25
+    assert newest.data["step"] == 3 and newest.data["total_steps"] == 20
+    older = client.fine_tuning.jobs.list_events(job.id).data[-1]
+    assert older.type == "message" and older.message.startswith("job created")
+    native = api.http.get(f"/v1/jobs/{job.id}/events").json()["data"]
+    assert [e["type"] for e in native][-1] == "metrics" and native[-1]["data"] == step  # ours as stored

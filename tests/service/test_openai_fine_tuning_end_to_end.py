@@ -3,6 +3,8 @@ the official client, the API behind uvicorn, PostgreSQL, Redis and a Celery work
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import time
 
@@ -71,21 +73,42 @@ def test_supervised_and_reinforcement_jobs_train_through_the_official_client(pg_
         reinforcement = client.fine_tuning.jobs.create(
             model="tiny-random",
             training_file=rft_file.id,
+            validation_file=rft_file.id,  # evaluated before and after: validation metrics events
             method={
                 "type": "reinforcement",
                 "reinforcement": {"grader": GRADER, "hyperparameters": {"batch_size": 4, **SMALL}},
             },
         )
-        for job, steps in ((supervised, 2), (reinforcement, 2)):
+        for job, steps_total in ((supervised, 2), (reinforcement, 2)):
             done = wait_until_done(client, job.id, worker)
             assert done.status == "succeeded", (done.error, worker.log()[-3000:])
-            assert done.total_steps == steps and done.step == steps and done.error is None
+            assert done.total_steps == steps_total == done.step and done.error is None
             assert done.fine_tuned_model and job.id in done.fine_tuned_model
             assert isinstance(done.finished_at, int) and done.finished_at >= done.created_at
             events = list(client.fine_tuning.jobs.list_events(job.id, limit=2))  # pages of two, to the end
             assert len({e.id for e in events}) == len(events) > 2
             assert events[-1].message.startswith("job created")
             assert any("succeeded" in e.message for e in events)
+            # One metrics event a step, oldest last, in OpenAI's names.
+            steps = [e for e in reversed(events) if e.type == "metrics" and "train_loss" in e.data]
+            assert [e.data["step"] for e in steps] == list(range(1, steps_total + 1))
+            assert all(e.data["total_steps"] == steps_total for e in steps)
+            assert steps[0].message.startswith(f"Step 1/{steps_total}: training loss=")
+            assert done.trained_tokens == sum(e.data["train_trained_tokens"] for e in steps) > 0
+            # The results file: OpenAI's CSV, one row per step and evaluation, the same numbers.
+            [results] = done.result_files
+            rows = list(csv.DictReader(io.StringIO(client.files.content(results).text)))
+            trained = {int(r["step"]): float(r["train_loss"]) for r in rows if r["train_loss"]}
+            assert trained == {e.data["step"]: e.data["train_loss"] for e in steps}
+            assert client.files.retrieve(results).purpose == "fine-tune-results"
+            assert results in [f.id for f in client.files.list(purpose="fine-tune-results")]
+            assert results not in [f.id for f in client.files.list(purpose="fine-tune")]
+            with pytest.raises(openai.BadRequestError) as refused:  # a results file is no training data
+                client.fine_tuning.jobs.create(model="tiny-random", training_file=results)
+            assert refused.value.param == "training_file"
+            if job is reinforcement:
+                assert all(0 <= e.data["train_mean_reward"] <= 1 for e in steps)
+                assert any("full_valid_mean_reward" in e.data for e in events if e.type == "metrics")
             names = [m.id for m in client.models.list()]
             assert done.fine_tuned_model in names
         assert done.method.reinforcement.grader.to_dict() == GRADER

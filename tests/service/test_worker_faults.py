@@ -20,7 +20,7 @@ from sqlalchemy import select
 
 from migrations import upgrade_to_head
 from service.settings import Settings
-from service.tables import Artifact, Checkpoint, JobEvent, JobMetric
+from service.tables import Artifact, Checkpoint, Dataset, Job, JobEvent, JobMetric
 from tests.conftest import ApiClient, free_port, temporary_database
 from tests.service.test_end_to_end import addition_lines, finished, job_body, wait_for
 
@@ -87,6 +87,8 @@ def assert_objects_match_rows(api: ApiClient, job_id: str) -> None:
     with api.sessions() as session:
         rows = set(session.scalars(select(Checkpoint.storage_key).where(Checkpoint.job_id == job_id)))
         rows |= set(session.scalars(select(Artifact.storage_key).where(Artifact.job_id == job_id)))
+        results = select(Job.result_file_id).where(Job.id == job_id).scalar_subquery()
+        rows |= set(session.scalars(select(Dataset.storage_key).where(Dataset.id == results)))
     assert set(api.app.state.services.storage.list_keys(f"jobs/{job_id}/")) == rows
 
 
