@@ -1,12 +1,14 @@
-"""What a request's `model` names: a base model, or a trained adapter of the caller's project."""
+"""What a request's `model` names: a base model, or a trained adapter (or a checkpoint of one) of the
+caller's project."""
 
 from __future__ import annotations
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from api.schemas import ModelOut
 from core.base_models import REGISTRY
-from service.tables import Job, JobStatus
+from service.tables import CHECKPOINT_MARK, Checkpoint, Job, JobStatus, fine_tuned_model_name
 
 BASE_MODELS = {
     info.name: ModelOut(id=info.name, created=0, owned_by="prefix-rft", description=info.description)
@@ -19,6 +21,21 @@ def adapter_job(session: Session, project_id: str, name: str) -> Job | None:
     job = session.get(Job, name.rsplit(":", 1)[-1]) if name.startswith("ft:") else None
     ok = job is not None and job.project_id == project_id and job.status == JobStatus.SUCCEEDED
     return job if ok and job.fine_tuned_model == name else None
+
+
+def checkpoint_of(session: Session, project_id: str, name: str) -> tuple[Job, Checkpoint] | None:
+    """The project's job checkpoint called `name` (`<the job's model name>:ckpt-step-<n>`), while
+    it is kept and servable; the job may still be running."""
+    model, mark, step = name.rpartition(CHECKPOINT_MARK)
+    if not mark or not step.isdigit() or not model.startswith("ft:") or len(step) > 9:
+        return None
+    job = session.get(Job, model.rsplit(":", 1)[-1])
+    if job is None or job.project_id != project_id or fine_tuned_model_name(job) != model:
+        return None
+    checkpoint = session.scalar(
+        select(Checkpoint).where(Checkpoint.job_id == job.id, Checkpoint.step == int(step))
+    )
+    return (job, checkpoint) if checkpoint is not None and checkpoint.sha256 else None
 
 
 def adapter_model(job: Job) -> ModelOut:

@@ -470,8 +470,8 @@ class FineTuningJobCheckpoint(BaseModel):
     object: Literal["fine_tuning.job.checkpoint"] = "fine_tuning.job.checkpoint"
     created_at: int
     fine_tuned_model_checkpoint: str = Field(
-        description="The checkpoint's model name (not yet accepted by chat completions: the finished "
-        "job's fine_tuned_model is)."
+        description="The checkpoint's model name: chat and completions answer with it while the job keeps "
+        "the checkpoint."
     )
     fine_tuning_job_id: str
     step_number: int

@@ -2,6 +2,7 @@
 
     checkpoints/step-000006/
         adapter_state.safetensors   the adapter's trainable tensors
+        adapter/                    the same adapter exported as PEFT saves it (what is served)
         trainer_state.pt            optimizer, learning-rate schedule, torch (and CUDA) RNG
         state.json                  the step, and what the run was doing at it
 
@@ -20,7 +21,7 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
 
-from core.adapters import load_trainable_state, trainable_state
+from core.adapters import export_adapter, load_trainable_state, trainable_state
 
 
 def save_checkpoint(
@@ -40,6 +41,7 @@ def save_checkpoint(
     save_file(
         {k: v.contiguous() for k, v in trainable_state(model).items()}, staging / "adapter_state.safetensors"
     )
+    export_adapter(model, staging / "adapter", state.get("model", ""))  # a checkpoint answers chat too
     torch.save(
         {
             "optimizer": optimizer.state_dict(),

@@ -88,7 +88,9 @@ class AdapterCache:
             try:
                 with tarfile.open(archive) as tar:
                     tar.extractall(tmp, filter="data")
-                adapter = load_adapter(Path(tmp) / "adapter", self.model, name=f"adapter-{ref.sha256[:24]}")
+                adapter = load_adapter(
+                    Path(tmp) / ref.directory, self.model, name=f"adapter-{ref.sha256[:24]}"
+                )
             except (tarfile.TarError, OSError, ValueError) as exc:
                 raise AdapterUnavailable(f"the adapter could not be loaded: {exc}") from exc
         log.info("adapter %s loaded (%d bytes)", ref.sha256[:12], adapter_bytes(adapter))

@@ -102,6 +102,8 @@ class AdapterRef(BaseModel):
 
     storage_key: str
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    # The adapter's folder inside the archive: a job's adapter and a checkpoint's both use `adapter`.
+    directory: str = Field("adapter", pattern=r"^[A-Za-z0-9_.-]+$")
 
 
 class Target(BaseModel):

@@ -181,6 +181,19 @@ class JobSample(Base):
     data: Mapped[dict[str, Any]] = mapped_column(JSON)
 
 
+def fine_tuned_model_name(job: Job) -> str:
+    """What a job's adapter is called once it succeeds: `ft:<base>:<suffix>:<job id>`."""
+    return f"ft:{job.model}:{job.suffix or ''}:{job.id}"
+
+
+def checkpoint_model_name(job: Job, step: int) -> str:
+    """A checkpoint's model name, as OpenAI's: the job's model name and `:ckpt-step-<n>`."""
+    return f"{fine_tuned_model_name(job)}{CHECKPOINT_MARK}{step}"
+
+
+CHECKPOINT_MARK = ":ckpt-step-"
+
+
 class Checkpoint(Base):
     __tablename__ = "checkpoints"
     __table_args__ = (UniqueConstraint("job_id", "step"),)
@@ -189,6 +202,8 @@ class Checkpoint(Base):
     step: Mapped[int] = mapped_column(Integer)
     storage_key: Mapped[str] = mapped_column(String(500))
     bytes: Mapped[int] = mapped_column(BigInteger)
+    # The archive's digest: the model server checks it before serving the checkpoint's adapter.
+    sha256: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 

@@ -69,6 +69,7 @@ from service.tables import (
     JobMetric,
     JobSample,
     JobStatus,
+    fine_tuned_model_name,
     new_id,
 )
 from worker import shutdown
@@ -238,7 +239,7 @@ class JobRun:
         key = f"jobs/{self.job_id}/attempt-{self.attempt}/adapter.tar.gz"
         self.services.storage.put_file(key, archive)
         results = self._store_results(job, workdir)
-        name = f"ft:{job.model}:{job.suffix or ''}:{self.job_id}"
+        name = fine_tuned_model_name(job)
         try:
             self.commit(lambda session: self._succeed(session, key, digest, size, name, result, results))
         except LostJob:
@@ -479,7 +480,7 @@ class _Reporter(TrainerCallback):
         write_archive(path, archive, arcname=".", compress=False)
         key = f"jobs/{self.run.job_id}/checkpoints/step-{step:06d}-attempt-{self.run.attempt}.tar"
         storage.put_file(key, archive)
-        size = archive.stat().st_size
+        size, digest = archive.stat().st_size, sha256_of(archive)
         archive.unlink()
 
         def record(session: Session) -> str | None:
@@ -489,9 +490,11 @@ class _Reporter(TrainerCallback):
             )
             replaced = None
             if row is None:
-                session.add(Checkpoint(job_id=self.run.job_id, step=step, storage_key=key, bytes=size))
+                row = Checkpoint(job_id=self.run.job_id, step=step, storage_key=key)
+                session.add(row)
             elif row.storage_key != key:
-                replaced, row.storage_key, row.bytes = row.storage_key, key, size
+                replaced, row.storage_key = row.storage_key, key
+            row.bytes, row.sha256 = size, digest
             add_event(session, self.run.job_id, f"checkpoint saved at step {step}")
             return replaced
 

@@ -20,7 +20,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api.deps import ProjectDep, Services, ServicesDep
 from api.errors import error_responses
-from api.model_names import BASE_MODELS, adapter_job
+from api.model_names import BASE_MODELS, adapter_job, checkpoint_of
 from protocol.completions import (
     CHAT_PATH,
     COMPLETIONS_PATH,
@@ -68,7 +68,8 @@ async def completions(
 
 
 def resolve_model(services: Services, project_id: str, name: str) -> Target:
-    """A base model of the registry, or an adapter of a succeeded job of this project."""
+    """A base model of the registry, an adapter of a succeeded job of this project, or one of its
+    jobs' checkpoints (`...:ckpt-step-<n>`, while the job keeps it)."""
     if name in BASE_MODELS:
         return Target(name=name, base_model=name)
     with services.sessions() as session:
@@ -76,6 +77,10 @@ def resolve_model(services: Services, project_id: str, name: str) -> Target:
         artifact = session.scalar(select(Artifact).where(Artifact.job_id == job.id)) if job else None
         if artifact is not None:
             adapter = AdapterRef(storage_key=artifact.storage_key, sha256=artifact.sha256)
+            return Target(name=name, base_model=job.model, adapter=adapter)
+        if found := checkpoint_of(session, project_id, name):
+            job, checkpoint = found
+            adapter = AdapterRef(storage_key=checkpoint.storage_key, sha256=checkpoint.sha256)
             return Target(name=name, base_model=job.model, adapter=adapter)
     raise APIError(
         404,

@@ -33,7 +33,7 @@ from core.config import ConfigError, parse_grader
 from protocol.errors import APIError
 from service.db import transaction
 from service.queue import dispatch_job
-from service.tables import Checkpoint, Dataset, Job, JobEvent, JobMetric, JobStatus
+from service.tables import Checkpoint, Dataset, Job, JobEvent, JobMetric, JobStatus, checkpoint_model_name
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
 
@@ -292,7 +292,7 @@ def list_fine_tuning_checkpoints(
         FineTuningJobCheckpoint(
             id=f"{CHECKPOINT_PREFIX}{c.id}",
             created_at=int(c.created_at.timestamp()),
-            fine_tuned_model_checkpoint=f"{job.fine_tuned_model or job.id}:ckpt-step-{c.step}",
+            fine_tuned_model_checkpoint=checkpoint_model_name(job, c.step),
             fine_tuning_job_id=job.id,
             step_number=c.step,
             metrics=metrics.get(c.step, {"step": float(c.step)}),

@@ -3,7 +3,8 @@
 `job_events.type` is `metrics` for the events a training step or an evaluation writes, `message`
 otherwise (existing rows); `jobs.trained_tokens` is written when a job finishes (null before);
 `datasets.purpose` tells uploads (`fine-tune`) from a succeeded job's metrics CSV
-(`fine-tune-results`), which `jobs.result_file_id` names.
+(`fine-tune-results`), which `jobs.result_file_id` names; `checkpoints.sha256` lets the model
+server check a checkpoint's archive before it serves it (null for older checkpoints: not served).
 
 Revision ID: 0005
 Revises: 0004
@@ -38,9 +39,11 @@ def upgrade() -> None:
             ["id"],
             ondelete="SET NULL",
         )
+    op.add_column("checkpoints", sa.Column("sha256", sa.String(length=64), nullable=True))
 
 
 def downgrade() -> None:
+    op.drop_column("checkpoints", "sha256")
     with op.batch_alter_table("jobs") as batch_op:
         batch_op.drop_constraint(batch_op.f("fk_jobs_result_file_id_datasets"), type_="foreignkey")
         batch_op.drop_column("result_file_id")

@@ -32,7 +32,7 @@ from inference.engine import BatchedEngine, GenerationRequest, SamplingParams, l
 from service.db import make_engine, make_sessionmaker, transaction
 from service.settings import Settings
 from service.storage import open_storage
-from service.tables import Artifact, Job, JobStatus, utcnow
+from service.tables import Artifact, Checkpoint, Job, JobStatus, checkpoint_model_name, utcnow
 from tests.conftest import REPO, ApiClient, free_port, settings_env
 from worker.runner import write_archive
 
@@ -466,3 +466,60 @@ def test_the_model_server_exports_prometheus_metrics(deployment: Deployment):
         sample("prefix_rft_inference_time_to_first_token_seconds_count", 'model="tiny-random"') - first == 2
     )
     assert sample("prefix_rft_inference_batch_rows", 'model="tiny-random"') == 0
+
+
+def test_a_checkpoint_answers_by_its_name_while_its_job_runs(deployment: Deployment, engine: BatchedEngine):
+    """A checkpoint as the trainer writes it and the worker stores it (core.checkpoints, the uncompressed
+    tar), named as the checkpoints list names it, is what chat decodes with."""
+    from core.checkpoints import save_checkpoint
+
+    root = deployment.dirs["prefix"].parent / "checkpoint-job"
+    model, tokenizer = load_base_model("tiny-random")
+    policy = attach_adapter(model, tokenizer, PrefixAdapterConfig(num_virtual_tokens=6))
+    generator = torch.Generator().manual_seed(4)
+    params = [p for p in policy.parameters() if p.requires_grad]
+    with torch.no_grad():
+        for p in params:
+            p.add_(torch.randn(p.shape, generator=generator))
+    optimizer = torch.optim.AdamW(params)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    path = save_checkpoint(root, 3, policy, optimizer, scheduler, {"model": "tiny-random"}, keep=2)
+    archive = root / "step-3.tar"
+    write_archive(path, archive, arcname=".", compress=False)
+    settings = deployment.api.settings
+    key = "jobs/checkpoint-job/checkpoints/step-000003-attempt-1.tar"
+    open_storage(settings.storage_url).put_file(key, archive)
+    with transaction(deployment.api.sessions) as session:
+        job = Job(
+            project_id=deployment.api.project_id,
+            status=JobStatus.RUNNING,
+            model="tiny-random",
+            method="prefix_rft",
+            config={},
+            seed=1,
+            total_steps=10,
+            suffix="ckpt",
+        )
+        session.add(job)
+        session.flush()
+        for step, digest in ((3, hashlib.sha256(archive.read_bytes()).hexdigest()), (6, None)):
+            session.add(
+                Checkpoint(
+                    job_id=job.id, step=step, storage_key=key, bytes=archive.stat().st_size, sha256=digest
+                )
+            )
+        name, unchecked = checkpoint_model_name(job, 3), checkpoint_model_name(job, 6)
+
+    client = deployment.client()
+    reply = client.chat.completions.create(
+        model=name, messages=[{"role": "user", "content": "hello there"}], max_tokens=12, temperature=0
+    )
+    want = expected(engine, path / "adapter", chat_ids(engine, "hello there"), max_tokens=12, temperature=0)
+    assert reply.model == name and reply.choices[0].message.content == want.text
+    base = expected(engine, None, chat_ids(engine, "hello there"), max_tokens=12, temperature=0)
+    assert want.text != base.text  # the checkpoint's adapter changes what is said
+    # A step without a checkpoint, one stored before checkpoints had digests, another project's: not found.
+    for model_name, key in ((name.replace("step-3", "step-4"), None), (unchecked, None), (name, "other")):
+        caller = deployment.client(deployment.api.other_project().key if key else None)
+        with pytest.raises(openai.NotFoundError):
+            caller.chat.completions.create(model=model_name, messages=[{"role": "user", "content": "hi"}])
