@@ -14,8 +14,10 @@ Initialisations:
 - `im_start`: the activations of the first token alone (the attention sink of most heads).
 - `newline`: the activations of a single newline.
 - `zero_keys`: the system turn's values with zero keys (each slot takes softmax weight exp(0)).
-- `distilled_K`: the default, then K Adam steps (lr 1e-3) on KL(base || adapted) over the
-  completions of 32 generic prompts, none of them a probe prompt.
+- `anti_sink`: the first token's values with its keys negated and scaled by 4: most heads put
+  their largest logit on that token, so this slot gets close to none of their attention.
+- `distilled_K`: the default, then K Adam steps (lr `--distill-lr`) on KL(base || adapted) over
+  the completions of 32 generic prompts, none of them a probe prompt.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompts", type=int, default=50)
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--distill-steps", type=int, nargs="*", default=[20, 40])
+    parser.add_argument("--distill-lr", type=float, default=1e-3)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -115,6 +118,10 @@ def main(argv: list[str] | None = None) -> int:
     for layer in range(config.num_hidden_layers):
         zero_keys[:, 2 * layer * width : (2 * layer + 1) * width] = 0
     measure("zero_keys", adapter_with(zero_keys))
+    anti_sink = kv_prefix_activations(base, prompts[0][:1])
+    for layer in range(config.num_hidden_layers):
+        anti_sink[:, 2 * layer * width : (2 * layer + 1) * width] *= -4
+    measure("anti_sink", adapter_with(anti_sink))
 
     if args.distill_steps:
         generic = [chat_prompt_ids(tokenizer, t) for t in DISTILL_PROMPTS]
@@ -124,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
             teacher = log_probs(base, continuations, generic)
         model = adapter_with(system_turn)
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.Adam(params, lr=1e-3)
+        optimizer = torch.optim.Adam(params, lr=args.distill_lr)
         for step in range(1, max(args.distill_steps) + 1):
             batch = random.Random(step).sample(range(len(generic)), 8)
             for i in batch:
@@ -137,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
                 measure(f"distilled_{step}", model)
 
     report = {**origin, "model": MODEL, "dtype": args.dtype, "prompts": len(prompts),
-              "max_tokens": args.max_tokens, "target_kl_per_token": 1e-3, "results": results}  # fmt: skip
+              "max_tokens": args.max_tokens, "distill_lr": args.distill_lr, "target_kl_per_token": 1e-3,
+              "results": results}  # fmt: skip
     if args.out is not None:
         write_report(args.out, report)
     return 0
