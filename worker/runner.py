@@ -431,13 +431,7 @@ class _Reporter(TrainerCallback):
         def record(session: Session) -> None:
             update_job(session, self.run.job_id, self.run.attempt, step=step)
             session.merge(JobMetric(job_id=self.run.job_id, kind="train", step=step, values=values))
-            add_event(
-                session,
-                self.run.job_id,
-                f"step {step}/{self.total_steps}: {_shown(values)}",
-                data={"split": "train", "total_steps": self.total_steps, **values},
-                type="metrics",
-            )
+            self._metrics_event(session, f"step {step}/{self.total_steps}", "train", values)
 
         self.run.commit(record)
 
@@ -447,16 +441,16 @@ class _Reporter(TrainerCallback):
             session.merge(
                 JobMetric(job_id=self.run.job_id, kind="eval", step=metrics["step"], values=_finite(metrics))
             )
-            values = _finite(metrics)
-            add_event(
-                session,
-                self.run.job_id,
-                f"evaluation at step {metrics['step']}: {_shown(values)}",
-                data={"split": "validation", "total_steps": self.total_steps, **values},
-                type="metrics",
+            self._metrics_event(
+                session, f"evaluation at step {metrics['step']}", "validation", _finite(metrics)
             )
 
         self.run.commit(record)
+
+    def _metrics_event(self, session: Session, title: str, split: str, values: dict[str, Any]) -> None:
+        """A `metrics` event: the headline numbers in its message, all of them in its data."""
+        data = {"split": split, "total_steps": self.total_steps, **values}
+        add_event(session, self.run.job_id, f"{title}: {_shown(values)}", data=data, type="metrics")
 
     def on_samples(self, step: int, samples: list[dict[str, Any]]) -> None:
         def record(session: Session) -> None:

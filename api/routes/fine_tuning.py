@@ -6,13 +6,14 @@ A job here is the same job as under /v1/jobs (the same rows, checks, queue and w
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from api.deps import ProjectDep, ServicesDep, SessionDep, owned
+from api.deps import ProjectDep, Services, ServicesDep, SessionDep, owned
 from api.errors import error_responses
 from api.fine_tuning_methods import OPENAI_TYPES, resolve_method
 from api.jobs import new_job, request_cancel, request_pause, request_resume
@@ -181,9 +182,7 @@ def cancel_fine_tuning_job(
     fine_tuning_job_id: str, project_id: ProjectDep, services: ServicesDep
 ) -> FineTuningJob:
     """Queued: cancelled at once; running: stops at its next step (it reads `running` until then)."""
-    request_cancel(services, project_id, fine_tuning_job_id)
-    with services.sessions() as session:
-        return fine_tuning_job(owned(session, Job, fine_tuning_job_id, project_id))
+    return _after(request_cancel, services, project_id, fine_tuning_job_id)
 
 
 @router.post("/{fine_tuning_job_id}/pause", response_model=FineTuningJob, responses=error_responses(409))
@@ -191,9 +190,7 @@ def pause_fine_tuning_job(
     fine_tuning_job_id: str, project_id: ProjectDep, services: ServicesDep
 ) -> FineTuningJob:
     """Queued: paused at once; running: checkpoints at its next step and stops (`running` until then)."""
-    request_pause(services, project_id, fine_tuning_job_id)
-    with services.sessions() as session:
-        return fine_tuning_job(owned(session, Job, fine_tuning_job_id, project_id))
+    return _after(request_pause, services, project_id, fine_tuning_job_id)
 
 
 @router.post("/{fine_tuning_job_id}/resume", response_model=FineTuningJob, responses=error_responses(409))
@@ -201,9 +198,14 @@ def resume_fine_tuning_job(
     fine_tuning_job_id: str, project_id: ProjectDep, services: ServicesDep
 ) -> FineTuningJob:
     """A paused job is queued again and continues from its last checkpoint."""
-    request_resume(services, project_id, fine_tuning_job_id)
+    return _after(request_resume, services, project_id, fine_tuning_job_id)
+
+
+def _after(request: Callable[[Services, str, str], None], services: Services, project_id: str, job_id: str):
+    """Ask for a state change, then answer with the job as it is now."""
+    request(services, project_id, job_id)
     with services.sessions() as session:
-        return fine_tuning_job(owned(session, Job, fine_tuning_job_id, project_id))
+        return fine_tuning_job(owned(session, Job, job_id, project_id))
 
 
 # ----- events and checkpoints -------------------------------------------------------------------
