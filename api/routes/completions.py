@@ -121,7 +121,9 @@ async def _forward(
             )
         body = await unless_disconnected(request, upstream.aread())
         media_type = upstream.headers.get("content-type", "application/json")
-        return Response(body or b"", upstream.status_code, media_type=media_type)
+        # The model server's advice on retrying (a full queue: 429 with Retry-After) reaches the client.
+        advice = {k: upstream.headers[k] for k in ("retry-after", "x-should-retry") if k in upstream.headers}
+        return Response(body or b"", upstream.status_code, headers=advice, media_type=media_type)
     finally:
         if not relaying:
             await client.aclose()  # closes the upstream response's connection too

@@ -125,7 +125,7 @@ def run_reward_test(
             owner=project_id,  # a warm sandbox never serves two projects
         )
     except SandboxUnavailable as exc:
-        raise APIError(503, "sandbox_unavailable", str(exc)) from exc
+        raise APIError(503, "sandbox_unavailable", str(exc), headers={"Retry-After": "5"}) from exc
     rows = [
         RewardTestResult(
             total=result.totals[i],

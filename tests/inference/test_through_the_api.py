@@ -37,6 +37,7 @@ from tests.conftest import REPO, ApiClient, free_port, settings_env
 from worker.runner import write_archive
 
 pytestmark = pytest.mark.slow
+QUEUE_ROWS = 12
 
 
 @dataclass
@@ -140,7 +141,11 @@ def deployment(tmp_path_factory, migrated_postgres: str, redis_url: str) -> Iter
     )
     open_storage(settings.storage_url).prepare()
     log = root / "model-server.log"
-    env = settings_env(settings) | {"PREFIX_RFT_INFERENCE_ADAPTER_CACHE_MB": "64"}
+    # A queue of 12 rows: the concurrent test's twelve fit, a request of more is refused at once (429).
+    env = settings_env(settings) | {
+        "PREFIX_RFT_INFERENCE_ADAPTER_CACHE_MB": "64",
+        "PREFIX_RFT_INFERENCE_MAX_QUEUE": str(QUEUE_ROWS),
+    }
     port = model_server.rsplit(":", 1)[1]
     with log.open("wb") as out:
         process = subprocess.Popen(
@@ -523,3 +528,14 @@ def test_a_checkpoint_answers_by_its_name_while_its_job_runs(deployment: Deploym
         caller = deployment.client(deployment.api.other_project().key if key else None)
         with pytest.raises(openai.NotFoundError):
             caller.chat.completions.create(model=model_name, messages=[{"role": "user", "content": "hi"}])
+
+
+def test_a_full_queue_answers_429_with_when_to_retry(deployment: Deployment):
+    """More rows than the model server's queue holds: 429 with its Retry-After, relayed by the API."""
+    client = deployment.client()
+    with pytest.raises(openai.RateLimitError) as caught:
+        client.chat.completions.create(
+            model="tiny-random", messages=[{"role": "user", "content": "hi"}], n=QUEUE_ROWS + 1, max_tokens=2
+        )
+    assert caught.value.code == "rate_limit_exceeded"
+    assert caught.value.response.headers["retry-after"] == "1"
