@@ -154,3 +154,37 @@ def test_pause_checkpoints_and_resume_continues_from_it(pg_settings, start_worke
         messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id)]
         assert f"resuming from the checkpoint of step {stopped_at}" in messages
         assert any(m.startswith(f"paused at step {stopped_at}") for m in messages)
+
+
+def test_our_methods_train_through_the_official_client(pg_settings, start_worker):
+    """prefix_rft, the two-phase methods and psft, asked for as OpenAI method types of ours."""
+    demonstrated = [
+        json.dumps({**json.loads(sft), "answer": json.loads(sft)["messages"][1]["content"]}) for sft in SFT
+    ]
+    api = ApiClient(pg_settings)
+    worker = start_worker(pg_settings)
+    with served(api.app) as base_url:
+        client = openai.OpenAI(base_url=f"{base_url}/v1", api_key=api.key, max_retries=0)
+        training = client.files.create(
+            file=("demonstrated.jsonl", ("\n".join(demonstrated) + "\n").encode()), purpose="fine-tune"
+        )
+        hyper = {"batch_size": 4, "steps": 2, **SMALL}
+        methods = {
+            "prefix_rft": {"grader": GRADER, "hyperparameters": hyper},
+            "sft_then_rft": {"grader": GRADER, "hyperparameters": {**hyper, "sft_steps": 1}},
+            "psft_then_rft": {"grader": GRADER, "hyperparameters": {**hyper, "sft_steps": 1}},
+            "psft": {"hyperparameters": {"batch_size": 4, "steps": 2}},
+        }
+        jobs = {
+            kind: client.fine_tuning.jobs.create(
+                model="tiny-random",
+                training_file=training.id,
+                extra_body={"method": {"type": kind, kind: settings}},
+            )
+            for kind, settings in methods.items()
+        }
+        for kind, job in jobs.items():
+            done = wait_until_done(client, job.id, worker)
+            assert done.status == "succeeded", (kind, done.error, worker.log()[-3000:])
+            assert done.method.type == kind and done.step == done.total_steps == 2
+            assert done.fine_tuned_model in [m.id for m in client.models.list()]
