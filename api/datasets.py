@@ -36,13 +36,15 @@ async def store_dataset(
     render: Callable[[Dataset], Out],
     check_fields: Callable[[dict[str, str]], None] | None = None,
     created_status: int = 201,
+    retry_count: int | None = None,
 ) -> Out | JSONResponse:
     """Receive a JSONL upload, validate it line by line while it streams, store it and its row.
 
     Shared by /v1/datasets and OpenAI's /v1/files, which `render` the row each its own way: a
     refused file answers `invalid_status` with every bad line; a replayed `Idempotency-Key`
     returns the first answer (a JSONResponse). `check_fields` checks the form's text fields
-    (purpose) before the file is read; `created_status` is what a replay answers (OpenAI: 200).
+    (purpose) before the file is read; `created_status` is what a replay answers (OpenAI: 200);
+    `retry_count` is the official client's try number (api/idempotency.py).
     """
     settings = services.settings
     settings.scratch_dir.mkdir(parents=True, exist_ok=True)
@@ -84,6 +86,7 @@ async def store_dataset(
             operation,
             idempotency_key,
             fingerprint([upload.sha256, upload.fields, upload.filename]),
+            retry_count,
         )
         if first := await run_in_threadpool(_replay, services, idempotent):
             return first

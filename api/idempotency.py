@@ -5,22 +5,30 @@ or neither does. Two concurrent requests with one key race on the row's primary 
 transaction (its resource included) rolls back, and it answers with the winner's response.
 The same key with a different request is refused (422). The reaper forgets keys after
 settings.idempotency_hours (at least 24).
+
+The official OpenAI client sends no key, but it numbers its tries (`x-stainless-retry-count`, 0 on
+the first): such a request is remembered under a generated key, and a retry (count 1 or more) of
+the same request within RETRY_WINDOW gets the first response, so a create whose answer was lost
+(a timeout, a 5xx after the commit) is not made twice.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import uuid
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Annotated, Any
 
 from fastapi import Header
 from fastapi.responses import JSONResponse
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from protocol.errors import APIError
-from service.tables import IdempotencyKey
+from service.tables import IdempotencyKey, utcnow
 
 IdempotencyKeyHeader = Annotated[
     str | None,
@@ -32,7 +40,18 @@ IdempotencyKeyHeader = Annotated[
         description="Retry safely: the same key and request return the first response (kept 24 h or more).",
     ),
 ]
+RetryCountHeader = Annotated[
+    int | None,
+    Header(
+        alias="x-stainless-retry-count",
+        ge=0,
+        description="The official client's try number: a retry of a request gets its first response.",
+    ),
+]
 PARAM = "Idempotency-Key"
+RETRY_WINDOW = timedelta(minutes=10)
+# Generated keys hold a space, which a client's key (printable ASCII without spaces) cannot.
+GENERATED = "retry "
 
 
 class ConcurrentDuplicate(Exception):
@@ -52,11 +71,12 @@ class IdempotentRequest:
     operation: str  # keys of different operations never meet: "create_job", "upload_dataset"
     key: str | None
     request_sha256: str
+    retry_count: int | None = None  # the official client's try number, when it sent one
 
     def replay(self, session: Session) -> JSONResponse | None:
-        """The first response to this key, or None if there is no key or it is new."""
+        """The first response to this key (or, without one, to the try this one retries), or None."""
         if self.key is None:
-            return None
+            return self._replay_retried(session) if self.retry_count else None
         row = session.get(IdempotencyKey, (self.project_id, self.operation, self.key))
         if row is None:
             return None
@@ -72,12 +92,15 @@ class IdempotentRequest:
     def remember(self, session: Session, status_code: int, response: dict[str, Any]) -> None:
         """Store the response with the resource, in its transaction; raises ConcurrentDuplicate if
         another request with this key got there first (PostgreSQL waits here for it to commit)."""
-        if self.key is None:
+        key = self.key
+        if key is None and self.retry_count is not None:
+            key = f"{GENERATED}{uuid.uuid4().hex}"
+        if key is None:
             return
         row = IdempotencyKey(
             project_id=self.project_id,
             operation=self.operation,
-            key=self.key,
+            key=key,
             request_sha256=self.request_sha256,
             status_code=status_code,
             response=response,
@@ -87,3 +110,20 @@ class IdempotentRequest:
                 session.add(row)
         except IntegrityError as exc:
             raise ConcurrentDuplicate(self.key) from exc
+
+    def _replay_retried(self, session: Session) -> JSONResponse | None:
+        row = session.scalars(
+            select(IdempotencyKey)
+            .where(
+                IdempotencyKey.project_id == self.project_id,
+                IdempotencyKey.operation == self.operation,
+                IdempotencyKey.request_sha256 == self.request_sha256,
+                IdempotencyKey.key.startswith(GENERATED),
+                IdempotencyKey.created_at >= utcnow() - RETRY_WINDOW,
+            )
+            .order_by(IdempotencyKey.created_at.desc())
+            .limit(1)
+        ).first()
+        if row is None:
+            return None
+        return JSONResponse(row.response, row.status_code, headers={"Idempotent-Replayed": "true"})

@@ -15,7 +15,7 @@ from sqlalchemy import select
 from api.datasets import delete_dataset_row, store_dataset
 from api.deps import ProjectDep, ServicesDep, SessionDep, owned
 from api.errors import error_responses
-from api.idempotency import IdempotencyKeyHeader
+from api.idempotency import IdempotencyKeyHeader, RetryCountHeader
 from api.pagination import openai_page
 from api.schemas import FileDeleted, FileObject, FilePage, FileValidation
 from api.uploads import UPLOAD_OPENAPI
@@ -94,6 +94,7 @@ async def create_file(
     project_id: ProjectDep,
     services: ServicesDep,
     idempotency_key: IdempotencyKeyHeader = None,
+    retry_count: RetryCountHeader = None,
 ) -> FileObject | JSONResponse:
     """Upload JSONL (`file`, `purpose=fine-tune`): every line is checked while it streams in, and a
     file with bad lines is refused (400) with each one's line number and field."""
@@ -108,6 +109,7 @@ async def create_file(
         file_object,
         _check_form,
         200,
+        retry_count,
     )
 
 

@@ -10,12 +10,20 @@ from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from api.deps import ProjectDep, Services, ServicesDep, SessionDep, owned
 from api.errors import error_responses
 from api.fine_tuning_methods import OPENAI_TYPES, resolve_method
+from api.idempotency import (
+    ConcurrentDuplicate,
+    IdempotencyKeyHeader,
+    IdempotentRequest,
+    RetryCountHeader,
+    fingerprint,
+)
 from api.jobs import new_job, request_cancel, request_pause, request_resume
 from api.openai_metrics import event_data, event_message, prefixed
 from api.pagination import openai_page
@@ -87,14 +95,43 @@ def _method_of_config(job: Job) -> dict[str, Any]:
 
 @router.post("", response_model=FineTuningJob, responses=error_responses(400, 404))
 def create_fine_tuning_job(
-    body: FineTuningJobCreate, project_id: ProjectDep, services: ServicesDep
-) -> FineTuningJob:
-    """Validate and queue a job: the files, the method and its grader are checked before it is queued."""
+    body: FineTuningJobCreate,
+    project_id: ProjectDep,
+    services: ServicesDep,
+    idempotency_key: IdempotencyKeyHeader = None,
+    retry_count: RetryCountHeader = None,
+) -> FineTuningJob | JSONResponse:
+    """Validate and queue a job: the files, the method and its grader are checked before it is queued.
+
+    A retry (an `Idempotency-Key` seen before, or the official client's retry of a create) gets the
+    first job, not a twin."""
+    request = IdempotentRequest(
+        project_id,
+        "create_fine_tuning_job",
+        idempotency_key,
+        fingerprint(body.model_dump(mode="json")),
+        retry_count,
+    )
+    try:
+        job, out = _create_fine_tuning_job(body, project_id, services, request)
+    except ConcurrentDuplicate:
+        with services.sessions() as session:
+            return request.replay(session)
+    if job is not None:
+        dispatch_job(services.celery, services.sessions, job.id)  # after the commit: the worker finds it
+    return out
+
+
+def _create_fine_tuning_job(
+    body: FineTuningJobCreate, project_id: str, services: Services, request: IdempotentRequest
+) -> tuple[Job | None, FineTuningJob | JSONResponse]:
     if body.integrations:
         raise APIError(
             400, "unsupported_parameter", "integrations (wandb) are not supported here", "integrations"
         )
     with transaction(services.sessions) as session:
+        if first := request.replay(session):
+            return None, first
         train = owned(session, Dataset, body.training_file, project_id, "training_file", kind="file")
         resolved = resolve_method(body.method, body.hyperparameters, train.examples)
         reward = None
@@ -130,8 +167,8 @@ def create_fine_tuning_job(
         job.fine_tuning_method = resolved.echo
         session.flush()
         out = fine_tuning_job(job)
-    dispatch_job(services.celery, services.sessions, job.id)  # after the commit, so the worker finds the row
-    return out
+        request.remember(session, 200, out.model_dump(mode="json"))
+    return job, out
 
 
 def _in_openai_terms(error: APIError, kind: str) -> APIError:

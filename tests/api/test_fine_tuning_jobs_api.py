@@ -239,3 +239,46 @@ def test_a_metrics_event_reads_in_openai_s_names(deployment):
     assert older.type == "message" and older.message.startswith("job created")
     native = api.http.get(f"/v1/jobs/{job.id}/events").json()["data"]
     assert [e["type"] for e in native][-1] == "metrics" and native[-1]["data"] == step  # ours as stored
+
+
+def test_a_retried_create_gets_the_first_job_not_a_twin(deployment):
+    """The official client numbers its tries (x-stainless-retry-count) and sends no key: a retry of a
+    create whose answer was lost gets the first job; a new first try makes a new one."""
+    api, client = deployment
+    body = {"model": "tiny-random", "training_file": upload(client, SFT_LINES), "suffix": "retried"}
+
+    def create(headers: dict[str, str]) -> dict:
+        response = api.http.post("/v1/fine_tuning/jobs", json=body, headers=headers)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    first = create({"x-stainless-retry-count": "0"})
+    retried = create({"x-stainless-retry-count": "1"})
+    again = create({"x-stainless-retry-count": "0"})  # asked for twice on purpose
+    assert retried["id"] == first["id"] and again["id"] != first["id"]
+    assert create({"x-stainless-retry-count": "2"})["id"] == again["id"]  # the newest first try
+    keyed = client.fine_tuning.jobs.create(**body, extra_headers={"Idempotency-Key": "my-create-1"})
+    assert (
+        client.fine_tuning.jobs.create(**body, extra_headers={"Idempotency-Key": "my-create-1"}).id
+        == keyed.id
+    )
+    jobs = [j for j in client.fine_tuning.jobs.list() if j.user_provided_suffix == "retried"]
+    assert len(jobs) == 3
+
+
+def test_a_retried_upload_gets_the_first_file(deployment):
+    api, _ = deployment
+    data = ("\n".join(SFT_LINES) + "\n").encode()
+
+    def create(retry: str) -> str:
+        response = api.http.post(
+            "/v1/files",
+            files={"file": ("retried.jsonl", data)},
+            data={"purpose": "fine-tune"},
+            headers={"x-stainless-retry-count": retry},
+        )
+        assert response.status_code == 200, response.text
+        return response.json()["id"]
+
+    first = create("0")
+    assert create("1") == first and create("0") != first
