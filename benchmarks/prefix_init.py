@@ -16,6 +16,9 @@ Initialisations:
 - `zero_keys`: the system turn's values with zero keys (each slot takes softmax weight exp(0)).
 - `anti_sink`: the first token's values with its keys negated and scaled by 4: most heads put
   their largest logit on that token, so this slot gets close to none of their attention.
+- `system_turn_replaced`: the default prefix, and each prompt fed without the system turn it
+  starts with, at the positions that follow it: the prefix stands in for those tokens instead of
+  repeating them (KL and greedy decoding by a plain loop here; the trainer does not do this yet).
 - `distilled_K`: the default, then K Adam steps (lr `--distill-lr`) on KL(base || adapted) over
   the completions of 32 generic prompts, none of them a probe prompt.
 """
@@ -110,10 +113,37 @@ def main(argv: list[str] | None = None) -> int:
         log.info("%-22s KL/token %.2e  greedy identical %.0f%%  (%.0f s)", name, kl, 100 * same,
                  time.perf_counter() - started)  # fmt: skip
 
+    def measure_replaced(rows: torch.Tensor) -> None:
+        """The prefix in place of the prompt's first tokens (which it was made from)."""
+        started, n = time.perf_counter(), rows.shape[0]
+        model = adapter_with(rows)
+        head = kv_prefix_init_ids(tokenizer, None, None)
+        assert all(prompt[:n] == head for prompt in prompts), "every probe prompt starts with the system turn"
+
+        def logits_of(ids: list[int]) -> torch.Tensor:
+            positions = torch.arange(n, n + len(ids))[None]
+            return model(input_ids=torch.tensor([ids]), position_ids=positions).logits[0].float()
+
+        kl, same = 0.0, 0
+        with torch.no_grad():
+            for prompt, row, b in zip(prompts, reference, base_log_probs, strict=True):
+                rest = prompt[n:]
+                a = torch.log_softmax(logits_of(rest + row)[len(rest) - 1 : -1], -1)
+                kl += (b.exp() * (b - a)).sum().item()
+                out: list[int] = []
+                while len(out) < args.max_tokens and not (out and out[-1] in stops):
+                    out.append(int(logits_of(rest + out)[-1].argmax()))
+                same += out == row
+        kl /= sum(len(r) for r in reference)
+        results["system_turn_replaced"] = {"kl_per_token": kl, "greedy_identical": same / len(reference)}
+        log.info("%-22s KL/token %.2e  greedy identical %.0f%%  (%.0f s)", "system_turn_replaced", kl,
+                 100 * same / len(reference), time.perf_counter() - started)  # fmt: skip
+
     system_turn = kv_prefix_activations(base, kv_prefix_init_ids(tokenizer, None, None))
     measure("system_turn", adapter_with(system_turn))
     measure("im_start", adapter_with(kv_prefix_activations(base, prompts[0][:1])))
     measure("newline", adapter_with(kv_prefix_activations(base, tokenizer("\n")["input_ids"])))
+    measure_replaced(system_turn)
     zero_keys = system_turn.clone()
     for layer in range(config.num_hidden_layers):
         zero_keys[:, 2 * layer * width : (2 * layer + 1) * width] = 0
