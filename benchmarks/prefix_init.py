@@ -19,6 +19,8 @@ Initialisations:
 - `system_turn_replaced`: the default prefix, and each prompt fed without the system turn it
   starts with, at the positions that follow it: the prefix stands in for those tokens instead of
   repeating them (KL and greedy decoding by a plain loop here; the trainer does not do this yet).
+  PEFT places a prompt after its prefix (it adds num_virtual_tokens to the position ids), so the
+  model then reads exactly the base model's sequence.
 - `distilled_K`: the default, then K Adam steps (lr `--distill-lr`) on KL(base || adapted) over
   the completions of 32 generic prompts, none of them a probe prompt.
 """
@@ -56,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--distill-steps", type=int, nargs="*", default=[20, 40])
     parser.add_argument("--distill-lr", type=float, default=1e-3)
+    parser.add_argument("--only-replaced", action="store_true", help="measure system_turn_replaced alone")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -121,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         assert all(prompt[:n] == head for prompt in prompts), "every probe prompt starts with the system turn"
 
         def logits_of(ids: list[int]) -> torch.Tensor:
-            positions = torch.arange(n, n + len(ids))[None]
+            # PEFT moves prompt positions past the prefix itself: these land at n, n + 1, ...
+            positions = torch.arange(len(ids))[None]
             return model(input_ids=torch.tensor([ids]), position_ids=positions).logits[0].float()
 
         kl, same = 0.0, 0
@@ -140,18 +144,21 @@ def main(argv: list[str] | None = None) -> int:
                  100 * same / len(reference), time.perf_counter() - started)  # fmt: skip
 
     system_turn = kv_prefix_activations(base, kv_prefix_init_ids(tokenizer, None, None))
-    measure("system_turn", adapter_with(system_turn))
-    measure("im_start", adapter_with(kv_prefix_activations(base, prompts[0][:1])))
-    measure("newline", adapter_with(kv_prefix_activations(base, tokenizer("\n")["input_ids"])))
     measure_replaced(system_turn)
-    zero_keys = system_turn.clone()
-    for layer in range(config.num_hidden_layers):
-        zero_keys[:, 2 * layer * width : (2 * layer + 1) * width] = 0
-    measure("zero_keys", adapter_with(zero_keys))
-    anti_sink = kv_prefix_activations(base, prompts[0][:1])
-    for layer in range(config.num_hidden_layers):
-        anti_sink[:, 2 * layer * width : (2 * layer + 1) * width] *= -4
-    measure("anti_sink", adapter_with(anti_sink))
+    if args.only_replaced:
+        args.distill_steps = []
+    else:
+        measure("system_turn", adapter_with(system_turn))
+        measure("im_start", adapter_with(kv_prefix_activations(base, prompts[0][:1])))
+        measure("newline", adapter_with(kv_prefix_activations(base, tokenizer("\n")["input_ids"])))
+        zero_keys = system_turn.clone()
+        for layer in range(config.num_hidden_layers):
+            zero_keys[:, 2 * layer * width : (2 * layer + 1) * width] = 0
+        measure("zero_keys", adapter_with(zero_keys))
+        anti_sink = kv_prefix_activations(base, prompts[0][:1])
+        for layer in range(config.num_hidden_layers):
+            anti_sink[:, 2 * layer * width : (2 * layer + 1) * width] *= -4
+        measure("anti_sink", adapter_with(anti_sink))
 
     if args.distill_steps:
         generic = [chat_prompt_ids(tokenizer, t) for t in DISTILL_PROMPTS]
