@@ -7,6 +7,9 @@ import csv
 import io
 import json
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import openai
 import pytest
@@ -40,6 +43,19 @@ GRADER = {
 SMALL = {"max_completion_tokens": 8, "rollouts_per_prompt": 4}
 
 
+@contextmanager
+def official_client(settings, start_worker) -> Iterator[tuple[openai.OpenAI, Any]]:
+    """The official client against the API behind uvicorn, with a real worker process."""
+    api = ApiClient(settings)
+    worker = start_worker(settings)
+    with served(api.app) as base_url:
+        yield openai.OpenAI(base_url=f"{base_url}/v1", api_key=api.key, max_retries=0), worker
+
+
+def upload(client: openai.OpenAI, lines: list[str], name: str):
+    return client.files.create(file=(name, ("\n".join(lines) + "\n").encode()), purpose="fine-tune")
+
+
 def wait_until_done(client: openai.OpenAI, job_id: str, worker, timeout: float = 240):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -51,16 +67,9 @@ def wait_until_done(client: openai.OpenAI, job_id: str, worker, timeout: float =
 
 
 def test_supervised_and_reinforcement_jobs_train_through_the_official_client(pg_settings, start_worker):
-    api = ApiClient(pg_settings)
-    worker = start_worker(pg_settings)
-    with served(api.app) as base_url:
-        client = openai.OpenAI(base_url=f"{base_url}/v1", api_key=api.key, max_retries=0)
-        sft_file = client.files.create(
-            file=("sft.jsonl", ("\n".join(SFT) + "\n").encode()), purpose="fine-tune"
-        )
-        rft_file = client.files.create(
-            file=("rft.jsonl", ("\n".join(RFT) + "\n").encode()), purpose="fine-tune"
-        )
+    with official_client(pg_settings, start_worker) as (client, worker):
+        sft_file = upload(client, SFT, "sft.jsonl")
+        rft_file = upload(client, RFT, "rft.jsonl")
         supervised = client.fine_tuning.jobs.create(
             model="tiny-random",
             training_file=sft_file.id,
@@ -115,13 +124,8 @@ def test_supervised_and_reinforcement_jobs_train_through_the_official_client(pg_
 
 
 def test_pause_checkpoints_and_resume_continues_from_it(pg_settings, start_worker):
-    api = ApiClient(pg_settings)
-    worker = start_worker(pg_settings)
-    with served(api.app) as base_url:
-        client = openai.OpenAI(base_url=f"{base_url}/v1", api_key=api.key, max_retries=0)
-        training = client.files.create(
-            file=("sft.jsonl", ("\n".join(SFT) + "\n").encode()), purpose="fine-tune"
-        )
+    with official_client(pg_settings, start_worker) as (client, worker):
+        training = upload(client, SFT, "sft.jsonl")
         job = client.fine_tuning.jobs.create(
             model="tiny-random",
             training_file=training.id,
@@ -161,13 +165,8 @@ def test_our_methods_train_through_the_official_client(pg_settings, start_worker
     demonstrated = [
         json.dumps({**json.loads(sft), "answer": json.loads(sft)["messages"][1]["content"]}) for sft in SFT
     ]
-    api = ApiClient(pg_settings)
-    worker = start_worker(pg_settings)
-    with served(api.app) as base_url:
-        client = openai.OpenAI(base_url=f"{base_url}/v1", api_key=api.key, max_retries=0)
-        training = client.files.create(
-            file=("demonstrated.jsonl", ("\n".join(demonstrated) + "\n").encode()), purpose="fine-tune"
-        )
+    with official_client(pg_settings, start_worker) as (client, worker):
+        training = upload(client, demonstrated, "demonstrated.jsonl")
         hyper = {"batch_size": 4, "steps": 2, **SMALL}
         methods = {
             "prefix_rft": {"grader": GRADER, "hyperparameters": hyper},
