@@ -87,7 +87,7 @@ class IdempotentRequest:
                 f"the Idempotency-Key {self.key!r} was already used with a different request; use a new key",
                 PARAM,
             )
-        return JSONResponse(row.response, row.status_code, headers={"Idempotent-Replayed": "true"})
+        return _replayed(row)
 
     def remember(self, session: Session, status_code: int, response: dict[str, Any]) -> None:
         """Store the response with the resource, in its transaction; raises ConcurrentDuplicate if
@@ -124,6 +124,8 @@ class IdempotentRequest:
             .order_by(IdempotencyKey.created_at.desc())
             .limit(1)
         ).first()
-        if row is None:
-            return None
-        return JSONResponse(row.response, row.status_code, headers={"Idempotent-Replayed": "true"})
+        return _replayed(row) if row is not None else None
+
+
+def _replayed(row: IdempotencyKey) -> JSONResponse:
+    return JSONResponse(row.response, row.status_code, headers={"Idempotent-Replayed": "true"})

@@ -286,7 +286,7 @@ class JobRun:
         # The unique job_id of artifacts makes a second success impossible; the fence makes
         # sure that only the current attempt gets here.
         assert_owned(session, self.job_id, self.attempt)
-        session.merge(results)
+        session.merge(results)  # merge, not add: JobRun.commit may run this again in a new session
         session.flush()  # the file row before the job names it
         finish_job(
             session,
@@ -436,14 +436,12 @@ class _Reporter(TrainerCallback):
         self.run.commit(record)
 
     def on_eval(self, metrics: dict[str, Any]) -> None:
+        step, values = metrics["step"], _finite(metrics)
+
         def record(session: Session) -> None:
             assert_owned(session, self.run.job_id, self.run.attempt)
-            session.merge(
-                JobMetric(job_id=self.run.job_id, kind="eval", step=metrics["step"], values=_finite(metrics))
-            )
-            self._metrics_event(
-                session, f"evaluation at step {metrics['step']}", "validation", _finite(metrics)
-            )
+            session.merge(JobMetric(job_id=self.run.job_id, kind="eval", step=step, values=values))
+            self._metrics_event(session, f"evaluation at step {step}", "validation", values)
 
         self.run.commit(record)
 
