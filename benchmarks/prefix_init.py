@@ -9,19 +9,18 @@ trainer's sampler), and the per-token KL(base || adapted) on the base model's gr
 (teacher-forced, positions as the trainer computes them). Target: KL <= 1e-3 per token.
 
 Initialisations:
-- `system_turn`: key/value activations of the chat template's system turn (the default). Every
-  prompt already starts with that turn, so the model reads it twice.
+- `default`: the product's fresh adapter: the system turn's key/value activations, standing in
+  for the system turn each prompt starts with. Prompts are fed as the trainer and the model
+  server feed them (`core.adapters.without_replaced_start`), and PEFT places them after the
+  prefix, so the model reads exactly the base model's sequence.
+- `system_turn`: the same activations with each prompt fed whole, so the model reads the system
+  turn twice (the default before the prefix stood in for it).
 - `im_start`: the activations of the first token alone (the attention sink of most heads).
 - `newline`: the activations of a single newline.
 - `zero_keys`: the system turn's values with zero keys (each slot takes softmax weight exp(0)).
 - `anti_sink`: the first token's values with its keys negated and scaled by 4: most heads put
   their largest logit on that token, so this slot gets close to none of their attention.
-- `system_turn_replaced`: the default prefix, and each prompt fed without the system turn it
-  starts with, at the positions that follow it: the prefix stands in for those tokens instead of
-  repeating them (KL and greedy decoding by a plain loop here; the trainer does not do this yet).
-  PEFT places a prompt after its prefix (it adds num_virtual_tokens to the position ids), so the
-  model then reads exactly the base model's sequence.
-- `distilled_K`: the default, then K Adam steps (lr `--distill-lr`) on KL(base || adapted) over
+- `distilled_K`: `system_turn`, then K Adam steps (lr `--distill-lr`) on KL(base || adapted) over
   the completions of 32 generic prompts, none of them a probe prompt.
 """
 
@@ -58,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--distill-steps", type=int, nargs="*", default=[20, 40])
     parser.add_argument("--distill-lr", type=float, default=1e-3)
-    parser.add_argument("--only-replaced", action="store_true", help="measure system_turn_replaced alone")
+    parser.add_argument("--only-default", action="store_true", help="measure the product default alone")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -68,7 +67,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from benchmarks.precision import chat_prompt_ids, probe_prompts
     from benchmarks.provenance import provenance, write_report
-    from core.adapters import attach_adapter, kv_prefix_activations, kv_prefix_init_ids
+    from core.adapters import (
+        attach_adapter,
+        kv_prefix_activations,
+        kv_prefix_init_ids,
+        replaced_prompt_start,
+        without_replaced_start,
+    )
     from core.config import PrefixAdapterConfig
     from core.models import load_base_model
     from core.rollout import sample, stop_token_ids
@@ -104,48 +109,33 @@ def main(argv: list[str] | None = None) -> int:
 
     results = {}
 
-    def measure(name: str, model) -> None:
-        started = time.perf_counter()
+    def measure(name: str, model, fed: list[list[int]] | None = None) -> None:
+        """`fed`: the prompts as the adapted model reads them (default: as the base model does)."""
+        started, fed = time.perf_counter(), fed or prompts
         with torch.no_grad():
-            adapted = log_probs(model, reference, prompts)
+            adapted = log_probs(model, reference, fed)
         kl = sum((b.exp() * (b - a)).sum().item() for a, b in zip(adapted, base_log_probs, strict=True))
         kl /= sum(len(r) for r in reference)
-        outputs = sample(model, prompts, args.max_tokens, stops, tokenizer.pad_token_id, greedy=True)
+        outputs = sample(model, fed, args.max_tokens, stops, tokenizer.pad_token_id, greedy=True)
         same = sum(o == r for o, r in zip(outputs, reference, strict=True)) / len(reference)
         results[name] = {"kl_per_token": kl, "greedy_identical": same}
         log.info("%-22s KL/token %.2e  greedy identical %.0f%%  (%.0f s)", name, kl, 100 * same,
                  time.perf_counter() - started)  # fmt: skip
 
-    def measure_replaced(rows: torch.Tensor) -> None:
-        """The prefix in place of the prompt's first tokens (which it was made from)."""
-        started, n = time.perf_counter(), rows.shape[0]
-        model = adapter_with(rows)
-        head = kv_prefix_init_ids(tokenizer, None, None)
-        assert all(prompt[:n] == head for prompt in prompts), "every probe prompt starts with the system turn"
-
-        def logits_of(ids: list[int]) -> torch.Tensor:
-            # PEFT moves prompt positions past the prefix itself: these land at n, n + 1, ...
-            positions = torch.arange(len(ids))[None]
-            return model(input_ids=torch.tensor([ids]), position_ids=positions).logits[0].float()
-
-        kl, same = 0.0, 0
-        with torch.no_grad():
-            for prompt, row, b in zip(prompts, reference, base_log_probs, strict=True):
-                rest = prompt[n:]
-                a = torch.log_softmax(logits_of(rest + row)[len(rest) - 1 : -1], -1)
-                kl += (b.exp() * (b - a)).sum().item()
-                out: list[int] = []
-                while len(out) < args.max_tokens and not (out and out[-1] in stops):
-                    out.append(int(logits_of(rest + out)[-1].argmax()))
-                same += out == row
-        kl /= sum(len(r) for r in reference)
-        results["system_turn_replaced"] = {"kl_per_token": kl, "greedy_identical": same / len(reference)}
-        log.info("%-22s KL/token %.2e  greedy identical %.0f%%  (%.0f s)", "system_turn_replaced", kl,
-                 100 * same / len(reference), time.perf_counter() - started)  # fmt: skip
+    def measure_default() -> None:
+        """The product's fresh adapter, its prompts fed as the trainer and model server feed them."""
+        adapter = PrefixAdapterConfig()
+        fresh, _ = load_base_model(MODEL, dtype=dtype)
+        model = attach_adapter(fresh, tokenizer, adapter)
+        replaced = replaced_prompt_start(tokenizer, adapter)
+        assert all(tuple(p[: len(replaced)]) == replaced for p in prompts), (
+            "probes start with the system turn"
+        )
+        measure("default", model, [without_replaced_start(p, replaced) for p in prompts])
 
     system_turn = kv_prefix_activations(base, kv_prefix_init_ids(tokenizer, None, None))
-    measure_replaced(system_turn)
-    if args.only_replaced:
+    measure_default()
+    if args.only_default:
         args.distill_steps = []
     else:
         measure("system_turn", adapter_with(system_turn))

@@ -108,9 +108,7 @@ def _eval(args: argparse.Namespace) -> int:
 
     trainer = Trainer(config, judge=_judge())
     if args.adapter is not None:
-        from core.adapters import load_exported_adapter
-
-        load_exported_adapter(trainer.model, args.adapter)
+        trainer.load_adapter(args.adapter)
     evaluation = trainer.evaluation()
     if evaluation is None:
         print("nothing to evaluate: the config has no held-out examples or no reward", file=sys.stderr)

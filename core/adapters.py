@@ -1,15 +1,21 @@
 """Adapters: PEFT prefix tuning (default) and LoRA, and their state for checkpoints.
 
 A fresh prefix adapter is initialised from the key/value activations of real tokens (the start
-of the chat template by default), so before any training the model behaves as the base model
-reading that text: greedy outputs are kept. Zero or random initialisation is not neutral: zero
-keys still take softmax mass and dilute attention.
+of the chat template, its system turn, by default). Zero or random initialisation is not neutral:
+zero keys still take softmax mass and dilute attention.
+
+The prefix then stands in for those tokens: a prompt that starts with them is fed without them
+(`without_replaced_start`), in training and in serving alike. PEFT places the prompt after the
+prefix, so a fresh adapter reads exactly the base model's sequence (in float32, per-token KL
+2.4e-9 on SmolLM2; docs/benchmarks.md). Were the prompt to keep its system turn, the model would
+read it twice: KL 1.4e-2. An exported adapter records what it stands in for in
+`REPLACED_START_FILE`, beside PEFT's files.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -52,29 +58,73 @@ def attach_adapter(
     return peft_model
 
 
+REPLACED_START_FILE = "replaced_prompt_start.json"
+
+
+def replaced_prompt_start(
+    tokenizer: PreTrainedTokenizerBase, config: PrefixAdapterConfig | LoraAdapterConfig
+) -> tuple[int, ...]:
+    """The prompt tokens a prefix adapter stands in for: its init tokens, taken as they are.
+
+    Empty for LoRA and for a prefix whose init tokens were cycled or cut to another length
+    (then the prefix is not those tokens' activations, and prompts are fed whole).
+    """
+    if config.type != "prefix":
+        return ()
+    ids = tuple(_init_text_ids(tokenizer, config.init_text))
+    return ids if config.num_virtual_tokens in (None, len(ids)) else ()
+
+
+def without_replaced_start(prompt_ids: Sequence[int], replaced: Sequence[int]) -> list[int]:
+    """The prompt as the model reads it after the prefix: without the start the prefix stands in for.
+
+    A prompt that does not start with those tokens (its own system turn, say) is fed whole, as is
+    one that is nothing but them (the model needs a token to continue from).
+    """
+    n = len(replaced)
+    if n and len(prompt_ids) > n and tuple(prompt_ids[:n]) == tuple(replaced):
+        return list(prompt_ids[n:])
+    return list(prompt_ids)
+
+
 def kv_prefix_init_ids(tokenizer: PreTrainedTokenizerBase, length: int | None, text: str | None) -> list[int]:
-    """Token ids whose activations initialise the prefix: `text`, or the chat template's start.
+    """Token ids whose activations initialise the prefix: `text`, or what every chat prompt starts with.
 
     Cycled or cut to exactly `length` tokens when a length is given.
     """
-    if text is None:
-        text = default_init_text(tokenizer)
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = _init_text_ids(tokenizer, text)
     if not ids:
         raise ConfigError([Problem("adapter.init_text", "must contain at least one token")])
     length = length or len(ids)
     return [ids[i % len(ids)] for i in range(length)]
 
 
-def default_init_text(tokenizer: PreTrainedTokenizerBase) -> str:
-    """What every chat prompt starts with (system turn included), else the BOS token."""
+def _init_text_ids(tokenizer: PreTrainedTokenizerBase, text: str | None) -> list[int]:
+    if text is not None:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return chat_prompt_start(tokenizer)
+
+
+def chat_prompt_start(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The tokens every one-turn chat prompt starts with: the system turn if the template adds one,
+    and the user turn's header (the tokens that chats with different messages share); else BOS."""
     if tokenizer.chat_template:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": ""}], tokenize=False)
-        eos = tokenizer.eos_token
-        # Up to the end of the template's first turn: a system prompt when it adds one.
-        end = text.find(eos) if eos else -1
-        return text[: end + len(eos)] if end > 0 else text
-    return tokenizer.bos_token or tokenizer.eos_token or " "
+        chats = [
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": content}],
+                add_generation_prompt=True,
+                tokenize=True,
+                return_dict=True,
+            )["input_ids"]
+            for content in ("Hello", "1", "?")
+        ]
+        n = 0
+        while all(len(c) > n and c[n] == chats[0][n] for c in chats):
+            n += 1
+        if n:
+            return list(chats[0][:n])
+    token = tokenizer.bos_token or tokenizer.eos_token or " "
+    return tokenizer(token, add_special_tokens=False)["input_ids"]
 
 
 @torch.no_grad()
@@ -146,8 +196,14 @@ def swapped_adapter_weights(model: PeftModel, state: dict[str, torch.Tensor]) ->
         load_trainable_state(model, current)
 
 
-def export_adapter(model: PeftModel, directory: str | Path, base_model: str) -> Path:
-    """Save a standard PEFT directory that `PeftModel.from_pretrained(base, dir)` loads as is."""
+def export_adapter(
+    model: PeftModel, directory: str | Path, base_model: str, replaced_start: Sequence[int] = ()
+) -> Path:
+    """Save a standard PEFT directory that `PeftModel.from_pretrained(base, dir)` loads as is.
+
+    `replaced_start` (see `replaced_prompt_start`) goes into REPLACED_START_FILE: whoever serves
+    the adapter drops these tokens from the start of a prompt, as training did.
+    """
     directory = Path(directory)
     model.save_pretrained(directory, safe_serialization=True)
     config_path = directory / "adapter_config.json"
@@ -155,7 +211,25 @@ def export_adapter(model: PeftModel, directory: str | Path, base_model: str) -> 
     adapter_config["base_model_name_or_path"] = base_model
     adapter_config["inference_mode"] = True
     config_path.write_text(json.dumps(adapter_config, indent=2, sort_keys=True))
+    if replaced_start:
+        note = "The prefix stands in for these prompt tokens: drop them from the start of a prompt."
+        replaced = {"token_ids": list(replaced_start), "about": note}
+        (directory / REPLACED_START_FILE).write_text(json.dumps(replaced, indent=2))
     return directory
+
+
+def read_replaced_start(directory: str | Path) -> tuple[int, ...]:
+    """The prompt tokens an exported adapter stands in for (none for adapters that record none)."""
+    path = Path(directory) / REPLACED_START_FILE
+    if not path.is_file():
+        return ()
+    try:
+        ids = json.loads(path.read_text())["token_ids"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise InvalidInput(f"{path} is not a list of token ids: {exc}") from None
+    if not isinstance(ids, list) or not all(isinstance(i, int) and i >= 0 for i in ids):
+        raise InvalidInput(f"{path}: token_ids must be a list of non-negative integers")
+    return tuple(ids)
 
 
 def load_exported_adapter(model: PeftModel, directory: str | Path) -> None:

@@ -32,8 +32,12 @@ def save_checkpoint(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     state: dict[str, Any],
     keep: int,
+    replaced_start: tuple[int, ...] = (),
 ) -> Path:
-    """Write the checkpoint of `step` under `root`; `state` (JSON) is returned by load_checkpoint."""
+    """Write the checkpoint of `step` under `root`; `state` (JSON) is returned by load_checkpoint.
+
+    `replaced_start`: the prompt tokens the adapter stands in for (`core.adapters.export_adapter`).
+    """
     final = root / f"step-{step:06d}"
     staging = root / f".step-{step:06d}.tmp"
     shutil.rmtree(staging, ignore_errors=True)
@@ -41,7 +45,8 @@ def save_checkpoint(
     save_file(
         {k: v.contiguous() for k, v in trainable_state(model).items()}, staging / "adapter_state.safetensors"
     )
-    export_adapter(model, staging / "adapter", state.get("model", ""))  # a checkpoint answers chat too
+    # A checkpoint answers chat too.
+    export_adapter(model, staging / "adapter", state.get("model", ""), replaced_start)
     torch.save(
         {
             "optimizer": optimizer.state_dict(),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.modeling_layers import GradientCheckpointingLayer
 
+from core.adapters import without_replaced_start
 from core.algorithm import per_token_log_probs, sample_categorical, token_entropy
 from core.config import ConfigError, Problem
 from core.data import Example
@@ -35,10 +37,13 @@ class EncodedExample:
     demo_ids: list[int] | None  # the demonstration's tokens followed by EOS
 
 
-def encode_example(tokenizer: PreTrainedTokenizerBase, example: Example, eos_id: int) -> EncodedExample:
+def encode_example(
+    tokenizer: PreTrainedTokenizerBase, example: Example, eos_id: int, replaced_start: Sequence[int] = ()
+) -> EncodedExample:
     """Chat-format the prompt (as a generation prompt) and tokenize the demonstration on its own.
 
-    The demonstration is tokenized without special tokens and ends with EOS, so training on it
+    `replaced_start`: the prompt tokens a prefix adapter stands in for, dropped from the prompt's
+    start (`core.adapters.without_replaced_start`). The demonstration is tokenized without special tokens and ends with EOS, so training on it
     teaches the model to stop, and any cut `demo_ids[:L]` is exactly what the model continues.
     """
     messages = (
@@ -53,7 +58,7 @@ def encode_example(tokenizer: PreTrainedTokenizerBase, example: Example, eos_id:
     demo_ids = None
     if example.demonstration is not None:
         demo_ids = [*tokenizer(example.demonstration, add_special_tokens=False)["input_ids"], eos_id]
-    return EncodedExample(example, list(prompt_ids), demo_ids)
+    return EncodedExample(example, without_replaced_start(prompt_ids, replaced_start), demo_ids)
 
 
 def stop_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:

@@ -20,7 +20,15 @@ from typing import Any
 
 import torch
 
-from core.adapters import attach_adapter, export_adapter, swapped_adapter_weights, trainable_state
+from core.adapters import (
+    attach_adapter,
+    export_adapter,
+    load_exported_adapter,
+    read_replaced_start,
+    replaced_prompt_start,
+    swapped_adapter_weights,
+    trainable_state,
+)
 from core.algorithm import (
     clipped_policy_loss,
     demo_prefix_length,
@@ -140,9 +148,14 @@ class Trainer:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self._start_phase(0)
         self.reference = trainable_state(self.model) if config.training.kl_beta > 0 else None
-        self.train_examples = [self._encode(e) for e in train]
-        self.eval_examples = [self._encode(e) for e in heldout]
+        self._examples = train, heldout
+        self._encode_examples(replaced_prompt_start(self.tokenizer, config.adapter))
         self.step = 0
+
+    def load_adapter(self, directory: str | Path) -> None:
+        """Continue from (or evaluate) an exported adapter, fed prompts as it was trained on them."""
+        load_exported_adapter(self.model, directory)
+        self._encode_examples(read_replaced_start(directory))
 
     # ----- phases -----------------------------------------------------------------------------
 
@@ -193,8 +206,15 @@ class Trainer:
             raise ConfigError([Problem("method", problem)])
         return train, heldout
 
+    def _encode_examples(self, replaced_start: tuple[int, ...]) -> None:
+        """Tokenize every example once; `replaced_start`: what the prefix adapter stands in for."""
+        self.replaced_start = replaced_start
+        train, heldout = self._examples
+        self.train_examples = [self._encode(e) for e in train]
+        self.eval_examples = [self._encode(e) for e in heldout]
+
     def _encode(self, example: Example) -> EncodedExample:
-        encoded = encode_example(self.tokenizer, example, self.eos_id)
+        encoded = encode_example(self.tokenizer, example, self.eos_id, self.replaced_start)
         limit = self.config.training.max_prompt_tokens
         if len(encoded.prompt_ids) > limit:
             message = f"{len(encoded.prompt_ids)} tokens, over training.max_prompt_tokens={limit}"
@@ -258,7 +278,9 @@ class Trainer:
             result = TrainResult(self.step, True, None, None, initial_eval)
         else:
             final_eval = self.evaluate()
-            adapter_dir = export_adapter(self.model, self.out_dir / "adapter", self.config.model)
+            adapter_dir = export_adapter(
+                self.model, self.out_dir / "adapter", self.config.model, self.replaced_start
+            )
             result = TrainResult(self.step, False, adapter_dir, final_eval, initial_eval)
         for cb in self.callbacks:
             cb.on_train_end(result)
@@ -686,6 +708,7 @@ class Trainer:
             self.scheduler,
             {"demo_prefix_low": low, "demo_prefix_high": high, "model": self.config.model},
             keep=self.config.checkpoint.keep,
+            replaced_start=self.replaced_start,
         )
         for cb in self.callbacks:
             cb.on_checkpoint(self.step, path)
@@ -697,6 +720,9 @@ class Trainer:
         self._start_phase(max(checkpoint_step(path) - 1, 0))
         state = load_checkpoint(path, self.model, self.optimizer, self.scheduler, self.device)
         self.step = int(state["step"])
+        exported = Path(state["path"]) / "adapter"
+        if exported.is_dir():  # prompts as the checkpoint was trained on them (older ones: whole)
+            self._encode_examples(read_replaced_start(exported))
         log.info("resumed from %s at step %d", state["path"], self.step)
 
 

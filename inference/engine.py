@@ -25,8 +25,10 @@ from typing import Any, Literal
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from core.adapters import read_replaced_start
 from core.algorithm import sample_categorical
 from core.decoding import Decoder, LoraWeight, lora_rows
+from core.errors import InvalidInput
 from core.rollout import stop_token_ids
 
 FinishReason = Literal["stop", "length"]
@@ -38,10 +40,15 @@ class UnsupportedAdapter(ValueError):
 
 @dataclass(frozen=True)
 class PrefixKV:
-    """A prefix adapter in memory: its key/value tensors, [layers, 2 (key, value), kv_heads, n, head_dim]."""
+    """A prefix adapter in memory: its key/value tensors, [layers, 2 (key, value), kv_heads, n, head_dim].
+
+    `replaced_start`: the prompt tokens it stands in for, dropped from a prompt that starts with
+    them, as in training (`core.adapters.without_replaced_start`).
+    """
 
     name: str
     kv: torch.Tensor
+    replaced_start: tuple[int, ...] = ()
 
     @property
     def length(self) -> int:
@@ -49,7 +56,12 @@ class PrefixKV:
 
 
 def prefix_kv_from_embedding(
-    name: str, embedding: torch.Tensor, num_layers: int, kv_heads: int, head_dim: int
+    name: str,
+    embedding: torch.Tensor,
+    num_layers: int,
+    kv_heads: int,
+    head_dim: int,
+    replaced_start: tuple[int, ...] = (),
 ) -> PrefixKV:
     """Unpack PEFT's prefix embedding [n, layers * 2 * kv_heads * head_dim] into a PrefixKV.
 
@@ -66,7 +78,7 @@ def prefix_kv_from_embedding(
     kv = embedding.view(n, num_layers * 2, kv_heads, head_dim).permute(1, 2, 0, 3)
     # A view, no copy: the model server loads adapters off the decode thread, and a copy there
     # would start a second OpenMP team that slows every decode step (inference/scheduler.py).
-    return PrefixKV(name, kv.reshape(num_layers, 2, kv_heads, n, head_dim))
+    return PrefixKV(name, kv.reshape(num_layers, 2, kv_heads, n, head_dim), replaced_start)
 
 
 @dataclass(frozen=True)
@@ -113,11 +125,20 @@ def load_adapter(directory: str | Path, model: PreTrainedModel, name: str | None
         )
     if "prompt_embeddings" not in weights:
         raise UnsupportedAdapter(f"adapter {name!r}: no prompt_embeddings tensor in {weights_file}")
+    try:
+        replaced_start = read_replaced_start(directory)
+    except InvalidInput as exc:
+        raise UnsupportedAdapter(f"adapter {name!r}: {exc}") from None
     config = model.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     return prefix_kv_from_embedding(
-        name, weights["prompt_embeddings"].float(), config.num_hidden_layers, kv_heads, head_dim
+        name,
+        weights["prompt_embeddings"].float(),
+        config.num_hidden_layers,
+        kv_heads,
+        head_dim,
+        replaced_start,
     )
 
 

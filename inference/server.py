@@ -26,6 +26,7 @@ from fastapi.responses import StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
+from core.adapters import without_replaced_start
 from core.models import ModelNotFound, load_base_model, resolve_dtype
 from inference.adapter_cache import AdapterCache, AdapterUnavailable
 from inference.engine import BatchedEngine, Completion, GenerationRequest, Progress, SamplingParams
@@ -124,7 +125,7 @@ def create_model_server(settings: Settings | None = None) -> FastAPI:
         worker, adapter = await _model_and_adapter(pool, body.target)
         prompt = await run_in_threadpool(_chat_prompt_ids, worker.engine, body.request)
         rows = _generation_requests(worker.engine, [prompt], adapter, body.request, "messages")
-        return await _respond(request, worker, rows, body.target, body.request, chat=True)
+        return await _respond(request, worker, rows, body.target, body.request, len(prompt), chat=True)
 
     @app.post(COMPLETIONS_PATH)
     async def completions(body: ForwardedCompletion, request: Request):
@@ -136,7 +137,8 @@ def create_model_server(settings: Settings | None = None) -> FastAPI:
         tokenizer = worker.engine.tokenizer
         prompts = await run_in_threadpool(lambda: [tokenizer(t)["input_ids"] for t in body.request.prompts])
         rows = _generation_requests(worker.engine, prompts, adapter, body.request, "prompt")
-        return await _respond(request, worker, rows, body.target, body.request, chat=False)
+        prompt_tokens = sum(len(p) for p in prompts)
+        return await _respond(request, worker, rows, body.target, body.request, prompt_tokens, chat=False)
 
     return app
 
@@ -178,11 +180,13 @@ def _generation_requests(
 ) -> list[GenerationRequest]:
     """n rows per prompt; the i-th of them sampled with seed + i, so choices differ but reproduce."""
     prefix = getattr(adapter, "length", 0)
+    replaced_start = getattr(adapter, "replaced_start", ())
     window = engine.max_positions or 1 << 31
     rows = []
-    for prompt in prompts:
-        if not prompt:
+    for sent in prompts:
+        if not sent:
             raise APIError(400, "invalid_request", "the prompt is empty", prompt_param)
+        prompt = without_replaced_start(sent, replaced_start)  # as the adapter was trained
         limit = request.token_limit or window - prefix - len(prompt)
         if prefix + len(prompt) + limit > window or limit < 1:
             raise APIError(
@@ -212,8 +216,10 @@ async def _respond(
     rows: list[GenerationRequest],
     target: Target,
     request: ChatCompletionRequest | CompletionRequest,
+    prompt_tokens: int,
     chat: bool,
 ):
+    """`prompt_tokens`: as sent, counted once however many choices a prompt has (n), as OpenAI does."""
     queue: asyncio.Queue[tuple[int, Progress | BaseException]] = asyncio.Queue()
 
     def sink(key: int, item: Progress | BaseException) -> None:  # runs on this loop
@@ -224,8 +230,6 @@ async def _respond(
         keys = worker.submit(rows, sink)
     except Overloaded as exc:
         raise APIError(429, "rate_limit_exceeded", str(exc), headers={"Retry-After": "1"}) from None
-    # A prompt is counted once however many choices it has (n), as OpenAI does.
-    prompt_tokens = sum(len(row.prompt_ids) for row in rows[:: request.n])
     reply = _Reply(target.name, chat, {key: index for index, key in enumerate(keys)}, prompt_tokens)
     if request.stream:
         return StreamingResponse(

@@ -11,16 +11,19 @@ import pytest
 import torch
 from peft import PeftModel
 
-from core.adapters import attach_adapter, kv_prefix_init_ids
+from core.adapters import attach_adapter, kv_prefix_init_ids, replaced_prompt_start, without_replaced_start
 from core.config import LoraAdapterConfig, PrefixAdapterConfig
+from core.data import Example
 from core.models import load_base_model
 from core.rollout import (
     enable_gradient_checkpointing,
+    encode_example,
     left_pad,
     positions,
     response_batch,
     response_log_probs,
     sample,
+    stop_token_ids,
 )
 
 
@@ -137,6 +140,57 @@ def test_fresh_prefix_adapter_behaves_like_the_base_model_reading_its_init_text(
             input_ids=torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long)
         ).logits[0]
     assert torch.allclose(got, reference, atol=1e-4)
+
+
+def test_a_fresh_prefix_adapter_standing_in_for_the_system_turn_is_the_base_model(base):
+    """The neutral init: the prompt fed without the system turn the prefix holds is the base model's
+    sequence, so logits match and greedy outputs are the base model's token for token."""
+    model, tokenizer = base
+    config = PrefixAdapterConfig()
+    replaced = replaced_prompt_start(tokenizer, config)
+    questions = ["what is 2+2?", "name a colour", "hello", "count to five", "why is the sky blue?"]
+    prompts = [
+        encode_example(tokenizer, Example(q, None, {}, 1), tokenizer.eos_token_id).prompt_ids
+        for q in questions
+    ]
+    assert replaced and all(tuple(p[: len(replaced)]) == replaced for p in prompts)
+    with torch.no_grad():
+        reference_logits = model(input_ids=torch.tensor([prompts[0]])).logits[0, len(replaced) :]
+    stops = stop_token_ids(model, tokenizer)
+    reference = sample(model, prompts, 12, stops, tokenizer.pad_token_id, greedy=True)
+
+    policy = attach_adapter(model, tokenizer, config)
+    fed = [without_replaced_start(p, replaced) for p in prompts]
+    assert [len(f) for f in fed] == [len(p) - len(replaced) for p in prompts]
+    with torch.no_grad():
+        logits = policy(input_ids=torch.tensor([fed[0]]), attention_mask=torch.ones(1, len(fed[0]))).logits[0]
+    assert torch.allclose(logits, reference_logits, atol=1e-4)
+    assert sample(policy, fed, 12, stops, tokenizer.pad_token_id, greedy=True) == reference
+    # Fed whole, the model reads the system turn twice and is another model.
+    with torch.no_grad():
+        repeated = policy(input_ids=torch.tensor([prompts[0]]), attention_mask=torch.ones(1, len(prompts[0])))
+    assert (repeated.logits[0, len(replaced) :] - reference_logits).abs().max() > 1e-3
+
+
+def test_only_a_prefix_made_of_its_init_tokens_as_they_are_stands_in_for_them(base):
+    _, tokenizer = base
+    system_turn = replaced_prompt_start(tokenizer, PrefixAdapterConfig())
+    assert tokenizer.decode(system_turn) == "<|im_start|>user\n"  # the tiny template adds no system turn
+    assert (
+        replaced_prompt_start(tokenizer, PrefixAdapterConfig(num_virtual_tokens=len(system_turn)))
+        == system_turn
+    )
+    assert replaced_prompt_start(tokenizer, PrefixAdapterConfig(num_virtual_tokens=3)) == ()  # cut
+    assert replaced_prompt_start(tokenizer, LoraAdapterConfig()) == ()
+    own = replaced_prompt_start(tokenizer, PrefixAdapterConfig(init_text="Answer briefly."))
+    assert own == tuple(encode(tokenizer, "Answer briefly."))
+
+
+def test_without_replaced_start():
+    assert without_replaced_start([1, 2, 3, 4], (1, 2)) == [3, 4]
+    assert without_replaced_start([1, 3, 2, 4], (1, 2)) == [1, 3, 2, 4]  # another start: whole
+    assert without_replaced_start([1, 2], (1, 2)) == [1, 2]  # nothing would be left to continue from
+    assert without_replaced_start([1, 2, 3], ()) == [1, 2, 3]
 
 
 def test_prefix_projection_initialisation_is_exact(base):

@@ -523,3 +523,36 @@ def test_prefix_rft_with_a_prefix_adapter_learns_a_learnable_reward(letters, tmp
     assert accuracy[0] <= 0.25 and accuracy[-1] >= 0.75, accuracy
     assert sum(rewards[:5]) / 5 < 0.3 and sum(rewards[-5:]) / 5 > 0.6, rewards
     assert all(m["hybrid_rollouts"] == 8 for m in recorder.steps)  # one hybrid per group
+
+
+def test_a_fresh_prefix_adapter_answers_the_held_out_prompts_as_the_base_model(letters, tmp_path):
+    """Step 0 is the base model: the prefix stands in for the chat start it was made from (a fresh
+    LoRA adapter adds zero, so it answers as the base model does)."""
+    settings = {"training__dtype": "float32", "data__eval_size": 8, "eval__max_completion_tokens": 16}
+    prefix = Trainer(make_config(letters, tmp_path / "prefix", **settings))
+    lora = Trainer(make_config(letters, tmp_path / "lora", adapter={"type": "lora"}, **settings))
+    assert prefix.replaced_start and not lora.replaced_start
+    assert all(
+        p.prompt_ids == lo.prompt_ids[len(prefix.replaced_start) :]
+        for p, lo in zip(prefix.eval_examples, lora.eval_examples, strict=True)
+    )
+    answers = [row["completion"] for row in prefix.evaluation().completions]
+    assert answers == [row["completion"] for row in lora.evaluation().completions]
+    assert len(set(answers)) > 1  # the prompts get different answers: a real comparison
+
+
+def test_exported_prefix_adapters_record_the_prompt_start_they_stand_in_for(letters, tmp_path):
+    from core.adapters import REPLACED_START_FILE, read_replaced_start
+
+    out = tmp_path / "run"
+    trainer = Trainer(make_config(letters, out, checkpoint__every=2, training__learning_rate=0.05))
+    result = trainer.train()
+    for exported in (result.adapter_dir, out / "checkpoints" / "step-000002" / "adapter"):
+        assert read_replaced_start(exported) == trainer.replaced_start
+    # An adapter that records none (exported before prefixes stood in for the chat start) is
+    # evaluated on whole prompts, as it was trained.
+    (result.adapter_dir / REPLACED_START_FILE).unlink()
+    trainer.load_adapter(result.adapter_dir)
+    assert trainer.replaced_start == ()
+    start = read_replaced_start(out / "checkpoints" / "step-000002" / "adapter")
+    assert tuple(trainer.train_examples[0].prompt_ids[: len(start)]) == start

@@ -25,7 +25,7 @@ import pytest
 import torch
 import uvicorn
 
-from core.adapters import attach_adapter, export_adapter
+from core.adapters import attach_adapter, export_adapter, replaced_prompt_start
 from core.config import LoraAdapterConfig, PrefixAdapterConfig
 from core.models import load_base_model
 from inference.engine import BatchedEngine, GenerationRequest, SamplingParams, load_adapter
@@ -76,6 +76,14 @@ def make_adapter(directory: Path, kind: str, seed: int) -> Path:
             if p.requires_grad:
                 p.add_((1.0 if kind == "prefix" else 0.5) * torch.randn(p.shape, generator=generator))
     return export_adapter(policy, directory, "tiny-random")
+
+
+def make_fresh_prefix_adapter(directory: Path) -> Path:
+    """The default prefix adapter before any step, exported as the trainer exports it."""
+    model, tokenizer = load_base_model("tiny-random")
+    config = PrefixAdapterConfig()
+    policy = attach_adapter(model, tokenizer, config)
+    return export_adapter(policy, directory, "tiny-random", replaced_prompt_start(tokenizer, config))
 
 
 def store_as_succeeded_job(settings: Settings, project_id: str, adapter_dir: Path, suffix: str) -> str:
@@ -168,6 +176,7 @@ def deployment(tmp_path_factory, migrated_postgres: str, redis_url: str) -> Iter
             "prefix": make_adapter(root / "prefix", "prefix", seed=1),
             "prefix2": make_adapter(root / "prefix2", "prefix", seed=2),
             "lora": make_adapter(root / "lora", "lora", seed=3),
+            "fresh": make_fresh_prefix_adapter(root / "fresh"),
         }
         names = {kind: store_as_succeeded_job(settings, api.project_id, d, kind) for kind, d in dirs.items()}
         yield Deployment(api, base_url, model_server, names, dirs)
@@ -240,6 +249,20 @@ def test_chat_and_completions_with_the_official_client(deployment: Deployment, e
 
     models = {m.id for m in client.models.list().data}
     assert {"tiny-random", *deployment.adapters.values()} <= models
+
+
+def test_a_fresh_prefix_adapter_is_served_as_the_base_model(deployment: Deployment):
+    """The model server drops the chat start the prefix stands in for, as training did: before any
+    step, the fine-tuned model says what the base model says, and the prompt counts as sent."""
+    client = deployment.client()
+    for question in ("hello there", "what is 2+2?", "name a colour"):
+        messages = [{"role": "user", "content": question}]
+        fresh, base = (
+            client.chat.completions.create(model=model, messages=messages, max_tokens=12, temperature=0)
+            for model in (deployment.adapters["fresh"], "tiny-random")
+        )
+        assert fresh.choices[0].message.content == base.choices[0].message.content
+        assert fresh.usage.prompt_tokens == base.usage.prompt_tokens
 
 
 def test_streaming_chunks_add_up_to_the_completion(deployment: Deployment):
