@@ -13,7 +13,9 @@ Initialisations:
   for the system turn each prompt starts with. Prompts are fed as the trainer and the model
   server feed them (`core.adapters.without_replaced_start`), and PEFT places them after the
   prefix, so the model reads exactly the base model's sequence.
-- `system_turn`: the same activations with each prompt fed whole, so the model reads the system
+- `base_model_itself`: no adapter, the floor of rounding: KL of the base model reading the chat
+  start into its KV cache first, and the share of prompts decoded alone that match the batch.
+- `system_turn`: the same activations as `default`, with each prompt fed whole, so the model reads the system
   turn twice (the default before the prefix stood in for it).
 - `im_start`: the activations of the first token alone (the attention sink of most heads).
 - `newline`: the activations of a single newline.
@@ -133,7 +135,35 @@ def main(argv: list[str] | None = None) -> int:
         )
         measure("default", model, [without_replaced_start(p, replaced) for p in prompts])
 
+    def measure_floor() -> None:
+        """The base model against itself: the rounding `default` cannot get below.
+
+        KL: the base model reading the chat start into its KV cache first, then the rest (what
+        the prefix does, without an adapter). Greedy: each prompt decoded alone, not in the batch.
+        """
+        started, n = time.perf_counter(), len(kv_prefix_init_ids(tokenizer, None, None))
+        kl = 0.0
+        with torch.no_grad():
+            for prompt, row, b in zip(prompts, reference, base_log_probs, strict=True):
+                cache = base(input_ids=torch.tensor([prompt[:n]]), use_cache=True).past_key_values
+                rest = prompt[n:] + row
+                positions = torch.arange(n, n + len(rest))[None]
+                logits = base(
+                    input_ids=torch.tensor([rest]), past_key_values=cache, position_ids=positions
+                ).logits
+                a = torch.log_softmax(logits[0, len(prompt) - n - 1 : -1].float(), -1)
+                kl += (b.exp() * (b - a)).sum().item()
+        kl /= sum(len(r) for r in reference)
+        alone = [
+            sample(base, [p], args.max_tokens, stops, tokenizer.pad_token_id, greedy=True)[0] for p in prompts
+        ]
+        same = sum(o == r for o, r in zip(alone, reference, strict=True)) / len(reference)
+        results["base_model_itself"] = {"kl_per_token": kl, "greedy_identical": same}
+        log.info("%-22s KL/token %.2e  greedy identical %.0f%%  (%.0f s)", "base_model_itself", kl, 100 * same,
+                 time.perf_counter() - started)  # fmt: skip
+
     system_turn = kv_prefix_activations(base, kv_prefix_init_ids(tokenizer, None, None))
+    measure_floor()
     measure_default()
     if args.only_default:
         args.distill_steps = []
