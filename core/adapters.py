@@ -1,14 +1,14 @@
 """Adapters: PEFT prefix tuning (default) and LoRA, and their state for checkpoints.
 
-A fresh prefix adapter is initialised from the key/value activations of real tokens (the start
-of the chat template, its system turn, by default). Zero or random initialisation is not neutral:
-zero keys still take softmax mass and dilute attention.
+A fresh prefix adapter is initialised from the key/value activations of real tokens (by default
+the start every chat prompt shares: the system turn and the user turn's header). Zero or random
+initialisation is not neutral: zero keys still take softmax mass and dilute attention.
 
 The prefix then stands in for those tokens: a prompt that starts with them is fed without them
 (`without_replaced_start`), in training and in serving alike. PEFT places the prompt after the
 prefix, so a fresh adapter reads exactly the base model's sequence (in float32, per-token KL
-2.4e-9 on SmolLM2; docs/benchmarks.md). Were the prompt to keep its system turn, the model would
-read it twice: KL 1.4e-2. An exported adapter records what it stands in for in
+6.4e-10 on SmolLM2; docs/benchmarks.md). Were the prompt fed whole, the model would read its
+start twice: KL 1.4e-2. An exported adapter records what it stands in for in
 `REPLACED_START_FILE`, beside PEFT's files.
 """
 

@@ -42,9 +42,10 @@ def encode_example(
 ) -> EncodedExample:
     """Chat-format the prompt (as a generation prompt) and tokenize the demonstration on its own.
 
-    `replaced_start`: the prompt tokens a prefix adapter stands in for, dropped from the prompt's
-    start (`core.adapters.without_replaced_start`). The demonstration is tokenized without special tokens and ends with EOS, so training on it
+    The demonstration is tokenized without special tokens and ends with EOS, so training on it
     teaches the model to stop, and any cut `demo_ids[:L]` is exactly what the model continues.
+    `replaced_start`: the prompt tokens a prefix adapter stands in for, dropped from the prompt's
+    start (`core.adapters.without_replaced_start`).
     """
     messages = (
         [{"role": "user", "content": example.prompt}] if isinstance(example.prompt, str) else example.prompt

@@ -207,7 +207,9 @@ class Trainer:
         return train, heldout
 
     def _encode_examples(self, replaced_start: tuple[int, ...]) -> None:
-        """Tokenize every example once; `replaced_start`: what the prefix adapter stands in for."""
+        """Tokenize every example; `replaced_start`: what the prefix adapter stands in for."""
+        if getattr(self, "replaced_start", None) == replaced_start:
+            return  # already encoded so (a resumed or loaded adapter trained as this run is)
         self.replaced_start = replaced_start
         train, heldout = self._examples
         self.train_examples = [self._encode(e) for e in train]
