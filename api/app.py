@@ -17,7 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.deps import Services
 from api.errors import document_error_responses, install_api_error_handlers
-from api.routes import completions, datasets, files, fine_tuning, graders, health, jobs, models, rewards
+from api.routes import completions, files, fine_tuning, graders, health, models
 from core.rewards import SandboxLimits, SandboxPool
 from protocol.request_ids import RequestIds
 from service.db import make_engine, make_sessionmaker
@@ -67,13 +67,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(
         title="Prefix-RFT fine-tuning service",
         version="0.1.0",
-        description="Upload datasets and rewards, run jobs that blend SFT and RL, download adapters.",
+        description="Upload training files, run fine-tuning jobs that blend SFT and RL with graders, download adapters, chat with the results.",
         lifespan=lifespan,
     )
     app.state.services = services
     install_api_error_handlers(app)
     document_error_responses(app)
-    for module in (files, fine_tuning, graders, datasets, rewards, jobs, models, completions, health):
+    for module in (files, fine_tuning, graders, models, completions, health):
         app.include_router(module.router)
 
     app.add_middleware(RecordMetrics)

@@ -1,5 +1,5 @@
-"""Storing and deleting datasets: the validated JSONL upload both /v1/datasets and OpenAI's /v1/files
-serve, and the delete that refuses while an active job uses the file."""
+"""Storing and deleting training files (the `datasets` table): the JSONL upload validated while
+it streams, and the delete that refuses while an active job uses the file."""
 
 from __future__ import annotations
 
@@ -30,29 +30,23 @@ async def store_dataset(
     project_id: str,
     services: Services,
     idempotency_key: str | None,
-    operation: str,
-    id_prefix: str,
-    invalid_status: int,
+    retry_count: int | None,
+    check_fields: Callable[[dict[str, str]], None],
     render: Callable[[Dataset], Out],
-    check_fields: Callable[[dict[str, str]], None] | None = None,
-    created_status: int = 201,
-    retry_count: int | None = None,
 ) -> Out | JSONResponse:
     """Receive a JSONL upload, validate it line by line while it streams, store it and its row.
 
-    Shared by /v1/datasets and OpenAI's /v1/files, which `render` the row each its own way: a
-    refused file answers `invalid_status` with every bad line; a replayed `Idempotency-Key`
-    returns the first answer (a JSONResponse). `check_fields` checks the form's text fields
-    (purpose) before the file is read; `created_status` is what a replay answers (OpenAI: 200);
-    `retry_count` is the official client's try number (api/idempotency.py).
+    A refused file answers 400 with every bad line; a replayed `Idempotency-Key` (or the official
+    client's retry, `retry_count`, api/idempotency.py) returns the first answer as a JSONResponse.
+    `check_fields` checks the form's text fields (purpose) before the file is read; `render` is
+    the row as the response shows it.
     """
     settings = services.settings
     settings.scratch_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=settings.scratch_dir, prefix="upload-") as scratch:
         path = Path(scratch) / "data.jsonl"
         upload = await receive_file(request, path, settings.max_upload_bytes)
-        if check_fields is not None:
-            check_fields(upload.fields)
+        check_fields(upload.fields)
         report = await run_in_threadpool(
             lambda: read_jsonl(
                 iter_byte_lines(path, settings.max_line_bytes), settings.max_line_bytes, keep_examples=False
@@ -66,10 +60,10 @@ async def store_dataset(
                 )
             else:
                 message = "the file has no examples"
-            raise APIError(invalid_status, "invalid_dataset", message, "file", details)
+            raise APIError(400, "invalid_dataset", message, "file", details)
         name = _printable(upload.fields.get("name") or upload.filename or "")[:255] or "dataset.jsonl"
         dataset = Dataset(
-            id=new_id(id_prefix),
+            id=new_id("file"),
             project_id=project_id,
             name=name,
             bytes=upload.bytes,
@@ -83,7 +77,7 @@ async def store_dataset(
         dataset.storage_key = f"datasets/{project_id}/{dataset.id}.jsonl"
         idempotent = IdempotentRequest(
             project_id,
-            operation,
+            "create_file",
             idempotency_key,
             fingerprint([upload.sha256, upload.fields, upload.filename]),
             retry_count,
@@ -93,7 +87,7 @@ async def store_dataset(
         # The object first, then its row: a failure in between leaves an object that is removed here.
         await run_in_threadpool(services.storage.put_file, dataset.storage_key, path)
     try:
-        return await run_in_threadpool(_insert, services, dataset, idempotent, render, created_status)
+        return await run_in_threadpool(_insert, services, dataset, idempotent, render)
     except ConcurrentDuplicate:
         await run_in_threadpool(services.storage.delete, dataset.storage_key)
         return await run_in_threadpool(_replay, services, idempotent)
@@ -112,22 +106,20 @@ def _printable(text: str) -> str:
     return "".join(ch for ch in text if ch.isprintable()).strip()
 
 
-def _insert(
-    services, dataset: Dataset, request: IdempotentRequest, render: Callable[[Dataset], Out], status: int
-) -> Out:
+def _insert(services, dataset: Dataset, request: IdempotentRequest, render: Callable[[Dataset], Out]) -> Out:
     with transaction(services.sessions) as session:
         session.add(dataset)
         session.flush()
         out = render(dataset)
-        request.remember(session, status, out.model_dump(mode="json"))
+        request.remember(session, 200, out.model_dump(mode="json"))
     return out
 
 
-def delete_dataset_row(services: Services, project_id: str, dataset_id: str, kind: str = "dataset") -> None:
+def delete_dataset_row(services: Services, project_id: str, dataset_id: str) -> None:
     """Delete the row, then its object; 409 (not to be retried) while an active job uses it."""
     with transaction(services.sessions) as session:
         # The row lock serialises this with job creation, which takes a shared lock.
-        dataset = owned(session, Dataset, dataset_id, project_id, with_for_update=True, kind=kind)
+        dataset = owned(session, Dataset, dataset_id, project_id, with_for_update=True)
         in_use = session.scalar(
             select(Job.id)
             .where(
@@ -139,8 +131,8 @@ def delete_dataset_row(services: Services, project_id: str, dataset_id: str, kin
         if in_use:
             raise APIError(
                 409,
-                f"{kind}_in_use",
-                f"{kind} {dataset_id!r} is used by active job {in_use!r}",
+                "file_in_use",
+                f"file {dataset_id!r} is used by active job {in_use!r}",
                 headers={"x-should-retry": "false"},  # the official client retries a 409 unless told
             )
         session.delete(dataset)

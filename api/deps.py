@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Annotated, TypeVar
 
 from celery import Celery
-from fastapi import Depends, Query, Request
+from fastapi import Depends, Request
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.errors import BEARER_CHALLENGE, MISSING_KEY, not_found
@@ -18,7 +18,7 @@ from service.judge import ChatJudge
 from service.keys import project_for_key
 from service.settings import Settings
 from service.storage import Storage
-from service.tables import Dataset, Job, RewardSpecRecord
+from service.tables import Dataset, Job
 
 
 @dataclass
@@ -29,7 +29,7 @@ class Services:
     sessions: sessionmaker[Session]
     storage: Storage
     celery: Celery
-    sandbox: SandboxPool  # warm processes for python graders (POST /v1/rewards/.../test)
+    sandbox: SandboxPool  # warm processes for python graders (POST /v1/fine_tuning/alpha/graders/run)
     judge: ChatJudge  # the judges of model graders (settings.judge_models)
 
 
@@ -75,7 +75,7 @@ ProjectDep = Annotated[str, Depends(current_project)]
 
 ID_PATTERN = r"^[a-z]+[_-][0-9a-f]{24}$"  # the shape of service.tables.new_id
 _ID = re.compile(ID_PATTERN)
-Model = TypeVar("Model", Dataset, Job, RewardSpecRecord)
+Model = TypeVar("Model", Dataset, Job)
 
 
 def owned(
@@ -89,14 +89,8 @@ def owned(
 ) -> Model:
     """The caller's resource by id; anything else (another project's, malformed, missing) is a 404.
     `kind` names it in the error (`file_not_found`); default: the table's resource name."""
-    kind = kind or {Dataset: "dataset", Job: "job", RewardSpecRecord: "reward"}[model]
+    kind = kind or {Dataset: "file", Job: "job"}[model]
     row = session.get(model, resource_id, **get) if _ID.match(resource_id) else None
     if row is None or row.project_id != project_id:
         raise not_found(kind, resource_id, param)
     return row
-
-
-CursorQuery = Annotated[
-    str | None, Query(pattern=ID_PATTERN, description="The last id of the previous page.")
-]
-LimitQuery = Annotated[int, Query(ge=1, le=100)]

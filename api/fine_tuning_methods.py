@@ -17,7 +17,7 @@ is resolved here, and the resolved values are what the job echoes back:
 - `reasoning_effort`: accepted and echoed; our models do not reason separately.
 
 Any of our training settings (`steps`, `rollouts_per_prompt`, `sft_steps`, ...) may be given in
-`hyperparameters` as well; `steps` and `n_epochs` together are refused. Pure functions: the API
+`hyperparameters` as well, and `checkpoint_every` (default: a tenth of the steps); `steps` and `n_epochs` together are refused. Pure functions: the API
 checks the result with the trainer's own config models.
 """
 
@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import TypeAdapter
+from pydantic import TypeAdapter, ValidationError
 
 from core.config import AdapterConfig, EvalConfig, TrainingConfig
 from protocol.errors import APIError
@@ -45,6 +45,7 @@ OPENAI_HYPERPARAMETERS = (
     "eval_samples",
     "reasoning_effort",
 )
+OUR_HYPERPARAMETERS = ("checkpoint_every",)  # ours that are not the trainer's training settings
 AUTO_EPOCHS = {"supervised": 3, "reinforcement": 1}
 _TRAINING_FIELDS = set(TrainingConfig.model_fields)
 
@@ -56,6 +57,7 @@ class ResolvedMethod:
     evaluation: dict[str, Any]  # EvalConfig fields
     adapter: dict[str, Any]
     grader: dict[str, Any] | None
+    checkpoint_every: int | None = None
     echo: dict[str, Any] = field(default_factory=dict)  # the method as the job shows it, auto resolved
 
 
@@ -97,19 +99,23 @@ def resolve_method(
     training, evaluation, resolved = _resolve_hyperparameters(
         hyper, ours, kind, adapter, training_examples, where
     )
+    checkpoint_every = _number(hyper, "checkpoint_every", where, int, minimum=1)
     echo_body = {**body, "hyperparameters": resolved}
-    return ResolvedMethod(ours, training, evaluation, adapter, grader, {"type": kind, kind: echo_body})
+    return ResolvedMethod(
+        ours, training, evaluation, adapter, grader, checkpoint_every, {"type": kind, kind: echo_body}
+    )
 
 
 def _resolve_hyperparameters(
     hyper: dict[str, Any], ours: str, kind: str, adapter: dict[str, Any], examples: int, where: str
 ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-    unknown = sorted(set(hyper) - set(OPENAI_HYPERPARAMETERS) - _TRAINING_FIELDS)
+    unknown = sorted(set(hyper) - {*OPENAI_HYPERPARAMETERS, *OUR_HYPERPARAMETERS, *_TRAINING_FIELDS})
     if unknown:
         raise _bad(f"unknown hyperparameter {unknown[0]!r}", f"{where}.{unknown[0]}")
     if "steps" in hyper and hyper.get("n_epochs", "auto") != "auto":
         raise _bad("give steps or n_epochs, not both", f"{where}.n_epochs")
-    training = {k: v for k, v in hyper.items() if k in _TRAINING_FIELDS}
+    training = {k: _training_setting(k, v, where) for k, v in hyper.items() if k in _TRAINING_FIELDS}
+    training = {k: v for k, v in training.items() if v is not None}  # null: the setting's default
     defaults = TrainingConfig.model_fields
     supervised = ours in SUPERVISED
 
@@ -157,7 +163,7 @@ def _resolve_hyperparameters(
         "max_examples": samples or EvalConfig.model_fields["max_examples"].default,
     }
     resolved = {
-        **{k: v for k, v in hyper.items() if k in _TRAINING_FIELDS},
+        **{k: v for k, v in hyper.items() if k in _TRAINING_FIELDS or k in OUR_HYPERPARAMETERS},
         "batch_size": batch,
         "n_epochs": epochs_shown,
         "learning_rate_multiplier": multiplier,
@@ -170,6 +176,18 @@ def _resolve_hyperparameters(
     return training, evaluation, resolved
 
 
+def _training_setting(name: str, value: Any, where: str) -> Any:
+    """One of the trainer's settings, checked alone against its type and bounds before any
+    arithmetic here uses it (checks across settings are the trainer config's)."""
+    field_info = TrainingConfig.model_fields[name]
+    try:
+        return TypeAdapter(Annotated[field_info.annotation, field_info]).validate_python(value)
+    except ValidationError as exc:
+        # The code the trainer config's own checks answer with (api/specs.py), for the same mistake.
+        message = f"{where}.{name}: {exc.errors()[0]['msg']}"
+        raise APIError(400, "invalid_job", message, f"{where}.{name}") from None
+
+
 def _number(
     hyper: dict[str, Any], name: str, where: str, kind: type, minimum: float, exclusive: bool = False
 ) -> Any:
@@ -177,7 +195,7 @@ def _number(
     value = hyper.get(name, "auto")
     if value == "auto":
         return None
-    numeric = isinstance(value, int | float) and not isinstance(value, bool)
+    numeric = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
     if not numeric or (kind is int and not float(value).is_integer()):
         raise _bad(
             f'{name} must be "auto" or a{"n integer" if kind is int else " number"}', f"{where}.{name}"

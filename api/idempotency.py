@@ -3,7 +3,7 @@
 The key's row is written in the same transaction as the resource it created, so either both exist
 or neither does. Two concurrent requests with one key race on the row's primary key: the loser's
 transaction (its resource included) rolls back, and it answers with the winner's response.
-The same key with a different request is refused (422). The reaper forgets keys after
+The same key with a different request is refused (400). The reaper forgets keys after
 settings.idempotency_hours (at least 24).
 
 The official OpenAI client sends no key, but it numbers its tries (`x-stainless-retry-count`, 0 on
@@ -82,7 +82,7 @@ class IdempotentRequest:
             return None
         if row.request_sha256 != self.request_sha256:
             raise APIError(
-                422,
+                400,
                 "idempotency_key_reused",
                 f"the Idempotency-Key {self.key!r} was already used with a different request; use a new key",
                 PARAM,

@@ -1,12 +1,17 @@
-"""Creating a job and moving it between states on request: what /v1/jobs and OpenAI's
-/v1/fine_tuning/jobs share."""
+"""Creating a job from its spec and moving it between states on request.
+
+The fine-tuning routes read OpenAI's request into a JobSpec (api/fine_tuning_methods.py); what
+is checked here and in api/specs.py is named in the spec's terms, which the routes map back.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
 
 from sqlalchemy.orm import Session
 
 from api.deps import Services, owned
-from api.schemas import JobCreate
 from api.specs import build_config, validated_spec
 from core.config import REWARD_FREE_METHODS
 from protocol.errors import APIError
@@ -20,10 +25,28 @@ from service.tables import (
     Job,
     JobEvent,
     JobStatus,
-    RewardSpecRecord,
     new_id,
     utcnow,
 )
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """What a job is made of, in our terms: the method, adapter and trainer settings as core's
+    config names them (checked there), the datasets by id, the reward as a reward spec."""
+
+    model: str
+    method: str
+    training_dataset: str
+    validation_dataset: str | None = None
+    adapter: dict[str, Any] = field(default_factory=dict)
+    reward: dict[str, Any] | None = None
+    hyperparameters: dict[str, Any] = field(default_factory=dict)
+    evaluation: dict[str, Any] = field(default_factory=dict)
+    checkpoint_every: int | None = None  # default: a tenth of the steps
+    seed: int | None = None  # default: chosen at random and recorded
+    suffix: str | None = None
+    metadata: dict[str, str] | None = None
 
 
 def get_job(session: Session, project_id: str, job_id: str) -> Job:
@@ -31,7 +54,7 @@ def get_job(session: Session, project_id: str, job_id: str) -> Job:
 
 
 def new_job(
-    session: Session, body: JobCreate, project_id: str, served_judges: frozenset[str], id_prefix: str = "job"
+    session: Session, body: JobSpec, project_id: str, served_judges: frozenset[str], id_prefix: str = "ftjob"
 ) -> Job:
     # Shared locks: a concurrent delete of these datasets waits for this job (or wins before it).
     train = _locked_dataset(session, project_id, body.training_dataset, "training_dataset")
@@ -40,20 +63,9 @@ def new_job(
         if body.validation_dataset
         else None
     )
-    if body.method not in REWARD_FREE_METHODS and body.reward_id is None and body.reward is None:
-        raise APIError(
-            422,
-            "invalid_job",
-            f"method {body.method!r} needs a reward: give reward_id or reward",
-            "reward",
-        )
-    if body.reward_id and body.reward:
-        raise APIError(422, "invalid_job", "give either reward_id or an inline reward, not both", "reward")
-    reward = body.reward
-    if body.reward_id:
-        reward = owned(session, RewardSpecRecord, body.reward_id, project_id, "reward_id").spec
-    elif reward is not None:
-        reward = validated_spec(reward, "reward").model_dump(mode="json")
+    if body.method not in REWARD_FREE_METHODS and body.reward is None:
+        raise APIError(422, "invalid_job", f"method {body.method!r} needs a grader", "reward")
+    reward = None if body.reward is None else validated_spec(body.reward, "reward").model_dump(mode="json")
     config = build_config(body, reward, train, heldout, served_judges)
     job = Job(
         id=new_id(id_prefix),
@@ -64,7 +76,6 @@ def new_job(
         config=config,
         training_dataset_id=train.id,
         validation_dataset_id=heldout.id if heldout else None,
-        reward_spec_id=body.reward_id,
         suffix=body.suffix,
         user_metadata=body.metadata,
         seed=config["seed"],

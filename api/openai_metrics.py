@@ -5,6 +5,7 @@ A training step's values are ours (`loss`, `reward_mean`, `reward/<grader>`, ...
 is kept under its own name with the split in front (`train_loss`, `valid_accuracy`), and the
 keys OpenAI's clients read are added where we have the quantity: `train_mean_reward`,
 `full_valid_mean_reward`, `completion_tokens_mean`, `scores`, `timing` (docs/openai-compat.md §2.3).
+A running job's `estimated_finish` comes from when its recent steps ended.
 """
 
 from __future__ import annotations
@@ -66,3 +67,16 @@ def event_message(data: dict[str, Any]) -> str:
     )
     shown = [f"{label}={float(data[key]):.2f}" for key, label in names if is_number(data.get(key))]
     return f"Step {data.get('step')}/{data.get('total_steps')}: " + ", ".join(shown)
+
+
+def estimated_finish(steps_ended_at: list[tuple[int, float]], total_steps: int) -> int | None:
+    """When a running job should end (unix seconds): the wall time per step between the first and
+    last of its recent steps (`(step, ended at)`, oldest first; evaluations and checkpoints
+    included), carried on from the last over the steps left. None until two steps have ended."""
+    if len(steps_ended_at) < 2:
+        return None
+    (first_step, first_at), (last_step, last_at) = steps_ended_at[0], steps_ended_at[-1]
+    if last_step <= first_step:
+        return None
+    per_step = (last_at - first_at) / (last_step - first_step)
+    return round(last_at + per_step * max(0, total_steps - last_step))

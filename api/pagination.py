@@ -1,36 +1,16 @@
-"""Cursor pagination: `after` is the last id seen. Resources list newest first (their ids sort by
-creation time); a job's events and samples list oldest first, in the order they happened."""
+"""OpenAI's cursor pagination: `after` is the last id seen, lists are newest first."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from sqlalchemy import Select, tuple_
-from sqlalchemy.orm import InstrumentedAttribute, Session
+from sqlalchemy.orm import Session
 
 from protocol.errors import APIError
 
-
-def page_of(
-    session: Session, query: Select, id_column: InstrumentedAttribute, after: Any, limit: int
-) -> dict:
-    if after is not None:
-        query = query.where(id_column < after)
-    rows = list(session.scalars(query.order_by(id_column.desc()).limit(limit + 1)))
-    has_more = len(rows) > limit
-    rows = rows[:limit]
-    return {"data": rows, "has_more": has_more, "last_id": rows[-1].id if rows else None}
-
-
-def ascending_page(
-    session: Session, query: Select, id_column: InstrumentedAttribute, after: Any, limit: int
-) -> dict:
-    if after is not None:
-        query = query.where(id_column > after)
-    rows = list(session.scalars(query.order_by(id_column).limit(limit + 1)))
-    has_more = len(rows) > limit
-    rows = rows[:limit]
-    return {"data": rows, "has_more": has_more, "last_id": rows[-1].id if rows else None}
+_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # every id this service makes has this shape
 
 
 def openai_page(
@@ -45,6 +25,8 @@ def openai_page(
     items strictly after the `after` item (which must be in `query`: else 400 on `after`, never
     the first page again, which would loop a client that follows `has_more`)."""
     newest_first = order == "desc"
+    if after is not None and not _ID.match(after):  # e.g. a NUL byte, which the database refuses
+        raise APIError(400, "invalid_cursor", f"`after` names no item of this list: {after!r}", "after")
     key = (model.created_at, model.id)
     if after is not None:
         anchor = session.scalar(query.where(model.id == after))

@@ -2,164 +2,23 @@
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Any, Generic, Literal, TypeVar
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
-
-from core.config import METHODS, Method
-
-T = TypeVar("T")
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class Page(BaseModel, Generic[T]):
-    object: Literal["list"] = "list"
-    data: list[T]
-    has_more: bool
-    last_id: str | None = Field(None, description="Pass as `after` to get the next page.")
-
-
-class Deleted(BaseModel):
-    id: str
-    object: str
-    deleted: bool = True
-
-
-# ----- datasets --------------------------------------------------------------------------------
-
-
-class DatasetOut(BaseModel):
-    id: str
-    object: Literal["dataset"] = "dataset"
-    name: str
-    bytes: int
-    sha256: str
-    lines: int
-    examples: int
-    with_demonstration: int
-    field_counts: dict[str, int] = Field(description="Extra fields and how many examples carry each.")
-    created_at: datetime
-
-
-# ----- rewards ---------------------------------------------------------------------------------
-
-
-class RewardCreate(_Strict):
-    model_config = ConfigDict(
-        json_schema_extra={"examples": [{"name": "exact-answer", "graders": [{"type": "exact_match"}]}]}
-    )
-
-    name: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-    graders: list[dict[str, Any]] = Field(
-        min_length=1, description="Weighted graders, each with a `type` (exact_match, regex, math, ...)."
-    )
-
-
-class RewardOut(BaseModel):
-    id: str
-    object: Literal["reward"] = "reward"
-    name: str
-    graders: list[dict[str, Any]]
-    fields_needed: list[str] = Field(description="Example fields the graders read.")
-    created_at: datetime
-
-
-# ----- jobs ------------------------------------------------------------------------------------
-
-
-class JobCreate(_Strict):
-    model: str = Field(description="Base model id, from GET /v1/models.")
-    method: Method = Field("prefix_rft", description=" | ".join(METHODS) + ".")
-    adapter: dict[str, Any] = Field(
-        default_factory=dict,
-        description="Adapter type and settings: {'type': 'prefix', 'num_virtual_tokens': 16} or "
-        "{'type': 'lora', 'r': 8, ...}; default: a prefix adapter.",
-    )
-    training_dataset: str = Field(description="Dataset id of the training examples.")
-    validation_dataset: str | None = Field(
-        None, description="Dataset id of held-out examples; default: a seeded split of the training data."
-    )
-    reward_id: str | None = Field(None, description="A stored reward spec; or give `reward` inline.")
-    reward: dict[str, Any] | None = Field(None, description="An inline reward spec: {'graders': [...]}.")
-    hyperparameters: dict[str, Any] = Field(
-        default_factory=dict,
-        description="Training settings (steps, prompts_per_step, rollouts_per_prompt, learning_rate, ...), "
-        "each with the trainer's documented default.",
-    )
-    evaluation: dict[str, Any] = Field(
-        default_factory=dict, description="Held-out evaluation: {'every': K, 'max_examples': N}."
-    )
-    checkpoint_every: int | None = Field(
-        None, ge=1, description="Checkpoint every K steps; default: a tenth of the steps."
-    )
-    seed: int | None = Field(None, ge=0, le=2**31 - 1, description="Default: chosen at random and recorded.")
-    suffix: str | None = Field(
-        None, max_length=40, pattern=r"^[a-z0-9][a-z0-9-]*$", description="Part of the adapter's model name."
-    )
-    metadata: dict[str, str] | None = Field(None, max_length=16, description="Up to 16 string pairs.")
-
-
-class JobError(BaseModel):
-    code: str
-    message: str
-
-
-class JobOut(BaseModel):
-    id: str
-    object: Literal["fine_tuning.job"] = "fine_tuning.job"
-    status: str
-    model: str
-    method: str
-    adapter: dict[str, Any]
-    training_dataset: str | None
-    validation_dataset: str | None
-    reward_id: str | None
-    reward: dict[str, Any] | None
-    hyperparameters: dict[str, Any]
-    seed: int
-    suffix: str | None
-    metadata: dict[str, str] | None
-    step: int
-    total_steps: int
-    attempt: int
-    error: JobError | None
-    fine_tuned_model: str | None
-    trained_tokens: int | None = Field(
-        None, description="Prompt and completion tokens trained on; set when the job finishes."
-    )
-    created_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
-
-
-class EventOut(BaseModel):
-    id: int
-    object: Literal["fine_tuning.job.event"] = "fine_tuning.job.event"
-    level: str
-    type: Literal["message", "metrics"] = Field(
-        "message", description="`metrics`: a training step's or an evaluation's numbers in `data`."
-    )
-    message: str
-    data: dict[str, Any] | None
-    created_at: datetime
-
-
-class EventPage(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[EventOut]
-    has_more: bool
-    last_id: int | None = Field(None, description="Pass as `after` to get the next page.")
+# ----- ours under a fine-tuning job (/v1/fine_tuning/jobs/{id}/metrics, /samples) ---------------
 
 
 class MetricOut(BaseModel):
     step: int
     kind: Literal["train", "eval"]
     values: dict[str, Any]
-    created_at: datetime
+    created_at: int
 
 
 class MetricPage(BaseModel):
@@ -181,19 +40,6 @@ class SamplePage(BaseModel):
     last_id: int | None = None
 
 
-class CheckpointOut(BaseModel):
-    id: int
-    object: Literal["fine_tuning.job.checkpoint"] = "fine_tuning.job.checkpoint"
-    step: int
-    bytes: int
-    created_at: datetime
-
-
-class CheckpointList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[CheckpointOut]
-
-
 # ----- models ----------------------------------------------------------------------------------
 
 
@@ -210,54 +56,6 @@ class ModelOut(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelOut]
-
-
-# ----- reward tests ----------------------------------------------------------------------------
-
-
-class RewardTestSample(_Strict):
-    completion: str = Field(max_length=100_000, description="A completion to score.")
-    example: dict[str, Any] = Field(
-        default_factory=dict,
-        description="The dataset line it answers: the fields graders read (`answer`, ...), and `prompt` "
-        "(text or chat messages) for python graders.",
-    )
-
-
-class RewardTest(_Strict):
-    """POST /v1/rewards/{id}/test: score samples with a stored reward."""
-
-    samples: list[RewardTestSample] = Field(min_length=1, max_length=256)
-
-
-class InlineRewardTest(RewardTest):
-    """POST /v1/rewards/test: score samples with a reward given in the request."""
-
-    graders: list[dict[str, Any]] = Field(
-        min_length=1, description="Weighted graders, as in POST /v1/rewards (python graders included)."
-    )
-
-
-class RewardTestResult(BaseModel):
-    total: float = Field(description="The weighted sum of the graders' scores.")
-    scores: dict[str, float] = Field(description="Per grader; a grader that failed scores 0.")
-    errors: dict[str, str] = Field(
-        description="Per grader that failed on this sample: what went wrong (a python grader's traceback)."
-    )
-    output: dict[str, str] = Field(description="Per python grader: what it printed (capped).")
-
-
-class RewardTestTiming(BaseModel):
-    total_seconds: float
-    graders: dict[str, float] = Field(description="Seconds spent in each grader, for all samples.")
-
-
-class RewardTestOut(BaseModel):
-    object: Literal["reward.test"] = "reward.test"
-    samples: list[RewardTestResult]
-    reward_errors: int = Field(description="Failed (grader, sample) pairs, as in a training step's metric.")
-    errors_by_grader: dict[str, int]
-    timing: RewardTestTiming
 
 
 # ----- OpenAI's grader endpoints (/v1/fine_tuning/alpha/graders) --------------------------------
@@ -439,6 +237,9 @@ class FineTuningJob(BaseModel):
     user_provided_suffix: str | None
     step: int = Field(description="Ours: steps done.")
     total_steps: int = Field(description="Ours.")
+    attempt: int = Field(
+        0, description="Ours: how many times a worker has started the job (a lost worker's job is retried)."
+    )
 
 
 class FineTuningJobPage(BaseModel):

@@ -6,14 +6,16 @@ from __future__ import annotations
 
 import random
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from api.schemas import JobCreate
 from core.base_models import REGISTRY
 from core.config import ConfigError, parse_config, parse_reward_spec
 from core.rewards import RewardSpec
 from protocol.errors import APIError, joined
 from service.tables import Dataset
+
+if TYPE_CHECKING:  # api.jobs builds on this module
+    from api.jobs import JobSpec
 
 # Where a config field lives in the request body, for error messages that point at the request.
 _BODY_PARAMS = {"training": "hyperparameters", "eval": "evaluation", "checkpoint.every": "checkpoint_every"}
@@ -68,7 +70,7 @@ def _check_fields(dataset: Dataset, needed: set[str], param: str) -> None:
 
 
 def build_config(
-    body: JobCreate,
+    body: JobSpec,
     reward: dict[str, Any] | None,
     train: Dataset,
     heldout: Dataset | None,

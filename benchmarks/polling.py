@@ -1,14 +1,14 @@
-"""Status polling under load: GET /v1/jobs/{id} against the real API on PostgreSQL.
+"""Status polling under load: GET /v1/fine_tuning/jobs/{id} against the real API on PostgreSQL.
 
     python -m benchmarks.polling --out docs/benchmarks/polling.json
     python -m benchmarks.polling --quick            # 5 s phases, a smoke run
 
-Target (the issue): 100 concurrent clients for 30 s against GET /v1/jobs/{id}; report requests/s,
-p50 and p99 latency; p99 under 25 ms on this machine.
+Target (the issue): 100 concurrent clients for 30 s against GET /v1/fine_tuning/jobs/{id}; report
+requests/s, p50 and p99 latency; p99 under 25 ms on this machine.
 
 Set-up: a throwaway PostgreSQL database (dropped at the end), migrated to head; a project and its
-API key; a dataset row and a running job row inserted directly (no worker), with the config that
-POST /v1/jobs would have stored, so the response has its real size. The API runs as production
+API key; a file row and a running job row inserted directly (no worker), made by the steps
+POST /v1/fine_tuning/jobs takes, so the response has its real size. The API runs as production
 runs it (docker/api.Dockerfile): `uvicorn api.app:create_app --factory --workers N`, with httptools
 and uvloop when installed, and its access log on (written to a file here).
 
@@ -178,13 +178,14 @@ def stop_server(process: subprocess.Popen) -> None:
 
 
 def seed_job(database_url: str) -> tuple[str, str]:
-    """A project with a key, a dataset row and a running job row. Returns (key, job id)."""
-    from api.schemas import JobCreate
-    from api.specs import build_config, validated_spec
+    """A project with a key, a file row and a running job row. Returns (key, job id)."""
+    from api.fine_tuning_methods import resolve_method
+    from api.jobs import JobSpec, new_job
     from core.base_models import SMOLLM2
+    from core.config import parse_grader
     from service.db import make_engine, make_sessionmaker, transaction
     from service.keys import create_key
-    from service.tables import Dataset, Job, JobStatus, new_id, utcnow
+    from service.tables import Dataset, JobStatus, new_id, utcnow
 
     engine = make_engine(database_url)
     try:
@@ -192,7 +193,7 @@ def seed_job(database_url: str) -> tuple[str, str]:
             project, key = create_key(session, "bench-polling")
             examples = 2000
             dataset = Dataset(
-                id=new_id("ds"),
+                id=new_id("file"),
                 project_id=project.id,
                 name="addition.jsonl",
                 bytes=examples * 300,
@@ -205,36 +206,36 @@ def seed_job(database_url: str) -> tuple[str, str]:
             )
             dataset.storage_key = f"datasets/{project.id}/{dataset.id}.jsonl"
             session.add(dataset)
-            # The config POST /v1/jobs would store for this body, so the response has its real size.
-            body = JobCreate(
+            session.flush()
+            # The job POST /v1/fine_tuning/jobs would store for this method, made by the same steps,
+            # so the response has its real size.
+            method = {
+                "type": "prefix_rft",
+                "prefix_rft": {
+                    "grader": {"type": "numeric", "field": "answer"},
+                    "hyperparameters": {"steps": 200},
+                },
+            }
+            resolved = resolve_method(method, None, dataset.examples)
+            spec = JobSpec(
                 model=SMOLLM2,
-                method="prefix_rft",
+                method=resolved.method,
+                adapter=resolved.adapter,
                 training_dataset=dataset.id,
-                reward={"graders": [{"type": "numeric", "field": "answer"}]},
-                hyperparameters={"steps": 200},
+                reward=parse_grader(resolved.grader).model_dump(mode="json"),
+                hyperparameters=resolved.training,
+                evaluation=resolved.evaluation,
+                checkpoint_every=resolved.checkpoint_every,
                 suffix="bench",
                 metadata={"team": "benchmarks", "run": "polling"},
             )
-            reward = validated_spec(body.reward, "reward").model_dump(mode="json")
-            config = build_config(body, reward, dataset, None)
-            job = Job(
-                id=new_id("job"),
-                project_id=project.id,
-                status=JobStatus.RUNNING,
-                model=body.model,
-                method=body.method,
-                config=config,
-                training_dataset_id=dataset.id,
-                suffix=body.suffix,
-                user_metadata=body.metadata,
-                seed=config["seed"],
-                total_steps=config["training"]["steps"],
-                step=57,
-                attempt=1,
-                worker_id="bench-worker",
-                started_at=utcnow(),
-            )
-            session.add(job)
+            job = new_job(session, spec, project.id, frozenset())
+            job.fine_tuning_method = resolved.echo
+            job.status = JobStatus.RUNNING
+            job.step = 57
+            job.attempt = 1
+            job.worker_id = "bench-worker"
+            job.started_at = utcnow()
         return key, job.id
     finally:
         engine.dispose()
@@ -564,7 +565,7 @@ def run_load(
     port: int, key: str, job_id: str, args: argparse.Namespace, meter: CpuMeter
 ) -> tuple[list[dict], dict]:
     request = (
-        f"GET /v1/jobs/{job_id} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+        f"GET /v1/fine_tuning/jobs/{job_id} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
         f"Authorization: Bearer {key}\r\nAccept: application/json\r\n\r\n"
     ).encode()
     procs = min(args.generator_processes, args.clients)
@@ -807,11 +808,12 @@ def main(argv: list[str] | None = None) -> int:
         try:
             wait_healthy(f"http://127.0.0.1:{port}", server, log_path, args.workers)
             check = urllib.request.Request(
-                f"http://127.0.0.1:{port}/v1/jobs/{job_id}", headers={"Authorization": f"Bearer {key}"}
+                f"http://127.0.0.1:{port}/v1/fine_tuning/jobs/{job_id}",
+                headers={"Authorization": f"Bearer {key}"},
             )
             with urllib.request.urlopen(check, timeout=5) as response:
                 body = response.read()
-            log.info("GET /v1/jobs/%s: %d bytes of JSON", job_id, len(body))
+            log.info("GET /v1/fine_tuning/jobs/%s: %d bytes of JSON", job_id, len(body))
             meter = CpuMeter(server.pid, database_url.rsplit("/", 1)[1], args.pg_admin_url)
             try:
                 summaries, extra = run_load(port, key, job_id, args, meter)

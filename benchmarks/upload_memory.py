@@ -17,7 +17,7 @@ between two samples is still caught when it is a new high for the process.
 
 The client is httpx with the open file as the multipart `file` part: it streams the body in 64 KiB
 chunks and never holds the file (its own peak RSS is reported too). Upload time runs from the start
-of the request to the 201 response, so it includes the server's validation pass over the file, its
+of the request to the 200 response, so it includes the server's validation pass over the file, its
 copy to storage and the database insert, not only the transfer.
 """
 
@@ -227,10 +227,10 @@ def upload(client, base_url: str, key: str, path: Path) -> tuple[int, dict[str, 
     started = time.perf_counter()
     with path.open("rb") as handle:
         response = client.post(
-            f"{base_url}/v1/datasets",
+            f"{base_url}/v1/files",
             headers={"Authorization": f"Bearer {key}"},
             files={"file": (path.name, handle, "application/x-ndjson")},
-            data={"name": path.name},
+            data={"purpose": "fine-tune"},
         )
     elapsed = time.perf_counter() - started
     try:
@@ -238,6 +238,11 @@ def upload(client, base_url: str, key: str, path: Path) -> tuple[int, dict[str, 
     except ValueError:
         body = {"raw": response.text[:500]}
     return response.status_code, body, elapsed
+
+
+def validation(body: dict[str, Any]) -> dict[str, Any]:
+    """What the service found in the file (a FileObject's `validation`)."""
+    return body.get("validation") or {}
 
 
 def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
@@ -268,9 +273,9 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             wait_healthy(base_url, server, log_path)
             with httpx.Client(timeout=httpx.Timeout(600.0, connect=10.0)) as client:
                 status, body, _ = upload(client, base_url, key, warmup_file)
-                if status != 201 or body.get("examples") != warmup["lines"]:
+                if status != 200 or validation(body).get("examples") != warmup["lines"]:
                     raise RuntimeError(f"the warm-up upload failed: {status} {body}")
-                client.get(f"{base_url}/v1/datasets", headers={"Authorization": f"Bearer {key}"})
+                client.get(f"{base_url}/v1/files", headers={"Authorization": f"Bearer {key}"})
                 time.sleep(0.5)
                 rss_before = steady_rss(server.pid)
                 hwm_before = proc_status(server.pid)["VmHWM"]
@@ -296,10 +301,10 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     # VmHWM is exact; it says something about this upload only when the upload set a new high.
     peak = max(peak_sampled, hwm_after) if hwm_after > hwm_before else peak_sampled
     ok_response = (
-        status == 201
-        and body.get("examples") == expected["lines"]
+        status == 200
+        and validation(body).get("examples") == expected["lines"]
         and body.get("bytes") == expected["bytes"]
-        and body.get("sha256") == expected["sha256"]
+        and validation(body).get("sha256") == expected["sha256"]
     )
     step = max(1, len(sampler.samples) // 300)
     return {
@@ -336,6 +341,7 @@ def print_table(result: dict[str, Any]) -> str:
         else f"VmHWM unchanged at {result['vmhwm_after_mib']:.1f} MiB"
     )
     body = r["body"]
+    examples = validation(body).get("examples")
     rows = [
         ("file", f"{f['mib']:.1f} MiB ({f['bytes']:,} bytes), {f['lines']:,} JSONL lines"),
         (
@@ -343,7 +349,7 @@ def print_table(result: dict[str, Any]) -> str:
             f"min {f['line_bytes']['min']}, median {f['line_bytes']['median']:.0f}, max {f['line_bytes']['max']}",
         ),
         ("database", result["database"]),
-        ("upload time", f"{result['upload_seconds']:.1f} s (request start to 201: send, validate, store)"),
+        ("upload time", f"{result['upload_seconds']:.1f} s (request start to 200: send, validate, store)"),
         (
             "throughput",
             f"{result['mib_per_s']:.1f} MiB/s; the API used {result['api_cpu_seconds']:.1f} s of CPU for it",
@@ -361,9 +367,9 @@ def print_table(result: dict[str, Any]) -> str:
         ),
         (
             "response",
-            f"{r['status']}, {body.get('examples', 'n/a'):,} examples (expected {f['lines']:,}), "
+            f"{r['status']}, {examples:,} examples (expected {f['lines']:,}), "
             f"bytes and sha256 {'match' if r['as_expected'] else 'DO NOT MATCH'}"
-            if isinstance(body.get("examples"), int)
+            if isinstance(examples, int)
             else f"{r['status']}: {json.dumps(body)[:200]}",
         ),
         (

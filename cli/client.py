@@ -1,4 +1,4 @@
-"""A small client of the REST API, used by `prefix-rft datasets|rewards|jobs ...`."""
+"""A small client of the REST API, used by `prefix-rft files|jobs ...`."""
 
 from __future__ import annotations
 
@@ -40,16 +40,17 @@ class Client:
             raise _error(response)
         return response.json()
 
-    def upload_dataset(self, path: Path, name: str | None = None) -> dict[str, Any]:
+    def upload_file(self, path: Path) -> dict[str, Any]:
+        """POST /v1/files: a JSONL training file, validated by the service as it streams in."""
         with path.open("rb") as handle:
             return self.request(
-                "POST", "/v1/datasets", files={"file": (path.name, handle)}, data={"name": name or path.name}
+                "POST", "/v1/files", files={"file": (path.name, handle)}, data={"purpose": "fine-tune"}
             )
 
     def download_adapter(self, job_id: str, target: Path) -> str:
         """Stream the adapter archive to `target`, check its sha256, and return it."""
         digest = hashlib.sha256()
-        with self.http.stream("GET", f"/v1/jobs/{job_id}/adapter") as response:
+        with self.http.stream("GET", f"/v1/fine_tuning/jobs/{job_id}/adapter") as response:
             if response.is_error:
                 response.read()
                 raise _error(response)

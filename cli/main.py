@@ -2,7 +2,7 @@
 
 prefix-rft train | eval | data validate | models      the trainer, locally (cli/trainer_commands.py)
 prefix-rft serve | model-server | init | keys create  the service (cli/service_commands.py)
-prefix-rft datasets | rewards | jobs ...              the REST API's client (cli/client_commands.py)
+prefix-rft files | jobs ...                          the REST API's client (cli/client_commands.py)
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 A line is one JSON object with a `prompt` (string) or `messages` (chat list), an optional
 `demonstration` (string, or a final assistant message) and any other fields, which are passed
-to reward graders. Validation reads bytes, so it reports bad encodings, and never stops at the
+to reward graders. Earlier assistant messages are context; OpenAI's `weight` (0 or 1) is accepted
+on them, and a final assistant message with weight 0 is refused, since it would train nothing. Validation reads bytes, so it reports bad encodings, and never stops at the
 first problem: every bad line is listed with its number, field and reason.
 """
 
@@ -129,7 +130,16 @@ def parse_example(obj: Any, line: int) -> tuple[Example | None, list[LineError]]
         messages, message_errors = _parse_messages(obj["messages"], line)
         errors += message_errors
         if messages is not None:
-            if messages[-1]["role"] == "assistant":
+            if _untrained(obj["messages"][-1]):
+                errors.append(
+                    LineError(
+                        line,
+                        f"messages[{len(messages) - 1}].weight",
+                        "the final assistant message is the one trained on, and weight 0 trains "
+                        "nothing: drop the line, give it weight 1, or end the messages with the user turn",
+                    )
+                )
+            elif messages[-1]["role"] == "assistant":
                 if "demonstration" in obj:
                     errors.append(
                         LineError(
@@ -172,8 +182,25 @@ def _parse_messages(value: Any, line: int) -> tuple[list[dict[str, str]] | None,
             )
         if not isinstance(content, str):
             errors.append(LineError(line, f"{where}.content", f"must be a string, got {_json_type(content)}"))
+        if "weight" in message and (role != "assistant" or not _is_weight(message["weight"])):
+            errors.append(
+                LineError(
+                    line,
+                    f"{where}.weight",
+                    f"is 0 or 1 on an assistant message, got {json.dumps(message['weight'])} on {role!r}",
+                )
+            )
         messages.append({"role": role, "content": content})
     return (None if errors else messages), errors
+
+
+def _is_weight(value: Any) -> bool:
+    return type(value) is int and value in (0, 1)  # not True or 1.0: OpenAI's weight is an integer
+
+
+def _untrained(message: dict[str, Any]) -> bool:
+    """An assistant message OpenAI's format marks as context only (`"weight": 0`)."""
+    return message.get("role") == "assistant" and _is_weight(message.get("weight")) and message["weight"] == 0
 
 
 def _json_type(value: Any) -> str:

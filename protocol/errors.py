@@ -101,7 +101,7 @@ def install_error_handlers(app: FastAPI, invalid_request: InvalidRequest = answe
         headers = exc.headers
         if exc.status_code == 405 and (allowed := allowed_methods(request)):
             # Starlette's Allow names only the first route whose path matched, but GET and POST
-            # /v1/datasets are two routes: the header must list every method of the resource.
+            # /v1/files are two routes: the header must list every method of the resource.
             headers = {**(headers or {}), "Allow": ", ".join(allowed)}
         return JSONResponse(body, exc.status_code, headers=headers)
 

@@ -113,7 +113,7 @@ class Settings(BaseSettings):
         2, ge=1, le=64, description="Warm sandbox processes per API or worker process."
     )
     sandbox_test_seconds: float = Field(
-        60.0, gt=0, description="Time budget of one POST /v1/rewards/.../test request."
+        60.0, gt=0, description="Time budget of one POST /v1/fine_tuning/alpha/graders/run request."
     )
 
     @model_validator(mode="after")

@@ -78,7 +78,7 @@ TRAINING_PURPOSE, RESULTS_PURPOSE = "fine-tune", "fine-tune-results"
 
 class Dataset(Base):
     __tablename__ = "datasets"
-    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("ds"))
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("file"))
     project_id: Mapped[str] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"), index=True)
     name: Mapped[str] = mapped_column(String(255))
     bytes: Mapped[int] = mapped_column(BigInteger)
@@ -97,6 +97,9 @@ class Dataset(Base):
 
 
 class RewardSpecRecord(Base):
+    """Named reward specs saved through the retired /v1/rewards. Nothing writes them now (a job
+    carries its grader in its config); kept so that a deployment upgrading loses none of them."""
+
     __tablename__ = "reward_specs"
     __table_args__ = (UniqueConstraint("project_id", "name"),)
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("rw"))
@@ -108,7 +111,7 @@ class RewardSpecRecord(Base):
 
 class Job(Base):
     __tablename__ = "jobs"
-    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("job"))
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("ftjob"))
     project_id: Mapped[str] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"), index=True)
     status: Mapped[str] = mapped_column(String(20), index=True)
     model: Mapped[str] = mapped_column(String(500))
@@ -122,6 +125,7 @@ class Job(Base):
     validation_dataset_id: Mapped[str | None] = mapped_column(
         ForeignKey("datasets.id", ondelete="SET NULL"), index=True
     )
+    # The saved reward a job made through the retired /v1/jobs named; its spec is in `config` too.
     reward_spec_id: Mapped[str | None] = mapped_column(ForeignKey("reward_specs.id", ondelete="SET NULL"))
     # The step metrics CSV a succeeded job leaves (OpenAI's `result_files`).
     result_file_id: Mapped[str | None] = mapped_column(ForeignKey("datasets.id", ondelete="SET NULL"))

@@ -280,8 +280,34 @@ class ApiClient:
         return ApiClient(self.settings)
 
     def upload(self, lines: list[str] | bytes, name: str = "data.jsonl"):
+        """POST /v1/files: JSONL lines (or raw bytes) as a training file."""
         body = lines if isinstance(lines, bytes) else ("\n".join(lines) + "\n").encode()
-        return self.http.post("/v1/datasets", files={"file": (name, body)})
+        return self.http.post("/v1/files", files={"file": (name, body)}, data={"purpose": "fine-tune"})
+
+
+def job_request(
+    training_file: str,
+    method: str = "reinforcement",
+    grader: dict | None = None,
+    hyperparameters: dict | None = None,
+    adapter: dict | None = None,
+    model: str = "tiny-random",
+    **fields,
+) -> dict:
+    """A POST /v1/fine_tuning/jobs body: `method` is a type name (OpenAI's supervised and
+    reinforcement, or ours: prefix_rft, psft, ...), laid out as OpenAI's `{"type": t, t: {...}}`; `fields` go at the top level
+    (validation_file, suffix, seed, metadata)."""
+    body: dict = {"hyperparameters": hyperparameters or {}}
+    if grader is not None:
+        body["grader"] = grader
+    if adapter is not None:
+        body["adapter"] = adapter
+    return {
+        "model": model,
+        "training_file": training_file,
+        "method": {"type": method, method: body},
+        **fields,
+    }
 
 
 @pytest.fixture

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from examples.addition.make_data import PHRASINGS, addition_splits, unordered_pair_splits, worked_solution
@@ -45,3 +47,13 @@ def test_training_uses_one_phrasing_and_held_out_problems_cycle_through_all():
 def test_too_many_problems_are_refused():
     with pytest.raises(ValueError, match="at most 4095"):
         unordered_pair_splits(2, (4000, 100), seed=0)
+
+
+def test_the_example_grader_is_one_grader_a_job_accepts():
+    import yaml
+
+    from core.config import parse_grader
+
+    grader = yaml.safe_load((Path(__file__).parents[1] / "examples/addition/grader.yaml").read_text())
+    spec = parse_grader(grader)
+    assert [g.type for g in spec.graders] == ["numeric"]

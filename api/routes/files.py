@@ -99,17 +99,7 @@ async def create_file(
     """Upload JSONL (`file`, `purpose=fine-tune`): every line is checked while it streams in, and a
     file with bad lines is refused (400) with each one's line number and field."""
     return await store_dataset(
-        request,
-        project_id,
-        services,
-        idempotency_key,
-        "create_file",
-        "file",
-        400,
-        file_object,
-        _check_form,
-        200,
-        retry_count,
+        request, project_id, services, idempotency_key, retry_count, _check_form, file_object
     )
 
 
@@ -131,7 +121,7 @@ def list_files(
 
 
 def _owned_file(session: SessionDep, project_id: str, file_id: str) -> Dataset:
-    return owned(session, Dataset, file_id, project_id, kind="file")
+    return owned(session, Dataset, file_id, project_id)
 
 
 @router.get("/{file_id}", response_model=FileObject)
@@ -142,7 +132,7 @@ def retrieve_file(file_id: str, session: SessionDep, project_id: ProjectDep) -> 
 @router.delete("/{file_id}", response_model=FileDeleted, responses=error_responses(409))
 def delete_file(file_id: str, project_id: ProjectDep, services: ServicesDep) -> FileDeleted:
     """Refused (409, not to be retried) while a queued or running job trains on the file."""
-    delete_dataset_row(services, project_id, file_id, kind="file")
+    delete_dataset_row(services, project_id, file_id)
     return FileDeleted(id=file_id)
 
 

@@ -1,7 +1,9 @@
-"""OpenAI's fine-tuning jobs: create, list, retrieve, cancel, in the shapes the official client parses.
+"""Fine-tuning jobs in the shapes the official OpenAI client parses: create, list, retrieve,
+cancel, pause, resume, events, checkpoints; and ours on the same job: per-step metrics, the
+rollout samples, the adapter download.
 
-A job here is the same job as under /v1/jobs (the same rows, checks, queue and worker); its
-`method` is read into ours by api/fine_tuning_methods.py and shown back with "auto" resolved.
+A job's `method` is read into ours by api/fine_tuning_methods.py and shown back with "auto"
+resolved.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -24,8 +26,8 @@ from api.idempotency import (
     RetryCountHeader,
     fingerprint,
 )
-from api.jobs import new_job, request_cancel, request_pause, request_resume
-from api.openai_metrics import event_data, event_message, prefixed
+from api.jobs import JobSpec, new_job, request_cancel, request_pause, request_resume
+from api.openai_metrics import estimated_finish, event_data, event_message, prefixed
 from api.pagination import openai_page
 from api.schemas import (
     FineTuningJob,
@@ -36,13 +38,24 @@ from api.schemas import (
     FineTuningJobEvent,
     FineTuningJobEventPage,
     FineTuningJobPage,
-    JobCreate,
+    MetricPage,
+    SamplePage,
 )
 from core.config import ConfigError, parse_grader
 from protocol.errors import APIError
 from service.db import transaction
 from service.queue import dispatch_job
-from service.tables import Checkpoint, Dataset, Job, JobEvent, JobMetric, JobStatus, checkpoint_model_name
+from service.tables import (
+    Artifact,
+    Checkpoint,
+    Dataset,
+    Job,
+    JobEvent,
+    JobMetric,
+    JobSample,
+    JobStatus,
+    checkpoint_model_name,
+)
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
 
@@ -57,7 +70,7 @@ _OPENAI_NAME = {ours: theirs for theirs, ours in OPENAI_TYPES.items()}
 _PARAMS = {"training_dataset": "training_file", "validation_dataset": "validation_file"}
 
 
-def fine_tuning_job(job: Job) -> FineTuningJob:
+def fine_tuning_job(job: Job, session: Session) -> FineTuningJob:
     method = job.fine_tuning_method or _method_of_config(job)
     kind = method["type"]
     hyper = method.get(kind, {}).get("hyperparameters", {})
@@ -79,13 +92,31 @@ def fine_tuning_job(job: Job) -> FineTuningJob:
         method=method,
         metadata=job.user_metadata,
         user_provided_suffix=job.suffix,
+        estimated_finish=_estimated_finish(session, job),
         step=job.step,
         total_steps=job.total_steps,
+        attempt=job.attempt,
     )
 
 
+RECENT_STEPS = 10  # the steps a running job's pace is read from: recent enough to follow a change
+
+
+def _estimated_finish(session: Session, job: Job) -> int | None:
+    if job.status != JobStatus.RUNNING or job.started_at is None:
+        return None
+    recent = session.execute(
+        select(JobMetric.step, JobMetric.created_at)
+        # This attempt's steps only: a pause or a crash between attempts is no part of the pace.
+        .where(JobMetric.job_id == job.id, JobMetric.kind == "train", JobMetric.created_at >= job.started_at)
+        .order_by(JobMetric.step.desc())
+        .limit(RECENT_STEPS)
+    ).all()
+    return estimated_finish([(step, at.timestamp()) for step, at in reversed(recent)], job.total_steps)
+
+
 def _method_of_config(job: Job) -> dict[str, Any]:
-    """The method of a job created under /v1/jobs, in OpenAI's layout."""
+    """The method of a job that did not record OpenAI's (one made before it did), in OpenAI's layout."""
     kind = _OPENAI_NAME.get(job.method, job.method)
     body: dict[str, Any] = {"hyperparameters": dict(job.config["training"]), "adapter": job.config["adapter"]}
     if job.config.get("reward"):
@@ -132,7 +163,7 @@ def _create_fine_tuning_job(
     with transaction(services.sessions) as session:
         if first := request.replay(session):
             return None, first
-        train = owned(session, Dataset, body.training_file, project_id, "training_file", kind="file")
+        train = owned(session, Dataset, body.training_file, project_id, "training_file")
         resolved = resolve_method(body.method, body.hyperparameters, train.examples)
         reward = None
         if resolved.grader is not None:
@@ -147,7 +178,7 @@ def _create_fine_tuning_job(
                 raise APIError(
                     400, "invalid_grader", details[0]["message"], details[0]["param"], details
                 ) from exc
-        ours = JobCreate(
+        ours = JobSpec(
             model=body.model,
             method=resolved.method,
             adapter=resolved.adapter,
@@ -156,17 +187,18 @@ def _create_fine_tuning_job(
             reward=reward,
             hyperparameters=resolved.training,
             evaluation=resolved.evaluation,
+            checkpoint_every=resolved.checkpoint_every,
             seed=body.seed,
             suffix=body.suffix,
             metadata=body.metadata,
         )
         try:
-            job = new_job(session, ours, project_id, frozenset(services.judge.endpoints), id_prefix="ftjob")
+            job = new_job(session, ours, project_id, frozenset(services.judge.endpoints))
         except APIError as exc:
             raise _in_openai_terms(exc, resolved.echo["type"]) from exc
         job.fine_tuning_method = resolved.echo
         session.flush()
-        out = fine_tuning_job(job)
+        out = fine_tuning_job(job, session)
         request.remember(session, 200, out.model_dump(mode="json"))
     return job, out
 
@@ -203,7 +235,7 @@ def list_fine_tuning_jobs(
         if name.startswith("metadata[") and name.endswith("]"):
             query = query.where(Job.user_metadata[name[len("metadata[") : -1]].as_string() == value)
     page = openai_page(session, query, Job, after, limit)
-    page["data"] = [fine_tuning_job(j) for j in page["data"]]
+    page["data"] = [fine_tuning_job(j, session) for j in page["data"]]
     return page
 
 
@@ -211,7 +243,7 @@ def list_fine_tuning_jobs(
 def retrieve_fine_tuning_job(
     fine_tuning_job_id: str, session: SessionDep, project_id: ProjectDep
 ) -> FineTuningJob:
-    return fine_tuning_job(owned(session, Job, fine_tuning_job_id, project_id))
+    return fine_tuning_job(owned(session, Job, fine_tuning_job_id, project_id), session)
 
 
 @router.post("/{fine_tuning_job_id}/cancel", response_model=FineTuningJob, responses=error_responses(409))
@@ -242,7 +274,7 @@ def _after(request: Callable[[Services, str, str], None], services: Services, pr
     """Ask for a state change, then answer with the job as it is now."""
     request(services, project_id, job_id)
     with services.sessions() as session:
-        return fine_tuning_job(owned(session, Job, job_id, project_id))
+        return fine_tuning_job(owned(session, Job, job_id, project_id), session)
 
 
 # ----- events and checkpoints -------------------------------------------------------------------
@@ -346,6 +378,89 @@ def list_fine_tuning_checkpoints(
     }
 
 
+# ----- ours: metrics, samples, the adapter -------------------------------------------------------
+# Oldest first, in the order they happened, so a client that follows along reads on from
+# `after_step` / `after`.
+
+
+@router.get("/{fine_tuning_job_id}/metrics", response_model=MetricPage)
+def list_fine_tuning_metrics(
+    fine_tuning_job_id: str,
+    session: SessionDep,
+    project_id: ProjectDep,
+    kind: Annotated[str | None, Query(pattern="^(train|eval)$")] = None,
+    after_step: Annotated[int | None, Query(ge=-1, le=MAX_INT, description="Rows after this step.")] = None,
+    limit: Annotated[int, Query(ge=1, le=10000)] = 1000,
+) -> dict:
+    """Every step's training metrics (`train`) and each held-out evaluation's (`eval`)."""
+    owned(session, Job, fine_tuning_job_id, project_id)
+    query = select(JobMetric).where(JobMetric.job_id == fine_tuning_job_id)
+    if kind is not None:
+        query = query.where(JobMetric.kind == kind)
+    if after_step is not None:
+        query = query.where(JobMetric.step > after_step)
+    rows = list(session.scalars(query.order_by(JobMetric.step, JobMetric.kind).limit(limit + 1)))
+    data = [
+        {"step": r.step, "kind": r.kind, "values": r.values, "created_at": int(r.created_at.timestamp())}
+        for r in rows[:limit]
+    ]
+    return {"data": data, "has_more": len(rows) > limit}
+
+
+@router.get("/{fine_tuning_job_id}/samples", response_model=SamplePage)
+def list_fine_tuning_samples(
+    fine_tuning_job_id: str,
+    session: SessionDep,
+    project_id: ProjectDep,
+    after: Annotated[
+        int | None, Query(ge=0, le=MAX_BIGINT, description="The last id of the previous page.")
+    ] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> dict:
+    """Rollouts as trained on: prompt, completion, reward and each grader's score, per step."""
+    owned(session, Job, fine_tuning_job_id, project_id)
+    query = select(JobSample).where(JobSample.job_id == fine_tuning_job_id)
+    if after is not None:
+        query = query.where(JobSample.id > after)
+    rows = list(session.scalars(query.order_by(JobSample.id).limit(limit + 1)))
+    return {
+        "data": rows[:limit],
+        "has_more": len(rows) > limit,
+        "last_id": rows[:limit][-1].id if rows else None,
+    }
+
+
+@router.get(
+    "/{fine_tuning_job_id}/adapter",
+    response_class=StreamingResponse,
+    responses={
+        200: {"content": {"application/gzip": {}}, "description": "The PEFT adapter as .tar.gz"},
+        **error_responses(404),
+    },
+)
+def download_fine_tuning_adapter(
+    fine_tuning_job_id: str, session: SessionDep, project_id: ProjectDep, services: ServicesDep
+):
+    """The trained adapter: a .tar.gz of the PEFT directory; its sha256 is in `X-Content-SHA256`."""
+    job = owned(session, Job, fine_tuning_job_id, project_id)
+    artifact = session.scalar(select(Artifact).where(Artifact.job_id == job.id))
+    if artifact is None:
+        raise APIError(
+            404,
+            "adapter_not_ready",
+            f"job {job.id!r} has no adapter (status {job.status}); it has one once succeeded",
+        )
+    return StreamingResponse(
+        services.storage.iter_chunks(artifact.storage_key),
+        media_type="application/gzip",
+        headers={
+            "Content-Disposition": f'attachment; filename="{job.id}-adapter.tar.gz"',
+            "Content-Length": str(artifact.bytes),
+            "X-Content-SHA256": artifact.sha256,
+        },
+    )
+
+
 EVENT_PREFIX, CHECKPOINT_PREFIX = "ftevent-", "ftckpt_"
-MAX_BIGINT = 2**63 - 1
+MAX_INT, MAX_BIGINT = 2**31 - 1, 2**63 - 1  # the database's integer ranges bound the cursors
 _LEVELS = {"info": "info", "warning": "warn", "error": "error"}

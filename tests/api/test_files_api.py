@@ -102,12 +102,9 @@ def test_delete_and_other_projects(deployment):
 
 
 def test_a_file_a_queued_job_trains_on_is_not_deleted(deployment):
-    api, client = deployment
+    _api, client = deployment
     uploaded = client.files.create(file=("train.jsonl", DATA), purpose="fine-tune")
-    job = api.http.post(
-        "/v1/jobs", json={"model": "tiny-random", "method": "sft", "training_dataset": uploaded.id}
-    )
-    assert job.status_code == 201, job.text
+    client.fine_tuning.jobs.create(model="tiny-random", training_file=uploaded.id)
     with pytest.raises(openai.ConflictError) as caught:
         client.files.delete(uploaded.id)
     assert caught.value.code == "file_in_use"

@@ -146,6 +146,24 @@ def test_our_methods_take_the_same_layout_and_our_own_settings():
             "must be over 0",
         ),
         (
+            {
+                "type": "reinforcement",
+                "reinforcement": {"grader": GRADER, "hyperparameters": {"steps": "many"}},
+            },
+            "invalid_job",
+            "method.reinforcement.hyperparameters.steps",
+            "valid integer",
+        ),
+        (
+            {
+                "type": "reinforcement",
+                "reinforcement": {"grader": GRADER, "hyperparameters": {"compute_multiplier": float("inf")}},
+            },
+            "invalid_request",
+            "method.reinforcement.hyperparameters.compute_multiplier",
+            'must be "auto" or a number',
+        ),
+        (
             {"type": "supervised", "supervised": {"hyperparameters": {"warp": 9}}},
             "invalid_request",
             "method.supervised.hyperparameters.warp",
@@ -171,3 +189,10 @@ def test_what_cannot_be_used_is_refused_naming_the_field(method, code, param, me
     error = caught.value
     assert (error.status, error.code, error.param) == (400, code, param)
     assert message in error.message
+
+
+def test_a_null_training_setting_is_its_default():
+    method = {"type": "supervised", "supervised": {"hyperparameters": {"learning_rate": None}}}
+    resolved = resolve_method(method, None, 100)
+    assert "learning_rate" not in resolved.training
+    assert resolved.echo["supervised"]["hyperparameters"]["learning_rate_multiplier"] == 1.0

@@ -1,11 +1,11 @@
-"""Hostile dataset files, uploaded to the real API on PostgreSQL.
+"""Hostile training files, uploaded to POST /v1/files on PostgreSQL.
 
 Each refused file gets a 4xx whose error names the line (and the field, where there is one),
-leaves no dataset row, no stored object and no scratch file behind, and the API answers the next
+leaves no file row, no stored object and no scratch file behind, and the API answers the next
 request. The unusual but valid files (a BOM, CRLF line ends, a line or a file exactly at its
 limit, ...) are accepted and read back from storage the way the worker reads them.
 
-This is the one place for what a dataset file contains; how an upload travels (multipart shape,
+This is the one place for what a training file contains; how an upload travels (multipart shape,
 Content-Length, chunked bodies, a body cut off) is tested in test_bad_inputs.py.
 """
 
@@ -17,6 +17,7 @@ import tracemalloc
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import unquote, urlparse
 
 import httpx
 import pytest
@@ -24,20 +25,73 @@ from sqlalchemy import func, select
 
 from core.data import MAX_FIELD_NAMES, MAX_JSON_DEPTH, load_dataset
 from service.settings import Settings
-from tests.api.test_bad_inputs import (
-    BOUNDARY,
-    LINES,
-    TABLES,
-    assert_error,
-    jsonl,
-    jsonl_of_size,
-    multipart,
-    release,
-    stored_objects,
-)
+from service.tables import ApiKey, Dataset, IdempotencyKey, Job, JobEvent, Project
 from tests.conftest import ApiClient
 
 MiB = 1 << 20
+LINES = [f'{{"prompt": "{i}+1=", "answer": "{i + 1}", "demonstration": "{i + 1}"}}' for i in range(3)]
+TABLES = (Project, ApiKey, Dataset, IdempotencyKey, Job, JobEvent)  # what a request may write
+BOUNDARY = "test-boundary-5d1c"
+
+
+def jsonl(lines: list[str]) -> bytes:
+    return ("\n".join(lines) + "\n").encode()
+
+
+def jsonl_of_size(size: int) -> bytes:
+    """Valid JSONL of exactly `size` bytes, lines well under 1,000 bytes."""
+    lines, total = [], 0
+    while size - total > 600:
+        line = '{"prompt": "' + "p" * 480 + '"}\n'
+        lines.append(line)
+        total += len(line)
+    rest = size - total - len('{"prompt": ""}\n')
+    lines.append('{"prompt": "' + "q" * rest + '"}\n')
+    data = "".join(lines).encode()
+    assert len(data) == size
+    return data
+
+
+def purpose_part() -> bytes:
+    """The form's `purpose` field, as the first part of a multipart body."""
+    return f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nfine-tune\r\n'.encode()
+
+
+def multipart_file(data: bytes) -> tuple[bytes, dict[str, str]]:
+    """A POST /v1/files body built by hand (so no client adds or changes anything)."""
+    body = (
+        purpose_part()
+        + (
+            f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="big.jsonl"\r\n'
+            "Content-Type: application/octet-stream\r\n\r\n"
+        ).encode()
+    )
+    body += data + f"\r\n--{BOUNDARY}--\r\n".encode()
+    return body, {"content-type": f"multipart/form-data; boundary={BOUNDARY}"}
+
+
+def assert_error(response: httpx.Response, status: int, code: str, param: str | None, says: str) -> dict:
+    """An error of `status` in OpenAI's shape, with this code and param, whose message says `says`."""
+    assert response.status_code == status, f"{response.status_code}: {response.text}"
+    body = response.json()
+    assert set(body) == {"error"}, body
+    error = body["error"]
+    assert error["type"] == "invalid_request_error", error
+    assert (error["code"], error["param"]) == (code, param), error
+    assert says in error["message"], error
+    return error
+
+
+def stored_objects(api: ApiClient) -> list[str]:
+    root = Path(unquote(urlparse(api.settings.storage_url).path))
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+
+
+def release(client: ApiClient) -> None:
+    """Close a client and both of its connection pools (a test deployment holds two engines)."""
+    client.http.close()
+    client.app.state.services.sessions.kw["bind"].dispose()
+    client.sessions.kw["bind"].dispose()
 
 
 def deployment(tmp_path_factory: pytest.TempPathFactory, database_url: str, **limits: int) -> ApiClient:
@@ -81,13 +135,13 @@ def leaves_nothing(api: ApiClient) -> Iterator[None]:
     yield
     assert (rows(api), stored_objects(api)) == before, "the upload left rows or objects behind"
     assert scratch_files(api) == [], "the upload left files in the scratch directory"
-    assert api.http.get("/v1/datasets?limit=1").status_code == 200
+    assert api.http.get("/v1/files?limit=1").status_code == 200
 
 
 def refused(api: ApiClient, data: bytes, says: str = "") -> dict:
-    """Upload `data`: a 422 `invalid_dataset` about the file, and nothing left behind."""
+    """Upload `data`: a 400 `invalid_dataset` about the file, and nothing left behind."""
     with leaves_nothing(api):
-        error = assert_error(api.upload(data), 422, "invalid_dataset", "file", says)
+        error = assert_error(api.upload(data), 400, "invalid_dataset", "file", says)
     assert all(d["message"] for d in error.get("details", [])), error
     return error
 
@@ -101,7 +155,7 @@ def nested(levels: int) -> str:
     return '{"prompt": "a", "x": ' + "[" * levels + "]" * levels + "}"
 
 
-# ----- refused files: 422 naming each bad line --------------------------------------------------
+# ----- refused files: 400 naming each bad line --------------------------------------------------
 
 # name: (file, [(line, field)] of every reported error, a phrase of the message)
 REFUSED: dict[str, tuple[bytes, list[tuple[int, str | None]], str]] = {
@@ -248,20 +302,21 @@ def test_a_line_over_the_line_limit_is_named(small_api: ApiClient):
 def test_a_file_at_the_size_limit_is_accepted(small_api: ApiClient):
     """The control for the 413 below, and for those in test_bad_inputs.py."""
     response = small_api.upload(jsonl_of_size(10_000))
-    assert response.status_code == 201, response.text
+    assert response.status_code == 200, response.text
     assert response.json()["bytes"] == 10_000
 
 
 def test_a_file_one_byte_over_the_size_limit_is_413(small_api: ApiClient):
     # Content-Length is sent, but within the allowance for multipart overhead: found while reading.
-    body, headers = multipart([("file", "big.jsonl", jsonl_of_size(10_001))])
+    body, headers = multipart_file(jsonl_of_size(10_001))
     with leaves_nothing(small_api):
-        response = small_api.http.post("/v1/datasets", content=body, headers=headers)
+        response = small_api.http.post("/v1/files", content=body, headers=headers)
         assert_error(response, 413, "file_too_large", "file", "10,000 bytes")
 
 
 async def _multipart_stream(head: bytes, middle: bytes, times: int, tail: bytes) -> AsyncIterator[bytes]:
-    """A one-file multipart body made while it is sent: `middle` repeated, never all in memory."""
+    """A POST /v1/files body made while it is sent: `middle` repeated, never all in memory."""
+    yield purpose_part()
     yield f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="big.jsonl"\r\n\r\n'.encode()
     yield head
     for _ in range(times):
@@ -283,7 +338,7 @@ def test_a_100_mb_line_is_refused_without_reading_it_into_memory(api: ApiClient)
     async def upload() -> httpx.Response:
         transport = httpx.ASGITransport(app=api.app)
         async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
-            return await client.post("/v1/datasets", content=body, headers=headers, timeout=120)
+            return await client.post("/v1/files", content=body, headers=headers, timeout=120)
 
     with leaves_nothing(api):
         tracemalloc.start()
@@ -292,10 +347,10 @@ def test_a_100_mb_line_is_refused_without_reading_it_into_memory(api: ApiClient)
             peak = tracemalloc.get_traced_memory()[1]
         finally:
             tracemalloc.stop()
-        error = assert_error(response, 422, "invalid_dataset", "file", "line 2: line is 104,857,615 bytes")
+        error = assert_error(response, 400, "invalid_dataset", "file", "line 2: line is 104,857,615 bytes")
     assert lines_and_fields(error) == [(2, None)], error  # and lines 1 and 3 were read fine
     assert peak < 16 * MiB, f"taking the upload allocated {peak / MiB:.0f} MiB at its peak"
-    assert api.upload(LINES).status_code == 201  # the next upload goes through
+    assert api.upload(LINES).status_code == 200  # the next upload goes through
 
 
 # ----- unusual files that are valid --------------------------------------------------------------
@@ -304,7 +359,7 @@ def test_a_100_mb_line_is_refused_without_reading_it_into_memory(api: ApiClient)
 def accepted(api: ApiClient, data: bytes, tmp_path: Path) -> tuple[dict, list]:
     """Upload `data`: its row, its stored bytes, and its examples as the worker will load them."""
     response = api.upload(data)
-    assert response.status_code == 201, response.text
+    assert response.status_code == 200, response.text
     dataset = response.json()
     key = f"datasets/{api.project_id}/{dataset['id']}.jsonl"
     assert key in stored_objects(api)  # the control for `leaves_nothing`: it sees stored objects
@@ -316,8 +371,10 @@ def accepted(api: ApiClient, data: bytes, tmp_path: Path) -> tuple[dict, list]:
 
 def test_bom_and_crlf_are_accepted_and_read_back(api: ApiClient, tmp_path: Path):
     dataset, examples = accepted(api, b"\xef\xbb\xbf" + "\r\n".join(LINES).encode() + b"\r\n", tmp_path)
-    assert (dataset["examples"], dataset["with_demonstration"]) == (3, 3)
-    assert dataset["field_counts"] == {"answer": 3}  # not "\ufeffprompt": the BOM is not in a name
+    assert (dataset["validation"]["examples"], dataset["validation"]["with_demonstration"]) == (3, 3)
+    assert dataset["validation"]["field_counts"] == {
+        "answer": 3
+    }  # not "\ufeffprompt": the BOM is not in a name
     assert [(e.prompt, e.demonstration, e.fields["answer"]) for e in examples] == [
         (f"{i}+1=", f"{i + 1}", f"{i + 1}") for i in range(3)
     ]
@@ -330,7 +387,7 @@ def test_unusual_but_valid_json_is_accepted_and_read_back(api: ApiClient, tmp_pa
         nested(MAX_JSON_DEPTH - 1),  # exactly at the depth limit
     ]
     dataset, examples = accepted(api, jsonl(lines), tmp_path)
-    assert dataset["field_counts"] == {"answer": 1, "réponse": 1, "n": 1, "x": 1}
+    assert dataset["validation"]["field_counts"] == {"answer": 1, "réponse": 1, "n": 1, "x": 1}
     assert examples[0].prompt == "smile \U0001f600"
     assert examples[0].fields["answer"] == "a\x00b"
     assert examples[1].fields["réponse"] == 1.7976931348623157e308
@@ -341,5 +398,6 @@ def test_unusual_but_valid_json_is_accepted_and_read_back(api: ApiClient, tmp_pa
 def test_very_many_tiny_lines_are_counted(api: ApiClient):
     data = b'{"prompt":"a"}\n' * 200_000
     response = api.upload(data)
-    assert response.status_code == 201, response.text
-    assert (response.json()["lines"], response.json()["examples"]) == (200_000, 200_000)
+    assert response.status_code == 200, response.text
+    validation = response.json()["validation"]
+    assert (validation["lines"], validation["examples"]) == (200_000, 200_000)

@@ -1,6 +1,6 @@
 """Our training numbers in OpenAI's names (api/openai_metrics.py), checked by hand."""
 
-from api.openai_metrics import event_data, event_message, prefixed
+from api.openai_metrics import estimated_finish, event_data, event_message, prefixed
 
 
 def test_every_number_keeps_its_name_behind_the_split():
@@ -55,3 +55,11 @@ def test_a_supervised_step_has_no_reward_keys():
     assert event_message({"split": "train", "total_steps": 3, "step": 1, "loss": 2.0}) == (
         "Step 1/3: training loss=2.00"
     )
+
+
+def test_estimated_finish_carries_the_recent_pace_over_the_steps_left():
+    # Steps 4 and 8 ended 100 s apart: 25 s a step, and 12 of 20 steps are left after step 8.
+    assert estimated_finish([(4, 1000.0), (6, 1040.0), (8, 1100.0)], total_steps=20) == 1100 + 12 * 25
+    assert estimated_finish([(19, 500.0), (20, 510.0)], total_steps=20) == 510  # the last step ended
+    assert estimated_finish([(3, 500.0)], total_steps=20) is None  # one step gives no pace yet
+    assert estimated_finish([], total_steps=20) is None

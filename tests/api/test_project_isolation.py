@@ -1,9 +1,10 @@
 """Two projects on one deployment: neither can see, change or even confirm the other's resources.
 
-Project A owns a dataset, a reward, a queued job and a succeeded job (marked so in the database,
-with an adapter, metrics, samples and a checkpoint). Project B calls every route of the app with
-A's ids and must get 404, exactly as for an id that does not exist, never 403 or 200. The routes
-are read from the app, so a new route with a path parameter is covered without editing this file.
+Project A owns a training file, a queued job and a succeeded job (marked so in the database, with
+an adapter, a results file, metrics, samples, an event and a servable checkpoint). Project B calls
+every route of the app with A's ids and must get 404, exactly as for an id that does not exist,
+never 403 or 200. The routes are read from the app, so a new route with a path parameter is
+covered without editing this file.
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ from fastapi import FastAPI
 from fastapi.routing import APIRoute
 from sqlalchemy import func, select, update
 
+from api.routes.completions import resolve_model
 from service.db import transaction
 from service.tables import (
+    RESULTS_PURPOSE,
     Artifact,
     Checkpoint,
     Dataset,
@@ -31,39 +34,44 @@ from service.tables import (
     JobMetric,
     JobSample,
     JobStatus,
-    RewardSpecRecord,
+    new_id,
     utcnow,
 )
-from tests.conftest import ApiClient
+from tests.conftest import ApiClient, job_request
 
 MODEL = "tiny-random"
 LINES = [f'{{"prompt": "{i}+1=", "answer": "{i + 1}", "demonstration": "{i + 1}"}}' for i in range(3)]
-REWARD = {"graders": [{"type": "exact_match", "field": "answer"}]}
+GRADER = {
+    "type": "string_check",
+    "name": "exact",
+    "input": "{{sample.output_text}}",
+    "reference": "{{item.answer}}",
+    "operation": "eq",
+}
 ADAPTER_BYTES = b"not really a tarball, but the bytes of A's adapter"
+CHECKPOINT_BYTES = b"nor is this one: A's checkpoint"
+RESULTS_CSV = b"step,train_reward_mean,valid_accuracy\n1,0.5,0.25\n"
+METADATA = {"team": "same-name-in-both-projects"}
 
 # Routes with path parameters that exist today: a check that route discovery finds them all.
+JOB = "/v1/fine_tuning/jobs/{fine_tuning_job_id}"
 KNOWN_ID_ROUTES = {
-    ("GET", "/v1/datasets/{dataset_id}"),
-    ("DELETE", "/v1/datasets/{dataset_id}"),
-    ("GET", "/v1/rewards/{reward_id}"),
-    ("GET", "/v1/jobs/{job_id}"),
-    ("POST", "/v1/jobs/{job_id}/cancel"),
-    ("GET", "/v1/jobs/{job_id}/events"),
-    ("GET", "/v1/jobs/{job_id}/metrics"),
-    ("GET", "/v1/jobs/{job_id}/samples"),
-    ("GET", "/v1/jobs/{job_id}/checkpoints"),
-    ("GET", "/v1/jobs/{job_id}/adapter"),
+    ("GET", "/v1/files/{file_id}"),
+    ("DELETE", "/v1/files/{file_id}"),
+    ("GET", "/v1/files/{file_id}/content"),
+    ("GET", JOB),
+    ("POST", f"{JOB}/cancel"),
+    ("POST", f"{JOB}/pause"),
+    ("POST", f"{JOB}/resume"),
+    ("GET", f"{JOB}/events"),
+    ("GET", f"{JOB}/checkpoints"),
+    ("GET", f"{JOB}/metrics"),
+    ("GET", f"{JOB}/samples"),
+    ("GET", f"{JOB}/adapter"),
     ("GET", "/v1/models/{model_id:path}"),
 }
 # The resource kind each path parameter names, as in the `<kind>_not_found` error code.
-PARAM_KINDS = {
-    "dataset_id": "dataset",
-    "file_id": "file",
-    "reward_id": "reward",
-    "job_id": "job",
-    "fine_tuning_job_id": "job",
-    "model_id": "model",
-}
+PARAM_KINDS = {"file_id": "file", "fine_tuning_job_id": "job", "model_id": "model"}
 
 
 def api_routes(app: FastAPI) -> list[tuple[str, str]]:
@@ -89,51 +97,77 @@ def release(client: ApiClient) -> None:
     client.sessions.kw["bind"].dispose()
 
 
-def created(response: httpx.Response) -> dict[str, Any]:
-    assert response.status_code == 201, response.text
+def ok(response: httpx.Response) -> dict[str, Any]:
+    assert response.status_code == 200, response.text
     return response.json()
+
+
+def create_job(client: ApiClient, training_file: str, **fields) -> str:
+    body = job_request(training_file, "reinforcement", grader=GRADER, **fields)
+    return ok(client.http.post("/v1/fine_tuning/jobs", json=body))["id"]
 
 
 @dataclass
 class ProjectA:
     client: ApiClient
-    dataset: str
-    dataset_name: str
-    reward: str
-    reward_name: str
+    file: str
+    results_file: str
     queued_job: str
     done_job: str
     fine_tuned_model: str
+    checkpoint_model: str
     ids: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def secrets(self) -> list[str]:
-        """Strings that only A's own answers may contain (names are per project, so not these)."""
+        """Strings that only A's own answers may contain."""
         return [
             self.client.project_id,
-            self.dataset,
-            self.reward,
+            self.file,
+            self.results_file,
             self.queued_job,
             self.done_job,
             self.fine_tuned_model,
+            self.checkpoint_model,
         ]
 
 
 def make_project_a(a: ApiClient) -> ProjectA:
-    dataset_name = "a-private-data.jsonl"
-    dataset = created(a.upload(LINES, name=dataset_name))["id"]
-    reward_name = "a-exact"
-    reward = created(a.http.post("/v1/rewards", json={"name": reward_name, **REWARD}))["id"]
-    body = {"model": MODEL, "training_dataset": dataset, "reward_id": reward, "suffix": "a-run"}
-    queued = created(a.http.post("/v1/jobs", json=body))["id"]
-    done = created(a.http.post("/v1/jobs", json=body))["id"]
+    file = ok(a.upload(LINES, name="a-private-data.jsonl"))["id"]
+    queued = create_job(a, file, suffix="a-run", metadata=METADATA)
+    done = create_job(a, file, suffix="a-run", metadata=METADATA)
 
     # The second job "succeeded": what a worker would have written, without running one.
     fine_tuned_model = f"ft:{MODEL}:a-run:{done}"
-    key = f"jobs/{done}/adapter.tar.gz"
-    a.app.state.services.storage.put_bytes(key, ADAPTER_BYTES)
+    checkpoint_model = f"{fine_tuned_model}:ckpt-step-1"
+    storage = a.app.state.services.storage
+    adapter_key, checkpoint_key = f"jobs/{done}/adapter.tar.gz", f"jobs/{done}/checkpoints/step-000001.tar"
+    results_key = f"jobs/{done}/attempt-1/results.csv"
+    for key, data in (
+        (adapter_key, ADAPTER_BYTES),
+        (checkpoint_key, CHECKPOINT_BYTES),
+        (results_key, RESULTS_CSV),
+    ):
+        storage.put_bytes(key, data)
+    results_file = new_id("file")
     now = utcnow()
     with transaction(a.sessions) as session:
+        session.add(
+            Dataset(
+                id=results_file,
+                project_id=a.project_id,
+                name=f"{done}-results.csv",
+                purpose=RESULTS_PURPOSE,
+                bytes=len(RESULTS_CSV),
+                sha256=hashlib.sha256(RESULTS_CSV).hexdigest(),
+                storage_key=results_key,
+                lines=2,
+                examples=0,
+                with_demonstration=0,
+                field_counts={},
+            )
+        )
+        session.flush()  # the file row before the job names it
         session.execute(
             update(Job)
             .where(Job.id == done)
@@ -141,6 +175,7 @@ def make_project_a(a: ApiClient) -> ProjectA:
                 status=JobStatus.SUCCEEDED,
                 step=Job.total_steps,
                 fine_tuned_model=fine_tuned_model,
+                result_file_id=results_file,
                 started_at=now,
                 finished_at=now,
             )
@@ -148,7 +183,7 @@ def make_project_a(a: ApiClient) -> ProjectA:
         session.add(
             Artifact(
                 job_id=done,
-                storage_key=key,
+                storage_key=adapter_key,
                 sha256=hashlib.sha256(ADAPTER_BYTES).hexdigest(),
                 bytes=len(ADAPTER_BYTES),
             )
@@ -157,23 +192,25 @@ def make_project_a(a: ApiClient) -> ProjectA:
         session.add(JobMetric(job_id=done, kind="eval", step=1, values={"accuracy": 0.25}))
         session.add(JobSample(job_id=done, step=1, data={"prompt": "0+1=", "completion": "1", "reward": 1.0}))
         session.add(
-            Checkpoint(job_id=done, step=1, storage_key=f"jobs/{done}/checkpoints/step-000001.tar", bytes=9)
+            Checkpoint(
+                job_id=done,
+                step=1,
+                storage_key=checkpoint_key,
+                bytes=len(CHECKPOINT_BYTES),
+                sha256=hashlib.sha256(CHECKPOINT_BYTES).hexdigest(),  # servable: a model A may call
+            )
         )
         session.add(JobEvent(job_id=done, level="info", message="succeeded after 100 steps"))
     return ProjectA(
         client=a,
-        dataset=dataset,
-        dataset_name=dataset_name,
-        reward=reward,
-        reward_name=reward_name,
+        file=file,
+        results_file=results_file,
         queued_job=queued,
         done_job=done,
         fine_tuned_model=fine_tuned_model,
+        checkpoint_model=checkpoint_model,
         ids={
-            "dataset_id": [dataset],
-            "file_id": [dataset],  # a dataset is a file of purpose fine-tune
-            "reward_id": [reward],
-            "job_id": [queued, done],
+            "file_id": [file, results_file],
             "fine_tuning_job_id": [queued, done],
             "model_id": [fine_tuned_model],
         },
@@ -196,31 +233,37 @@ def view(a: ProjectA) -> dict[str, Any]:
     """Everything A can read about its resources, and the rows and objects behind them."""
     http = a.client.http
     paths = [
-        f"/v1/datasets/{a.dataset}",
-        f"/v1/rewards/{a.reward}",
-        "/v1/datasets",
-        "/v1/rewards",
-        "/v1/jobs",
+        f"/v1/files/{a.file}",
+        f"/v1/files/{a.results_file}",
+        "/v1/files",
+        "/v1/fine_tuning/jobs",
         "/v1/models",
+        f"/v1/models/{a.fine_tuned_model}",
     ]
     for job in (a.queued_job, a.done_job):
-        paths += [f"/v1/jobs/{job}{tail}" for tail in ("", "/events", "/metrics", "/samples", "/checkpoints")]
-    state: dict[str, Any] = {}
-    for path in paths:
+        paths += [
+            f"/v1/fine_tuning/jobs/{job}{tail}"
+            for tail in ("", "/events", "/metrics", "/samples", "/checkpoints")
+        ]
+    state: dict[str, Any] = {path: ok(http.get(path)) for path in paths}
+    for path in (
+        f"/v1/files/{a.file}/content",
+        f"/v1/files/{a.results_file}/content",
+        f"/v1/fine_tuning/jobs/{a.done_job}/adapter",
+    ):
         response = http.get(path)
         assert response.status_code == 200, (path, response.text)
-        state[path] = response.json()
-    adapter = http.get(f"/v1/jobs/{a.done_job}/adapter")
-    assert adapter.status_code == 200, adapter.text
-    state["adapter"] = adapter.content
+        state[path] = response.content
     project = a.client.project_id
     with a.client.sessions() as session:
         job_ids = select(Job.id).where(Job.project_id == project)
         for table, where in (
             (Dataset, Dataset.project_id == project),
-            (RewardSpecRecord, RewardSpecRecord.project_id == project),
             (Job, Job.project_id == project),
             (JobEvent, JobEvent.job_id.in_(job_ids)),
+            (JobMetric, JobMetric.job_id.in_(job_ids)),
+            (JobSample, JobSample.job_id.in_(job_ids)),
+            (Checkpoint, Checkpoint.job_id.in_(job_ids)),
             (Artifact, Artifact.job_id.in_(job_ids)),
         ):
             state[table.__tablename__] = session.scalar(select(func.count()).select_from(table).where(where))
@@ -245,11 +288,18 @@ def test_project_a_sees_its_own_resources(projects: tuple[ProjectA, ApiClient]):
     """The control: each route B is refused does answer A, with data behind it."""
     a, _ = projects
     state = view(a)
-    done = f"/v1/jobs/{a.done_job}"
+    done = f"/v1/fine_tuning/jobs/{a.done_job}"
     for tail in ("/events", "/metrics", "/samples", "/checkpoints"):
         assert state[done + tail]["data"], tail
-    assert state["adapter"] == ADAPTER_BYTES
+    assert state[done]["result_files"] == [a.results_file]
+    assert state[f"{done}/checkpoints"]["data"][0]["fine_tuned_model_checkpoint"] == a.checkpoint_model
+    assert state[f"{done}/adapter"] == ADAPTER_BYTES
+    assert state[f"/v1/files/{a.results_file}/content"] == RESULTS_CSV
     assert a.fine_tuned_model in [m["id"] for m in state["/v1/models"]["data"]]
+    # The models B is refused below are ones A may call (no model server runs here to call them).
+    services = a.client.app.state.services
+    for model in (a.fine_tuned_model, a.checkpoint_model):
+        assert resolve_model(services, a.client.project_id, model).adapter is not None, model
 
 
 def test_every_route_answers_404_to_another_projects_ids(projects: tuple[ProjectA, ApiClient]):
@@ -280,56 +330,31 @@ def test_every_route_answers_404_to_another_projects_ids(projects: tuple[Project
 
 
 def _b_posts(a: ProjectA, b: ApiClient) -> dict[str, list[tuple[dict[str, Any], int, str | None, str]]]:
-    """For each POST route without path parameters: bodies that use A's ids or names."""
-    own = created(b.upload(LINES))["id"]
-    own_reward = created(b.http.post("/v1/rewards", json={"name": "b-exact", **REWARD}))["id"]
-    job = {"model": MODEL, "training_dataset": own, "reward_id": own_reward}
+    """For each POST route without path parameters: (body using A's ids or names, status, param, kind)."""
+    own = ok(b.upload(LINES))["id"]
+    job = job_request(own, "reinforcement", grader=GRADER)
+    chats = [
+        ({"model": model, "messages": [{"role": "user", "content": "hi"}]}, 404, "model", "model")
+        for model in (a.fine_tuned_model, a.checkpoint_model)
+    ]
     return {
-        "/v1/jobs": [
-            ({**job, "training_dataset": a.dataset}, 404, "training_dataset", "dataset"),
-            ({**job, "validation_dataset": a.dataset}, 404, "validation_dataset", "dataset"),
-            ({**job, "reward_id": a.reward}, 404, "reward_id", "reward"),
-        ],
-        # Names are per project: B may use the name of A's reward.
-        "/v1/rewards": [({"name": a.reward_name, **REWARD}, 201, None, "reward")],
-        # An inline reward names nothing of A's; scoring one must not show anything of A's either.
-        "/v1/rewards/test": [
-            ({**REWARD, "samples": [{"completion": "1", "example": {"answer": "1"}}]}, 200, None, "")
-        ],
-        # A's adapter is not a model B can call: the same 404 as a name that does not exist.
-        "/v1/chat/completions": [
-            (
-                {"model": a.fine_tuned_model, "messages": [{"role": "user", "content": "hi"}]},
-                404,
-                "model",
-                "model",
-            )
-        ],
-        "/v1/completions": [({"model": a.fine_tuned_model, "prompt": "hi"}, 404, "model", "model")],
         "/v1/fine_tuning/jobs": [
-            ({"model": MODEL, "training_file": a.dataset}, 404, "training_file", "file"),
-            (
-                {"model": MODEL, "training_file": own, "validation_file": a.dataset},
-                404,
-                "validation_file",
-                "file",
-            ),
+            ({**job, "training_file": a.file}, 404, "training_file", "file"),
+            ({**job, "training_file": a.results_file}, 404, "training_file", "file"),
+            ({**job, "validation_file": a.file}, 404, "validation_file", "file"),
         ],
         # Graders name nothing of A's; running or validating one shows nothing of A's either.
         "/v1/fine_tuning/alpha/graders/run": [
-            ({"grader": STRING_CHECK, "model_sample": "1", "item": {"a": "1"}}, 200, None, "")
+            ({"grader": GRADER, "model_sample": "1", "item": {"answer": "1"}}, 200, None, "")
         ],
-        "/v1/fine_tuning/alpha/graders/validate": [({"grader": STRING_CHECK}, 200, None, "")],
+        "/v1/fine_tuning/alpha/graders/validate": [({"grader": GRADER}, 200, None, "")],
+        # A's adapter and checkpoint are not models B can call: the same 404 as a name that does not exist.
+        "/v1/chat/completions": chats,
+        "/v1/completions": [
+            ({"model": model, "prompt": "hi"}, 404, "model", "model")
+            for model in (a.fine_tuned_model, a.checkpoint_model)
+        ],
     }
-
-
-STRING_CHECK = {
-    "type": "string_check",
-    "name": "s",
-    "input": "{{sample.output_text}}",
-    "reference": "{{item.a}}",
-    "operation": "eq",
-}
 
 
 def test_routes_without_ids_keep_projects_apart(projects: tuple[ProjectA, ApiClient]):
@@ -345,14 +370,8 @@ def test_routes_without_ids_keep_projects_apart(projects: tuple[ProjectA, ApiCli
             assert response.status_code in (200, 503), (path, response.text)  # /ready may say 503
             leaked = [s for s in a.secrets if s in response.text]
             assert not leaked, f"GET {path} shows project A's {leaked}"
-        elif method == "POST" and path == "/v1/datasets":
-            assert created(b.upload(LINES))["id"] not in a.secrets
         elif method == "POST" and path == "/v1/files":
-            body = ("\n".join(LINES) + "\n").encode()
-            response = b.http.post(
-                "/v1/files", files={"file": ("b.jsonl", body)}, data={"purpose": "fine-tune"}
-            )
-            assert response.status_code == 200 and response.json()["id"] not in a.secrets
+            assert ok(b.upload(LINES))["id"] not in a.secrets
         elif method == "POST":
             assert path in posts, f"POST {path}: add bodies that use project A's ids to this test"
             for body, status, param, kind in posts[path]:
@@ -374,35 +393,36 @@ def test_routes_without_ids_keep_projects_apart(projects: tuple[ProjectA, ApiCli
 
 def test_lists_show_only_the_callers_resources(projects: tuple[ProjectA, ApiClient]):
     a, b = projects
-    b_dataset = created(b.upload(LINES))["id"]
-    b_reward = created(b.http.post("/v1/rewards", json={"name": a.reward_name, **REWARD}))["id"]
-    b_job = created(
-        b.http.post("/v1/jobs", json={"model": MODEL, "training_dataset": b_dataset, "reward_id": b_reward})
-    )["id"]
+    b_file = ok(b.upload(LINES))["id"]
+    b_job = create_job(b, b_file, metadata=METADATA)  # the same metadata as A's jobs
+    lists = (
+        "/v1/files",
+        f"/v1/files?purpose={RESULTS_PURPOSE}",
+        "/v1/fine_tuning/jobs",
+        f"/v1/fine_tuning/jobs?metadata[team]={METADATA['team']}",
+    )
     for client, own, other in (
-        (b, {b_dataset, b_reward, b_job}, {a.dataset, a.reward, a.queued_job, a.done_job}),
-        (a.client, {a.dataset, a.reward, a.queued_job, a.done_job}, {b_dataset, b_reward, b_job}),
+        (b, {b_file, b_job}, {a.file, a.results_file, a.queued_job, a.done_job}),
+        (a.client, {a.file, a.results_file, a.queued_job, a.done_job}, {b_file, b_job}),
     ):
         listed = set()
-        for path in ("/v1/datasets", "/v1/rewards", "/v1/jobs", "/v1/jobs?status=queued"):
-            response = client.http.get(path)
-            assert response.status_code == 200, response.text
-            listed |= {item["id"] for item in response.json()["data"]}
+        for path in lists:
+            listed |= {item["id"] for item in ok(client.http.get(path))["data"]}
         assert listed >= own
         assert not listed & other, f"a list shows another project's {listed & other}"
-    assert b.http.get("/v1/jobs?status=succeeded").json()["data"] == []
+    assert ok(b.http.get(f"/v1/files?purpose={RESULTS_PURPOSE}"))["data"] == []
 
 
 def test_models_list_only_the_callers_adapters(projects: tuple[ProjectA, ApiClient]):
     a, b = projects
-    mine = [m for m in a.client.http.get("/v1/models").json()["data"] if m.get("job_id")]
+    mine = [m for m in ok(a.client.http.get("/v1/models"))["data"] if m.get("job_id")]
     assert [(m["id"], m["job_id"], m["owned_by"]) for m in mine] == [
         (a.fine_tuned_model, a.done_job, a.client.project_id)
     ]
-    theirs = b.http.get("/v1/models").json()["data"]
+    theirs = ok(b.http.get("/v1/models"))["data"]
     assert [m["id"] for m in theirs if m.get("job_id")] == []
     assert a.fine_tuned_model not in b.http.get("/v1/models").text
-    assert {m["id"] for m in theirs} == {m["id"] for m in a.client.http.get("/v1/models").json()["data"]} - {
+    assert {m["id"] for m in theirs} == {m["id"] for m in ok(a.client.http.get("/v1/models"))["data"]} - {
         a.fine_tuned_model
     }
 
@@ -411,11 +431,11 @@ def test_another_projects_ids_answer_like_missing_ones(projects: tuple[ProjectA,
     """A 404 for A's id is the 404 for a made-up id: B cannot probe which ids exist."""
     a, b = projects
     for kind, path, real in (
-        ("dataset", "/v1/datasets/{}", a.dataset),
-        ("file", "/v1/files/{}", a.dataset),
-        ("reward", "/v1/rewards/{}", a.reward),
-        ("job", "/v1/jobs/{}", a.done_job),
+        ("file", "/v1/files/{}", a.file),
+        ("file", "/v1/files/{}/content", a.results_file),
         ("job", "/v1/fine_tuning/jobs/{}", a.done_job),
+        ("job", "/v1/fine_tuning/jobs/{}/adapter", a.done_job),
+        ("model", "/v1/models/{}", a.fine_tuned_model),
     ):
         made_up = real[:-4] + ("0000" if not real.endswith("0000") else "1111")
         seen = b.http.get(path.format(real))
@@ -423,3 +443,16 @@ def test_another_projects_ids_answer_like_missing_ones(projects: tuple[ProjectA,
         assert_not_found(seen, kind, real)
         assert_not_found(unseen, kind, made_up)
         assert seen.headers.keys() == unseen.headers.keys()
+
+
+def test_a_page_cursor_of_another_projects_item_answers_like_a_made_up_one(
+    projects: tuple[ProjectA, ApiClient],
+):
+    """`after` names an item of the caller's own list only; A's ids are as unknown to B as any."""
+    a, b = projects
+    for path, real in (("/v1/files", a.file), ("/v1/fine_tuning/jobs", a.done_job)):
+        made_up = real[:-4] + ("0000" if not real.endswith("0000") else "1111")
+        seen = b.http.get(path, params={"after": real}).json()["error"]
+        unseen = b.http.get(path, params={"after": made_up}).json()["error"]
+        assert (seen["code"], seen["param"]) == ("invalid_cursor", "after"), seen
+        assert seen["message"] == unseen["message"].replace(made_up, real)

@@ -8,9 +8,12 @@ out, and an `Allow` header that lists every method of the resource.
 The requests go in-process to the real app on PostgreSQL with a real project key. The deployment
 has a database of its own (dropped afterwards) and the broker kept in files in a temporary
 directory, so the jobs the fuzzer creates never reach another test's worker or reaper. Its project
-is seeded with a dataset, a reward, a queued job and a succeeded one (adapter, metrics, samples,
-checkpoint), and about half the generated cases use those ids (in the path, and in job bodies), so
-the fuzzer gets past the 404s into the code behind them.
+is seeded with a training file, a results file, a queued job and a succeeded one (adapter,
+metrics, samples, checkpoint), and about half the generated cases use those ids (in the path, and
+as a job's files), so the fuzzer gets past the 404s into the code behind them. Those cases also get
+a method and a grader of a real type, with fuzzed hyperparameters and a fuzzed grader field: the
+schema types both as any object, so generated ones alone would stop at `method.type` and
+`grader.type`.
 
 Generation is derandomized (the same cases on every run, so a CI failure reproduces locally);
 about a minute on two cores.
@@ -30,6 +33,14 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
 from api.app import create_app
+from api.fine_tuning_methods import (
+    OPENAI_HYPERPARAMETERS,
+    OPENAI_TYPES,
+    OUR_HYPERPARAMETERS,
+    SUPERVISED,
+    SUPPORTED,
+)
+from core.config import TrainingConfig
 from migrations import upgrade_to_head
 from service.settings import Settings
 from tests.api.test_project_isolation import ProjectA, make_project_a, release
@@ -57,19 +68,6 @@ CONFIG = schemathesis.Config.from_dict(
         },
         "operations": [
             {
-                # The schema types these bodies loosely (any file, a list of grader objects, config
-                # dicts); the service checks their content and answers 422 naming the line or field.
-                "include-name": [
-                    "POST /v1/datasets",
-                    "POST /v1/rewards",
-                    "POST /v1/rewards/test",
-                    "POST /v1/jobs",
-                ],
-                "checks": {
-                    "positive_data_acceptance": {"expected-statuses": ["2xx", "401", "404", "409", "422"]}
-                },
-            },
-            {
                 # OpenAI's routes type the file as any bytes and the grader as any object, as OpenAI's
                 # schema does; the service checks them and answers 400 naming the line or field.
                 "include-name": [
@@ -83,12 +81,6 @@ CONFIG = schemathesis.Config.from_dict(
                 "checks": {
                     "positive_data_acceptance": {"expected-statuses": ["2xx", "400", "401", "404", "413"]}
                 },
-            },
-            {
-                # /v1/rewards/test (the path the API promises) also matches GET /v1/rewards/{reward_id},
-                # so Allow rightly names GET there too, which the schema cannot show for that path.
-                "include-name": "POST /v1/rewards/test",
-                "checks": {"allow_header_conformance": {"enabled": False}},
             },
         ],
     }
@@ -137,32 +129,97 @@ def seeded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProjectA]:
 
 @schema.hook
 def flatmap_case(context: schemathesis.HookContext, case: schemathesis.Case) -> st.SearchStrategy:
-    """Half the generated cases name the seeded resources instead of made-up ids."""
+    """Half the generated cases name the seeded resources instead of made-up ids, and send a method
+    and grader of a real type."""
     return st.booleans().flatmap(lambda seeded: with_seeded_ids(case) if seeded else st.just(case))
+
+
+# Graders that score in-process (python ones need the sandbox, model ones a judge, and this
+# deployment has neither), valid as they are: the fuzzer changes one field.
+GRADERS = [
+    {
+        "type": "string_check",
+        "name": "s",
+        "input": "{{sample.output_text}}",
+        "reference": "{{item.answer}}",
+        "operation": "eq",
+    },
+    {
+        "type": "text_similarity",
+        "name": "t",
+        "input": "{{sample.output_text}}",
+        "reference": "4",
+        "evaluation_metric": "fuzzy_match",
+    },
+    {"type": "exact_match", "field": "answer"},
+    {"type": "regex", "pattern": "[0-9]+"},
+    {"type": "numeric", "field": "answer"},
+    {
+        "type": "multi",
+        "graders": {"a": {"type": "exact_match", "field": "answer"}, "b": {"type": "contains", "value": "4"}},
+        "calculate_output": "0.5 * a + 0.5 * b",
+    },
+]
+VALUES = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(max_size=8),
+    st.just("auto"),
+    st.lists(st.integers(), max_size=2),
+    st.dictionaries(st.text(max_size=4), st.integers(), max_size=2),
+)
+HYPERPARAMETERS = sorted({*OPENAI_HYPERPARAMETERS, *OUR_HYPERPARAMETERS, *TrainingConfig.model_fields})
+
+
+def _changed(grader: dict[str, Any]) -> st.SearchStrategy:
+    """The grader with one field set to a fuzzed value (its type excepted: that is the other kind)."""
+    keys = [*sorted(k for k in grader if k != "type"), "weight", "name"]
+    return st.tuples(st.sampled_from(keys), VALUES).map(lambda kv: {**grader, kv[0]: kv[1]})
+
+
+graders = st.sampled_from(GRADERS).flatmap(lambda g: st.one_of(st.just(g), _changed(g)))
+methods = st.tuples(
+    st.sampled_from(SUPPORTED),
+    graders,
+    st.dictionaries(st.sampled_from(HYPERPARAMETERS), VALUES, max_size=3),
+).map(
+    lambda t: {
+        "type": t[0],
+        t[0]: {"hyperparameters": t[2]}
+        | ({} if OPENAI_TYPES.get(t[0], t[0]) in SUPERVISED else {"grader": t[1]}),
+    }
+)
 
 
 def with_seeded_ids(case: schemathesis.Case) -> st.SearchStrategy:
     params = case.path_parameters or {}
     drawn = {name: st.sampled_from(SEEDED_IDS[name]) for name in params if name in SEEDED_IDS}
-    return st.fixed_dictionaries(drawn).map(lambda ids: _use_ids(case, ids))
+    return st.tuples(st.fixed_dictionaries(drawn), methods, graders).map(lambda t: _use_ids(case, *t))
 
 
-def _use_ids(case: schemathesis.Case, ids: dict[str, str]) -> schemathesis.Case:
+def _use_ids(
+    case: schemathesis.Case, ids: dict[str, str], method: dict[str, Any], grader: dict[str, Any]
+) -> schemathesis.Case:
     if ids:
         case.path_parameters = {**case.path_parameters, **ids}
     body = case.body
     positive = case.meta is None or case.meta.generation.mode == schemathesis.GenerationMode.POSITIVE
-    if case.operation.label == "POST /v1/jobs" and positive and isinstance(body, dict):
-        # A job that passes the id checks, so that what gets validated is its config. (A negative
-        # body is left alone: filling in its ids could make it valid.)
+    # A negative body is left alone: filling in its ids, method or grader could make it valid.
+    if not positive or not isinstance(body, dict):
+        return case
+    if case.operation.label == "POST /v1/fine_tuning/jobs":
+        # A job that passes the file checks, so that what gets validated is its method and grader.
         body["model"] = "tiny-random"
-        body["training_dataset"] = SEEDED_IDS["dataset_id"][0]
-        if body.get("validation_dataset") is not None:
-            body["validation_dataset"] = SEEDED_IDS["dataset_id"][0]
-        if body.get("reward") is None:
-            body["reward_id"] = SEEDED_IDS["reward_id"][0]
-        else:
-            body.pop("reward_id", None)  # the inline reward gets validated
+        body["training_file"] = SEEDED_IDS["file_id"][0]
+        if body.get("validation_file") is not None:
+            body["validation_file"] = SEEDED_IDS["file_id"][0]
+        body["method"] = method
+        body.pop("hyperparameters", None)  # given beside a method, they are refused before it is read
+        body.pop("integrations", None)  # refused before anything else
+    elif case.operation.label.startswith("POST /v1/fine_tuning/alpha/graders/"):
+        body["grader"] = grader
     return case
 
 

@@ -68,6 +68,18 @@ def test_final_assistant_message_is_the_demonstration():
     assert example.demonstration == "It is 4."
 
 
+def test_openai_weights_mark_assistant_turns_as_context():
+    messages = [
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "5", "weight": 0},
+        {"role": "user", "content": "Try again."},
+        {"role": "assistant", "content": "4", "weight": 1},
+    ]
+    (example,) = read_jsonl([_line({"messages": messages})]).examples
+    assert example.demonstration == "4"
+    assert example.prompt == [{k: m[k] for k in ("role", "content")} for m in messages[:3]]
+
+
 # --- bad lines --------------------------------------------------------------------------------
 
 
@@ -96,6 +108,47 @@ BAD_LINES = [
         ),
         "demonstration",
         "given twice",
+    ),
+    (
+        _line(
+            {
+                "messages": [
+                    {"role": "user", "content": "q"},
+                    {"role": "assistant", "content": "a", "weight": 0},
+                ]
+            }
+        ),
+        "messages[1].weight",
+        "weight 0 trains nothing",
+    ),
+    (
+        _line(
+            {
+                "messages": [
+                    {"role": "user", "content": "q"},
+                    {"role": "assistant", "content": "a", "weight": 2},
+                ]
+            }
+        ),
+        "messages[1].weight",
+        "is 0 or 1 on an assistant message, got 2",
+    ),
+    (
+        _line({"messages": [{"role": "user", "content": "q", "weight": 1}]}),
+        "messages[0].weight",
+        "got 1 on 'user'",
+    ),
+    (
+        _line(
+            {
+                "messages": [
+                    {"role": "user", "content": "q"},
+                    {"role": "assistant", "content": "a", "weight": True},
+                ]
+            }
+        ),
+        "messages[1].weight",
+        "got true",
     ),
     (_line({"prompt": "x", "demonstration": 3}), "demonstration", "got number"),
     (_line({"prompt": "x", "demonstration": " "}), "demonstration", "non-empty string"),

@@ -28,12 +28,14 @@ import uvicorn
 from core.adapters import attach_adapter, export_adapter, replaced_prompt_start
 from core.config import LoraAdapterConfig, PrefixAdapterConfig
 from core.models import load_base_model
+from core.rewards.openai_graders import ScoreModel
 from inference.engine import BatchedEngine, GenerationRequest, SamplingParams, load_adapter
 from service.db import make_engine, make_sessionmaker, transaction
+from service.judge import JudgeEndpoint
 from service.settings import Settings
 from service.storage import open_storage
 from service.tables import Artifact, Checkpoint, Job, JobStatus, checkpoint_model_name, utcnow
-from tests.conftest import REPO, ApiClient, free_port, settings_env
+from tests.conftest import REPO, ApiClient, free_port, served, settings_env
 from worker.runner import write_archive
 
 pytestmark = pytest.mark.slow
@@ -327,17 +329,24 @@ def test_concurrent_requests_are_decoded_together(deployment: Deployment, engine
     ask(0)  # adapters loaded, so that the timed requests arrive together
     for kind in ("prefix2", "lora"):
         ask(kinds.index(kind))
-    steps_before = deployment.stats()["steps"]
-    with ThreadPoolExecutor(len(kinds)) as pool:
-        replies = list(pool.map(ask, range(len(kinds))))
-    steps = deployment.stats()["steps"] - steps_before
-    tokens = sum(r.usage.completion_tokens for r in replies)
-    for i, reply in enumerate(replies):
-        adapter_dir = deployment.dirs.get(kinds[i])
-        want = expected(engine, adapter_dir, chat_ids(engine, questions[i]), max_tokens=24, temperature=0)
-        assert reply.choices[0].message.content == want.text, i
-    # One at a time would take one step per token; together, far fewer.
-    assert steps < tokens / 3, (steps, tokens)
+    wanted = [
+        expected(engine, deployment.dirs.get(kind), chat_ids(engine, q), max_tokens=24, temperature=0).text
+        for kind, q in zip(kinds, questions, strict=True)
+    ]
+    bursts = []
+    # When the requests reach the server depends on the machine's load: a burst whose requests
+    # came one after another cannot show batching, so up to three are sent. One at a time would
+    # take one step per token in every burst; together, far fewer.
+    for _ in range(3):
+        steps_before = deployment.stats()["steps"]
+        with ThreadPoolExecutor(len(kinds)) as pool:
+            replies = list(pool.map(ask, range(len(kinds))))
+        steps = deployment.stats()["steps"] - steps_before
+        assert [r.choices[0].message.content for r in replies] == wanted  # every burst decodes right
+        bursts.append((steps, sum(r.usage.completion_tokens for r in replies)))
+        if steps < bursts[-1][1] / 3:
+            break
+    assert any(steps < tokens / 3 for steps, tokens in bursts), bursts
 
 
 def test_bad_requests_get_openai_errors(deployment: Deployment):
@@ -562,3 +571,70 @@ def test_a_full_queue_answers_429_with_when_to_retry(deployment: Deployment):
         )
     assert caught.value.code == "rate_limit_exceeded"
     assert caught.value.response.headers["retry-after"] == "1"
+
+
+def memorized_judge(directory: Path, messages: list[dict[str, str]], answer: str) -> Path:
+    """A LoRA adapter of the tiny model trained until its greedy answer to `messages` is `answer`
+    (the random base model says no JSON at all): a judge model made and served as a user would."""
+    model, tokenizer = load_base_model("tiny-random")
+    torch.manual_seed(0)
+    policy = attach_adapter(model, tokenizer, LoraAdapterConfig(r=8))
+    prompt = chat_template_ids(tokenizer, messages)
+    target = [*tokenizer(answer)["input_ids"], tokenizer.eos_token_id]
+    ids = torch.tensor([prompt + target])
+    labels = ids.clone()
+    labels[0, : len(prompt)] = -100
+    optimizer = torch.optim.Adam([p for p in policy.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(400):
+        out = policy(input_ids=ids, labels=labels)
+        greedy = out.logits[0, len(prompt) - 1 : -1].argmax(-1).tolist()
+        if greedy == target and out.loss.item() < 0.2:  # a margin, so rounding cannot flip a token
+            return export_adapter(policy, directory, "tiny-random")
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+    raise AssertionError(f"the judge did not learn its answer: {tokenizer.decode(greedy)!r}")
+
+
+def chat_template_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
+    encoded = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True
+    )
+    return list(encoded["input_ids"])
+
+
+def test_a_model_grader_is_judged_by_a_model_we_serve(deployment: Deployment, tmp_path: Path):
+    """score_model with its judge name mapped to a fine-tuned model of this deployment: the grader
+    asks the API's chat endpoint, the model server decodes with the judge's adapter, and the
+    judge's JSON is the reward. Mapped to the base model, which says no JSON, it scores 0 with
+    OpenAI's parse error."""
+    grader = {
+        "type": "score_model",
+        "name": "judge",
+        "model": "our-judge",
+        "input": [{"role": "user", "content": "Rate this answer: {{sample.output_text}}"}],
+        "range": [0, 1],
+    }
+    asked = ScoreModel.model_validate(grader).messages("Paris", {})  # what the judge is sent
+    judge_dir = memorized_judge(tmp_path / "judge", asked, '{"result": 0.75}')
+    judge = store_as_succeeded_job(deployment.api.settings, deployment.api.project_id, judge_dir, "judge")
+    endpoint = {"base_url": f"{deployment.base_url}/v1", "api_key": deployment.api.key}
+    judges = {
+        "our-judge": JudgeEndpoint(model=judge, **endpoint),
+        "base-judge": JudgeEndpoint(model="tiny-random", **endpoint),
+    }
+    # A second API process of the same deployment, with the judges mapped (another project's key).
+    api = ApiClient(deployment.api.settings.model_copy(update={"judge_models": judges}))
+    try:
+        with served(api.app) as url:
+            client = openai.OpenAI(base_url=f"{url}/v1", api_key=api.key, max_retries=0)
+            result = client.fine_tuning.alpha.graders.run(grader=grader, model_sample="Paris", item={})
+            assert result.reward == 0.75 and result.metadata.sampled_model_name == judge
+            assert not result.metadata.errors.model_grader_parse_error
+            base = client.fine_tuning.alpha.graders.run(
+                grader={**grader, "model": "base-judge"}, model_sample="Paris", item={}
+            )
+            assert base.reward == 0 and base.metadata.errors.model_grader_parse_error
+            assert base.metadata.sampled_model_name == "tiny-random"
+    finally:
+        api.http.close()

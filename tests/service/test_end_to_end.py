@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
 import torch
 from peft import PeftModel
@@ -21,12 +22,13 @@ from sqlalchemy import func, select
 
 from cli.launcher import initialise
 from core.models import load_base_model
-from service.tables import Artifact
-from tests.conftest import REPO, ApiClient, free_port
+from service.tables import Artifact, Job
+from tests.conftest import REPO, ApiClient, free_port, job_request
 
 pytestmark = pytest.mark.slow
 
-REWARD = {"graders": [{"type": "numeric", "field": "answer", "extract": "last_number"}]}
+GRADER = {"type": "numeric", "field": "answer", "extract": "last_number"}
+JOBS = "/v1/fine_tuning/jobs"
 
 
 def addition_lines(count: int = 24) -> list[str]:
@@ -42,28 +44,30 @@ def addition_lines(count: int = 24) -> list[str]:
     ]
 
 
-def job_body(dataset_id: str, steps: int, **extra) -> dict:
-    return {
-        "model": "tiny-random",
-        "training_dataset": dataset_id,
-        "reward": REWARD,
-        "hyperparameters": {
+def job_body(file_id: str, steps: int, grader: dict = GRADER, checkpoint_every: int = 1, **hyper) -> dict:
+    """A small prefix_rft job, evaluated before and after training only (eval_interval = steps)."""
+    return job_request(
+        file_id,
+        method="prefix_rft",
+        grader=grader,
+        hyperparameters={
             "steps": steps,
             "prompts_per_step": 2,
             "rollouts_per_prompt": 4,
             "max_completion_tokens": 12,
+            "eval_interval": steps,
+            "checkpoint_every": checkpoint_every,
+            **hyper,
         },
-        "checkpoint_every": 1,
-        "suffix": "e2e",
-        "seed": 7,
-        **extra,
-    }
+        suffix="e2e",
+        seed=7,
+    )
 
 
 def wait_for(http, job_id: str, done, timeout: float = 180, worker=None, every: float = 0.3) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        job = http.get(f"/v1/jobs/{job_id}").json()
+        job = http.get(f"{JOBS}/{job_id}").json()
         if done(job):
             return job
         time.sleep(every)
@@ -71,8 +75,16 @@ def wait_for(http, job_id: str, done, timeout: float = 180, worker=None, every: 
     raise AssertionError(f"job {job_id} did not get there in {timeout} s: {job}\n{log}")
 
 
+FINISHED = ("succeeded", "failed", "cancelled")
+
+
 def finished(job: dict) -> bool:
-    return job["status"] in ("succeeded", "failed", "cancelled")
+    return job["status"] in FINISHED
+
+
+def all_events(http, job_id: str) -> list[dict]:
+    """Every event of the job, newest first."""
+    return http.get(f"{JOBS}/{job_id}/events", params={"limit": 1000}).json()["data"]
 
 
 def check_adapter_archive(content: bytes, sha256: str, target: Path) -> Path:
@@ -94,6 +106,12 @@ def assert_loads_with_peft(adapter: Path) -> None:
     assert not torch.allclose(tuned, plain), "the trained adapter changes nothing"
 
 
+def attempt_of(api: ApiClient, job_id: str) -> int:
+    """The job's attempt number, which the API does not show: read from its row."""
+    with api.sessions() as session:
+        return session.scalar(select(Job.attempt).where(Job.id == job_id))
+
+
 def test_a_job_on_postgres_redis_s3_and_a_worker_process(
     make_settings, pg_settings, s3_endpoint, s3_bucket, start_worker, tmp_path
 ):
@@ -107,32 +125,35 @@ def test_a_job_on_postgres_redis_s3_and_a_worker_process(
     api = ApiClient(settings)
     worker = start_worker(settings)
 
-    dataset = api.upload(addition_lines()).json()
-    assert dataset["examples"] == 24 and dataset["field_counts"] == {"answer": 24}
-    created = api.http.post("/v1/jobs", json=job_body(dataset["id"], steps=3))
-    assert created.status_code == 201, created.text
+    uploaded = api.upload(addition_lines())
+    assert uploaded.status_code == 200, uploaded.text
+    validation = uploaded.json()["validation"]
+    assert validation["examples"] == 24 and validation["field_counts"] == {"answer": 24}
+    created = api.http.post(JOBS, json=job_body(uploaded.json()["id"], steps=3))
+    assert created.status_code == 200, created.text
     job_id = created.json()["id"]
 
     job = wait_for(api.http, job_id, finished, worker=worker)
     assert job["status"] == "succeeded", (job, worker.log()[-3000:])
-    assert job["step"] == 3 and job["attempt"] == 1
+    assert job["step"] == 3 and attempt_of(api, job_id) == 1
     assert job["fine_tuned_model"] == f"ft:tiny-random:e2e:{job_id}"
 
-    train = api.http.get(f"/v1/jobs/{job_id}/metrics", params={"kind": "train"}).json()["data"]
+    # Ours beside OpenAI's: every step's metrics, the evaluations, the rollouts.
+    metrics = f"{JOBS}/{job_id}/metrics"
+    train = api.http.get(metrics, params={"kind": "train"}).json()["data"]
     assert [m["step"] for m in train] == [1, 2, 3]
     assert {"loss", "reward_mean", "demo_prefix_low"} <= set(train[0]["values"])
-    evals = api.http.get(f"/v1/jobs/{job_id}/metrics", params={"kind": "eval"}).json()["data"]
+    evals = api.http.get(metrics, params={"kind": "eval"}).json()["data"]
     assert [m["step"] for m in evals] == [0, 3]
-    messages = [e["message"] for e in api.http.get(f"/v1/jobs/{job_id}/events").json()["data"]]
-    assert messages[0].startswith("job created") and messages[-1].startswith("succeeded after 3 steps")
-    samples = api.http.get(f"/v1/jobs/{job_id}/samples").json()["data"]
+    later = api.http.get(metrics, params={"kind": "train", "after_step": 1}).json()["data"]
+    assert [m["step"] for m in later] == [2, 3]
+    samples = api.http.get(f"{JOBS}/{job_id}/samples").json()["data"]
     assert samples and {"completion", "reward", "rewards"} <= set(samples[0]["data"])
-    checkpoints = api.http.get(f"/v1/jobs/{job_id}/checkpoints").json()["data"]
-    assert [c["step"] for c in checkpoints] == [1, 2, 3]
-    models = [m["id"] for m in api.http.get("/v1/models").json()["data"]]
-    assert job["fine_tuned_model"] in models
+    assert {s["step"] for s in samples} == {1, 2, 3}
+    checkpoints = api.http.get(f"{JOBS}/{job_id}/checkpoints").json()["data"]
+    assert [c["step_number"] for c in checkpoints] == [3, 2, 1]  # newest first
 
-    download = api.http.get(f"/v1/jobs/{job_id}/adapter")
+    download = api.http.get(f"{JOBS}/{job_id}/adapter")
     assert download.status_code == 200
     adapter = check_adapter_archive(
         download.content, download.headers["x-content-sha256"], tmp_path / "download"
@@ -153,39 +174,38 @@ def test_a_job_on_postgres_redis_s3_and_a_worker_process(
 def test_cancel_stops_a_running_job_at_its_next_step(pg_settings, start_worker):
     api = ApiClient(pg_settings)
     worker = start_worker(pg_settings)
-    dataset = api.upload(addition_lines()).json()
-    job_id = api.http.post("/v1/jobs", json=job_body(dataset["id"], steps=500)).json()["id"]
+    file_id = api.upload(addition_lines()).json()["id"]
+    job_id = api.http.post(JOBS, json=job_body(file_id, steps=500)).json()["id"]
     wait_for(api.http, job_id, lambda j: j["status"] == "running" and j["step"] >= 1, worker=worker)
 
-    cancelled = api.http.post(f"/v1/jobs/{job_id}/cancel")
-    assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelling"
+    cancelled = api.http.post(f"{JOBS}/{job_id}/cancel")
+    assert cancelled.status_code == 200 and cancelled.json()["status"] == "running"  # until its next step
     job = wait_for(api.http, job_id, finished, timeout=60, worker=worker)
     assert job["status"] == "cancelled" and 1 <= job["step"] < 500
-    assert api.http.get(f"/v1/jobs/{job_id}/adapter").json()["error"]["code"] == "adapter_not_ready"
-    events = [e["message"] for e in api.http.get(f"/v1/jobs/{job_id}/events").json()["data"]]
-    assert f"cancelled at step {job['step']}" in events
+    assert api.http.get(f"{JOBS}/{job_id}/adapter").json()["error"]["code"] == "adapter_not_ready"
+    assert f"cancelled at step {job['step']}" in [e["message"] for e in all_events(api.http, job_id)]
     # The worker is free again: the next job runs.
-    next_id = api.http.post("/v1/jobs", json=job_body(dataset["id"], steps=1)).json()["id"]
+    next_id = api.http.post(JOBS, json=job_body(file_id, steps=1)).json()["id"]
     assert wait_for(api.http, next_id, finished, worker=worker)["status"] == "succeeded"
 
 
 def test_a_job_with_a_training_error_fails_with_a_message(pg_settings, start_worker):
     api = ApiClient(pg_settings)
     worker = start_worker(pg_settings)
-    dataset = api.upload(addition_lines(4)).json()  # too few examples for a held-out split...
-    body = job_body(dataset["id"], steps=2, evaluation={"max_examples": 1})
-    body["hyperparameters"]["max_prompt_tokens"] = 2  # ...and prompts longer than allowed
-    job_id = api.http.post("/v1/jobs", json=body).json()["id"]
+    file_id = api.upload(addition_lines(4)).json()["id"]  # too few examples for a held-out split...
+    body = job_body(file_id, steps=2, eval_samples=1, max_prompt_tokens=2)  # ...and prompts too long
+    job_id = api.http.post(JOBS, json=body).json()["id"]
     job = wait_for(api.http, job_id, finished, worker=worker)
     assert job["status"] == "failed"
     assert job["error"]["code"] == "invalid_input" and "max_prompt_tokens" in job["error"]["message"], job[
         "error"
     ]
-    assert api.http.get(f"/v1/jobs/{job_id}/events").json()["data"][-1]["level"] == "error"
+    assert all_events(api.http, job_id)[0]["level"] == "error"  # the newest
 
 
 def test_the_embedded_default_serves_a_whole_job(tmp_path):
-    """`prefix-rft serve` on SQLite, local storage and the file broker; the CLI client downloads."""
+    """`prefix-rft serve` on SQLite, local storage and the file broker: the official openai client
+    uploads, trains, pages the events and checkpoints and chats; our CLI client downloads."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFIX_RFT_")}
     env["PREFIX_RFT_DATA_DIR"] = str(tmp_path / "data")
@@ -212,38 +232,49 @@ def test_the_embedded_default_serves_a_whole_job(tmp_path):
                 pass
             assert server.poll() is None and time.monotonic() < deadline, log_path.read_text()
             time.sleep(0.3)
-        http = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key.group()}"}, timeout=30)
+        http = httpx.Client(base_url=base, timeout=30)
         assert http.get("/ready").json()["status"] == "ok"
-        dataset = http.post("/v1/datasets", files={"file": ("add.jsonl", "\n".join(addition_lines()))}).json()
-        job_id = http.post("/v1/jobs", json=job_body(dataset["id"], steps=2)).json()["id"]
-        job = wait_for(http, job_id, finished, timeout=240)
-        assert job["status"] == "succeeded", (job, log_path.read_text()[-3000:])
+        # The official openai client, as an OpenAI fine-tuning script would use it.
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key=key.group(), max_retries=0, timeout=120)
+        uploaded = client.files.create(
+            file=("add.jsonl", "\n".join(addition_lines()).encode()), purpose="fine-tune"
+        )
+        body = job_body(uploaded.id, steps=2)
+        created = client.fine_tuning.jobs.create(
+            model=body["model"],
+            training_file=uploaded.id,
+            suffix=body["suffix"],
+            seed=body["seed"],
+            extra_body={"method": body["method"]},
+        )
+        deadline = time.monotonic() + 240
+        while (job := client.fine_tuning.jobs.retrieve(created.id)).status not in FINISHED:
+            assert time.monotonic() < deadline, f"{job.status}\n{log_path.read_text()[-3000:]}"
+            time.sleep(0.5)
+        assert job.status == "succeeded", (job.error, log_path.read_text()[-3000:])
+        events = [e.id for e in client.fine_tuning.jobs.list_events(job.id, limit=2)]  # pages of two
+        assert len(events) == len(set(events)) > 4  # the loop ends, nothing repeats
+        assert [c.step_number for c in client.fine_tuning.jobs.checkpoints.list(job.id)] == [2, 1]
 
         client_env = {**env, "PREFIX_RFT_API_URL": base, "PREFIX_RFT_API_KEY": key.group()}
         cli = [sys.executable, "-m", "cli.main", "jobs"]
         listed = subprocess.run(
             [*cli, "list"], env=client_env, cwd=REPO, capture_output=True, text=True, check=True
         )
-        assert job_id in listed.stdout and "succeeded" in listed.stdout
+        assert job.id in listed.stdout and "succeeded" in listed.stdout
         subprocess.run(
-            [*cli, "download", job_id, "-o", str(tmp_path / "dl")], env=client_env, cwd=REPO, check=True
+            [*cli, "download", job.id, "-o", str(tmp_path / "dl")], env=client_env, cwd=REPO, check=True
         )
         assert_loads_with_peft(tmp_path / "dl" / "adapter")
 
         # The trained adapter answers at once through the model server `serve` started.
-        chat = http.post(
-            "/v1/chat/completions",
-            json={
-                "model": job["fine_tuned_model"],
-                "messages": [{"role": "user", "content": "What is 2 + 3?"}],
-                "max_tokens": 8,
-                "temperature": 0,
-            },
-            timeout=120,
+        chat = client.chat.completions.create(
+            model=job.fine_tuned_model,
+            messages=[{"role": "user", "content": "What is 2 + 3?"}],
+            max_tokens=8,
+            temperature=0,
         )
-        assert chat.status_code == 200, chat.text
-        assert chat.json()["model"] == job["fine_tuned_model"]
-        assert 1 <= chat.json()["usage"]["completion_tokens"] <= 8
+        assert chat.model == job.fine_tuned_model and 1 <= chat.usage.completion_tokens <= 8
     finally:
         server.terminate()
         try:

@@ -17,7 +17,7 @@ from service.db import make_engine, make_sessionmaker
 from service.queue import make_celery
 from service.storage import open_storage
 from tests.conftest import ApiClient
-from tests.service.test_end_to_end import addition_lines, job_body
+from tests.service.test_end_to_end import JOBS, addition_lines, all_events, attempt_of, job_body
 from worker.runner import JobRun, WorkerServices, run_job
 
 
@@ -43,14 +43,14 @@ def failing_at_step_two(monkeypatch, error: Exception) -> None:
 
 
 def new_job(api: ApiClient) -> str:
-    dataset = api.upload(addition_lines()).json()
-    created = api.http.post("/v1/jobs", json=job_body(dataset["id"], steps=3))
-    assert created.status_code == 201, created.text
+    file_id = api.upload(addition_lines()).json()["id"]
+    created = api.http.post(JOBS, json=job_body(file_id, steps=3))
+    assert created.status_code == 200, created.text
     return created.json()["id"]
 
 
 def events(api: ApiClient, job_id: str) -> list[str]:
-    return [e["message"] for e in api.http.get(f"/v1/jobs/{job_id}/events").json()["data"]]
+    return [e["message"] for e in all_events(api.http, job_id)]
 
 
 @pytest.mark.parametrize(
@@ -68,14 +68,14 @@ def test_a_stray_value_error_inside_training_is_retried_not_blamed_on_the_user(
     failing_at_step_two(monkeypatch, error)
     run_job(job_id, services)
 
-    job = api.http.get(f"/v1/jobs/{job_id}").json()
-    assert (job["status"], job["attempt"], job["error"]) == ("queued", 1, None)
+    job = api.http.get(f"{JOBS}/{job_id}").json()
+    assert (job["status"], attempt_of(api, job_id), job["error"]) == ("queued", 1, None)
     retried = [e for e in events(api, job_id) if e.startswith("attempt 1 failed")]
     assert retried == [f"attempt 1 failed (1 of 3 allowed): {type(error).__name__}: {error}; queued again"]
 
     run_job(job_id, services)  # the next attempt resumes from the checkpoint of step 1 and finishes
-    job = api.http.get(f"/v1/jobs/{job_id}").json()
-    assert (job["status"], job["attempt"]) == ("succeeded", 2)
+    job = api.http.get(f"{JOBS}/{job_id}").json()
+    assert (job["status"], attempt_of(api, job_id)) == ("succeeded", 2)
     assert "resuming from the checkpoint of step 1" in events(api, job_id)
 
 
@@ -85,8 +85,8 @@ def test_what_the_user_must_fix_fails_the_job_at_once(api, services, monkeypatch
     failing_at_step_two(monkeypatch, DatasetError("data", bad_line))
     run_job(job_id, services)
 
-    job = api.http.get(f"/v1/jobs/{job_id}").json()
-    assert (job["status"], job["attempt"], job["error"]["code"]) == ("failed", 1, "invalid_input")
+    job = api.http.get(f"{JOBS}/{job_id}").json()
+    assert (job["status"], attempt_of(api, job_id), job["error"]["code"]) == ("failed", 1, "invalid_input")
     assert job["error"]["message"] == "data: invalid dataset\n  - line 3, field 'prompt': too long"
 
 
