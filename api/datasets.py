@@ -3,6 +3,7 @@ it streams, and the delete that refuses while an active job uses the file."""
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -20,8 +21,10 @@ from api.uploads import receive_file
 from core.data import iter_byte_lines, read_jsonl
 from protocol.errors import APIError
 from service.db import transaction
+from service.storage import StorageError
 from service.tables import ACTIVE_STATUSES, Dataset, Job, new_id
 
+log = logging.getLogger(__name__)
 Out = TypeVar("Out", bound=BaseModel)
 
 
@@ -137,4 +140,7 @@ def delete_dataset_row(services: Services, project_id: str, dataset_id: str) -> 
             )
         session.delete(dataset)
         key = dataset.storage_key
-    services.storage.delete(key)  # after the commit: a failed commit never loses the object
+    try:
+        services.storage.delete(key)  # after the commit: a failed commit never loses the object
+    except StorageError:  # the file is deleted for its owner; the object outlives an outage
+        log.warning("file %s deleted, but its object %s could not be removed", dataset_id, key, exc_info=True)

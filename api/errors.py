@@ -1,6 +1,6 @@
 """The API's errors on top of the shared ones (protocol/errors.py): a missing key before a bad
-body, 400 on the OpenAI-compatible routes, 503 while the database is away, and the error bodies
-in the OpenAPI schema."""
+body, 400 on the OpenAI-compatible routes, 503 while the database or the object store is away,
+and the error bodies in the OpenAPI schema."""
 
 from __future__ import annotations
 
@@ -13,11 +13,13 @@ from pydantic import BaseModel, Field
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from protocol.errors import APIError, error_body, install_error_handlers, invalid_request_response
+from service.storage import ObjectNotFound, StorageError
 
 log = logging.getLogger(__name__)
 
 OPENAI_COMPATIBLE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 OPENAI_COMPATIBLE_PREFIXES = ("/v1/fine_tuning/", "/v1/files")
+STORAGE_RETRY_SECONDS = 5
 MISSING_KEY = ("missing_api_key", "send an API key as 'Authorization: Bearer <key>'")
 BEARER_CHALLENGE = {"WWW-Authenticate": "Bearer"}
 
@@ -36,6 +38,18 @@ def install_api_error_handlers(app: FastAPI) -> None:
         log.warning("database unavailable on %s %s: %s", request.method, request.url.path, exc.orig)
         body = error_body(503, "database_unavailable", "the database is unavailable; retry in a few seconds")
         return JSONResponse(body, 503, headers={"Retry-After": "5"})
+
+    @app.exception_handler(StorageError)
+    async def _storage_unavailable(request: Request, exc: StorageError) -> JSONResponse:
+        if isinstance(exc, ObjectNotFound):  # a row whose object is gone: lost data, not an outage
+            log.error("object missing on %s %s: %s", request.method, request.url.path, exc)
+            return JSONResponse(error_body(500, "internal_error", "a stored object is missing"), 500)
+        # The object store is down or refusing: say so and when to retry; its client reconnects.
+        log.warning("storage unavailable on %s %s: %s", request.method, request.url.path, exc)
+        body = error_body(
+            503, "storage_unavailable", "the object store is unavailable; retry in a few seconds"
+        )
+        return JSONResponse(body, 503, headers={"Retry-After": str(STORAGE_RETRY_SECONDS)})
 
 
 async def _invalid_request(request: Request, details: list[dict[str, Any]]) -> JSONResponse:
@@ -77,7 +91,7 @@ ERROR_DESCRIPTIONS = {
     413: "The upload is larger than the limit.",
     429: "Too many requests wait for the model; retry after `Retry-After` seconds.",
     422: "Invalid input; `details` lists every problem.",
-    503: "A dependency (the database, the reward sandbox, the model server) is unavailable; retry later.",
+    503: "A dependency (the database, the object store, the reward sandbox, the model server) is unavailable; retry later.",
 }
 _ERROR_HEADERS = {
     401: {"WWW-Authenticate": {"description": "`Bearer`", "schema": {"type": "string"}}},

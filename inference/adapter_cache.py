@@ -19,13 +19,17 @@ from transformers import PreTrainedModel
 
 from inference.engine import Adapter, adapter_bytes, load_adapter
 from protocol.completions import AdapterRef
-from service.storage import Storage
+from service.storage import ObjectNotFound, Storage, StorageError
 
 log = logging.getLogger(__name__)
 
 
 class AdapterUnavailable(RuntimeError):
     """The adapter's archive is missing, corrupt, or not a servable adapter."""
+
+
+class StorageOutage(AdapterUnavailable):
+    """The object store could not be read just now; the same request may work shortly."""
 
 
 class AdapterCache:
@@ -80,8 +84,10 @@ class AdapterCache:
             archive = Path(tmp) / "adapter.tar.gz"
             try:
                 self.storage.download(ref.storage_key, archive)
-            except Exception as exc:
-                raise AdapterUnavailable(f"the adapter's archive could not be read: {exc}") from exc
+            except StorageError as exc:
+                if isinstance(exc, ObjectNotFound):
+                    raise AdapterUnavailable(f"the adapter's archive could not be read: {exc}") from exc
+                raise StorageOutage(f"the adapter's archive could not be read: {exc}") from exc
             digest = hashlib.sha256(archive.read_bytes()).hexdigest()
             if digest != ref.sha256:
                 raise AdapterUnavailable(f"the adapter's archive has sha256 {digest}, expected {ref.sha256}")

@@ -28,7 +28,7 @@ from starlette.concurrency import run_in_threadpool
 
 from core.adapters import without_replaced_start
 from core.models import ModelNotFound, load_base_model, resolve_dtype
-from inference.adapter_cache import AdapterCache, AdapterUnavailable
+from inference.adapter_cache import AdapterCache, AdapterUnavailable, StorageOutage
 from inference.engine import BatchedEngine, Completion, GenerationRequest, Progress, SamplingParams
 from inference.scheduler import ModelWorker, Overloaded
 from protocol.completions import (
@@ -149,6 +149,14 @@ async def _model_and_adapter(pool: ModelPool, target: Target):
         return worker, None
     try:
         return worker, await run_in_threadpool(worker.adapters.get, target.adapter)
+    except StorageOutage as exc:  # the API relays the 503 and its Retry-After
+        log.warning("adapter of %s not loaded, the object store is unavailable: %s", target.name, exc)
+        raise APIError(
+            503,
+            "storage_unavailable",
+            f"the model {target.name!r} cannot be loaded while the object store is unavailable; retry shortly",
+            headers={"Retry-After": "5"},
+        ) from None
     except AdapterUnavailable as exc:
         log.error("adapter of %s unavailable: %s", target.name, exc)
         raise APIError(

@@ -162,15 +162,22 @@ class LocalStorage(Storage):
             return self._path(key).open("rb")
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise ObjectNotFound(key) from None
+        except OSError as exc:  # unreadable, an I/O error: as S3's failures are, a StorageError
+            raise StorageError(f"reading {key!r} under {self.root} failed: {exc}") from exc
+
+    def _write_object(self, key: str, write: Callable[[BinaryIO], object]) -> None:
+        try:
+            _write_atomically(self._path(key), write)
+        except OSError as exc:  # a full disk, a read-only mount
+            raise StorageError(f"storing {key!r} under {self.root} failed: {exc}") from exc
 
     def put_file(self, key: str, source: Path) -> None:
-        target = self._path(key)
         with Path(source).open("rb") as reader:
-            _write_atomically(target, lambda writer: shutil.copyfileobj(reader, writer, DEFAULT_CHUNK_SIZE))
+            self._write_object(key, lambda writer: shutil.copyfileobj(reader, writer, DEFAULT_CHUNK_SIZE))
         logger.debug("stored %s from %s", key, source)
 
     def put_bytes(self, key: str, data: bytes) -> None:
-        _write_atomically(self._path(key), lambda writer: writer.write(data))
+        self._write_object(key, lambda writer: writer.write(data))
         logger.debug("stored %s (%d bytes)", key, len(data))
 
     def download(self, key: str, target: Path) -> None:

@@ -71,36 +71,41 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """URL of a moto S3 server running in a subprocess for the whole session."""
-    port = free_port()
+def start_moto(port: int, log_path: Path) -> subprocess.Popen:
+    """A moto S3 server on the loopback port, answering once this returns."""
     endpoint = f"http://127.0.0.1:{port}"
     # A file, not a pipe: the server logs every request, and an unread pipe would fill and stall it.
-    log_path = tmp_path_factory.mktemp("moto") / "server.log"
-    with log_path.open("wb") as log:
+    with log_path.open("ab") as log:
         server = subprocess.Popen(
             [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
             stdout=log,
             stderr=subprocess.STDOUT,
         )
+    deadline = time.monotonic() + MOTO_START_SECONDS
+    while True:
+        if server.poll() is not None:
+            pytest.fail(f"moto server exited with {server.returncode}:\n{log_path.read_text()}")
+        try:
+            urllib.request.urlopen(endpoint, timeout=1).close()
+            return server
+        except urllib.error.HTTPError:
+            return server  # any HTTP answer means it is serving
+        except OSError:
+            if time.monotonic() > deadline:
+                stop_process(server, grace=5)
+                pytest.fail(
+                    f"moto server did not answer within {MOTO_START_SECONDS} s:\n{log_path.read_text()}"
+                )
+            time.sleep(0.1)
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """URL of a moto S3 server running in a subprocess for the whole session."""
+    port = free_port()
+    server = start_moto(port, tmp_path_factory.mktemp("moto") / "server.log")
     try:
-        deadline = time.monotonic() + MOTO_START_SECONDS
-        while True:
-            if server.poll() is not None:
-                pytest.fail(f"moto server exited with {server.returncode}:\n{log_path.read_text()}")
-            try:
-                urllib.request.urlopen(endpoint, timeout=1).close()
-                break
-            except urllib.error.HTTPError:
-                break  # any HTTP answer means it is serving
-            except OSError:
-                if time.monotonic() > deadline:
-                    pytest.fail(
-                        f"moto server did not answer within {MOTO_START_SECONDS} s:\n{log_path.read_text()}"
-                    )
-                time.sleep(0.1)
-        yield endpoint
+        yield f"http://127.0.0.1:{port}"
     finally:
         stop_process(server, grace=5)
 

@@ -14,11 +14,12 @@ import torch
 from core.adapters import attach_adapter, export_adapter
 from core.config import LoraAdapterConfig, PrefixAdapterConfig
 from core.models import load_base_model
-from inference.adapter_cache import AdapterCache, AdapterUnavailable
+from inference.adapter_cache import AdapterCache, AdapterUnavailable, StorageOutage
 from inference.engine import BatchedEngine, GenerationRequest, Progress, SamplingParams, adapter_bytes
 from inference.scheduler import ModelWorker, Overloaded
 from protocol.completions import AdapterRef
-from service.storage import LocalStorage
+from service.storage import LocalStorage, S3Storage
+from tests.conftest import free_port
 from worker.runner import write_archive
 
 
@@ -70,9 +71,20 @@ def test_adapters_load_once_are_verified_and_the_least_recently_used_goes(tmp_pa
     tampered = AdapterRef(storage_key=refs["a"].storage_key, sha256="0" * 64)
     with pytest.raises(AdapterUnavailable, match="expected 0000"):
         cache.get(tampered)
-    with pytest.raises(AdapterUnavailable, match="could not be read"):
+    with pytest.raises(AdapterUnavailable, match="could not be read") as missing:
         cache.get(AdapterRef(storage_key="adapters/missing.tar.gz", sha256="1" * 64))
+    assert not isinstance(missing.value, StorageOutage)  # gone for good: no use retrying
     assert not list((tmp_path / "scratch").iterdir())  # nothing left behind
+
+
+def test_an_object_store_that_cannot_be_reached_is_an_outage_to_retry(tmp_path: Path):
+    """The model server answers 503 with Retry-After for a StorageOutage (inference/server.py)."""
+    nothing_there = S3Storage("adapters", endpoint_url=f"http://127.0.0.1:{free_port()}", max_attempts=1)
+    model, _ = load_base_model("tiny-random")
+    cache = AdapterCache(nothing_there, model, capacity_bytes=1 << 20, scratch=tmp_path / "scratch")
+    with pytest.raises(StorageOutage, match="could not be read"):
+        cache.get(AdapterRef(storage_key="adapters/a.tar.gz", sha256="1" * 64))
+    assert cache.size_bytes == 0 and not list((tmp_path / "scratch").iterdir())
 
 
 def test_an_evicted_lora_adapter_leaves_the_model_once_no_row_uses_it(tmp_path: Path):

@@ -23,6 +23,7 @@ from service.storage import (
     ObjectNotFound,
     S3Storage,
     Storage,
+    StorageError,
     StorageUnavailable,
     open_storage,
     validate_key,
@@ -258,7 +259,7 @@ def test_a_failed_local_write_leaves_the_old_object_and_no_temporary_file(
         raise OSError("disk full")
 
     monkeypatch.setattr(storage_module.shutil, "copyfileobj", copy_half_then_fail)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(StorageError, match="disk full"):  # as S3's failures are
         store.put_file("jobs/job_1/adapter.tar.gz", source)
 
     assert b"".join(store.iter_chunks("jobs/job_1/adapter.tar.gz")) == b"complete old adapter"
