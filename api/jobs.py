@@ -17,6 +17,7 @@ from core.config import REWARD_FREE_METHODS
 from protocol.errors import APIError
 from service.db import transaction
 from service.lifecycle import add_event, request_stop, resume_job
+from service.limits import JobLimits
 from service.queue import dispatch_job
 from service.tables import (
     TERMINAL_STATUSES,
@@ -54,7 +55,11 @@ def get_job(session: Session, project_id: str, job_id: str) -> Job:
 
 
 def new_job(
-    session: Session, body: JobSpec, project_id: str, served_judges: frozenset[str], id_prefix: str = "ftjob"
+    session: Session,
+    body: JobSpec,
+    project_id: str,
+    served_judges: frozenset[str],
+    limits: JobLimits | None = None,
 ) -> Job:
     # Shared locks: a concurrent delete of these datasets waits for this job (or wins before it).
     train = _locked_dataset(session, project_id, body.training_dataset, "training_dataset")
@@ -66,9 +71,9 @@ def new_job(
     if body.method not in REWARD_FREE_METHODS and body.reward is None:
         raise APIError(422, "invalid_job", f"method {body.method!r} needs a grader", "reward")
     reward = None if body.reward is None else validated_spec(body.reward, "reward").model_dump(mode="json")
-    config = build_config(body, reward, train, heldout, served_judges)
+    config = build_config(body, reward, train, heldout, served_judges, limits)
     job = Job(
-        id=new_id(id_prefix),
+        id=new_id("ftjob"),  # now, not at the flush: the event below names it
         project_id=project_id,
         status=JobStatus.QUEUED,
         model=body.model,

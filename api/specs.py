@@ -12,6 +12,7 @@ from core.base_models import REGISTRY
 from core.config import ConfigError, parse_config, parse_reward_spec
 from core.rewards import RewardSpec
 from protocol.errors import APIError, joined
+from service.limits import JobLimits
 from service.tables import Dataset
 
 if TYPE_CHECKING:  # api.jobs builds on this module
@@ -56,6 +57,22 @@ def _body_detail(config_param: str | None, message: str) -> dict[str, str | None
     return {"param": _body_param(config_param) if config_param else None, "message": message}
 
 
+def _check_limits(config: dict, train: Dataset, heldout: Dataset | None, limits: JobLimits) -> None:
+    examples = {"training_dataset": train.examples}
+    if heldout is not None:
+        examples["validation_dataset"] = heldout.examples
+    over = limits.exceeded(config, examples)
+    if over:
+        details = [
+            {
+                "param": _body_param(where),
+                "message": f"{_body_param(where)} is {value}; this deployment accepts at most {limit}",
+            }
+            for where, value, limit in over
+        ]
+        raise APIError(422, "over_limit", joined(details), details[0]["param"], details)
+
+
 def _check_fields(dataset: Dataset, needed: set[str], param: str) -> None:
     for name in sorted(needed):
         have = dataset.field_counts.get(name, 0)
@@ -75,9 +92,11 @@ def build_config(
     train: Dataset,
     heldout: Dataset | None,
     served_judges: frozenset[str] = frozenset(),
+    limits: JobLimits | None = None,
 ) -> dict:
     """The job's validated trainer config as JSON; data paths are filled in by the worker.
-    `served_judges`: the judge models this deployment maps (model graders must name one)."""
+    `served_judges`: the judge models this deployment maps (model graders must name one);
+    `limits`: the largest job the deployment accepts (default: service/limits.py's)."""
     if body.model not in {info.name for info in REGISTRY}:
         allowed = ", ".join(info.name for info in REGISTRY)
         raise APIError(
@@ -104,6 +123,7 @@ def build_config(
         details = [_body_detail(p.param, p.message) for p in exc.details]
         raise APIError(422, "invalid_job", joined(details), details[0]["param"], details) from exc
     config.checkpoint.every = body.checkpoint_every or max(1, config.training.steps // 10)
+    _check_limits(config.model_dump(mode="json"), train, heldout, limits or JobLimits())
     if config.sft_steps and train.with_demonstration == 0:
         raise APIError(
             422,

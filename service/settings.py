@@ -16,6 +16,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from core.base_models import data_dir as default_data_dir
 from service.judge import JudgeEndpoint
+from service.limits import JobLimits
 
 
 class Settings(BaseSettings):
@@ -53,6 +54,11 @@ class Settings(BaseSettings):
         600,
         ge=1,
         description="A queued job unclaimed this long is sent to the broker again (a lost message).",
+    )
+    job_limits: JobLimits = Field(
+        default_factory=JobLimits,
+        description="The largest job accepted, as JSON with any of service/limits.py's fields: "
+        '{"steps": 2000, "max_completion_tokens": 1024}; checked when a job is created.',
     )
     idempotency_hours: int = Field(48, ge=24, description="How long an Idempotency-Key is remembered.")
     log_level: str = Field("INFO", description="Logging level of the API and worker.")

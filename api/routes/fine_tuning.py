@@ -8,6 +8,7 @@ resolved.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Annotated, Any
 
@@ -193,7 +194,8 @@ def _create_fine_tuning_job(
             metadata=body.metadata,
         )
         try:
-            job = new_job(session, ours, project_id, frozenset(services.judge.endpoints))
+            judges = frozenset(services.judge.endpoints)
+            job = new_job(session, ours, project_id, judges, services.settings.job_limits)
         except APIError as exc:
             raise _in_openai_terms(exc, resolved.echo["type"]) from exc
         job.fine_tuning_method = resolved.echo
@@ -204,21 +206,41 @@ def _create_fine_tuning_job(
 
 
 def _in_openai_terms(error: APIError, kind: str) -> APIError:
-    """A shared job check's error with OpenAI's status (400 for what 422 says) and field names."""
-    param = error.param or ""
-    head, _, rest = param.partition(".")
-    if head in _PARAMS:
-        param = _PARAMS[head]
-    elif head in ("hyperparameters", "evaluation", "adapter"):
-        param = f"method.{kind}.{'adapter' if head == 'adapter' else 'hyperparameters'}" + (
-            f".{rest}" if rest else ""
-        )
-    elif head == "reward":
-        param = f"method.{kind}.grader"
+    """A shared job check's error with OpenAI's status (400 for what 422 says) and field names,
+    in its param, its details and its messages."""
+
+    def param_of(ours: str | None) -> str | None:
+        return _openai_name(ours, kind) if ours else None
+
+    def text_of(message: str) -> str:  # settings named in the text (`hyperparameters.steps is 51`)
+        return _SETTING.sub(lambda m: _openai_name(m.group(0), kind), message).replace("dataset", "file")
+
+    details = error.details and [
+        {**d, "param": param_of(d.get("param")), "message": text_of(str(d.get("message", "")))}
+        for d in error.details
+    ]
     status = 400 if error.status == 422 else error.status
     code = error.code.replace("dataset", "file")
-    message = error.message.replace("dataset", "file")
-    return APIError(status, code, message, param or None, error.details, error.headers)
+    return APIError(status, code, text_of(error.message), param_of(error.param), details, error.headers)
+
+
+_SETTING = re.compile(r"(?<![\w.])(hyperparameters|evaluation|adapter)\.\w+")  # as in a message
+_EVALUATION_NAMES = {"max_examples": "eval_samples", "every": "eval_interval"}
+
+
+def _openai_name(ours: str, kind: str) -> str:
+    """Where OpenAI's request has what our spec calls `ours` (`hyperparameters.steps`)."""
+    head, _, rest = ours.partition(".")
+    if head in _PARAMS:
+        return _PARAMS[head]
+    if head == "reward":
+        return f"method.{kind}.grader"
+    if head not in ("hyperparameters", "evaluation", "adapter"):
+        return ours  # named alike in both (model, suffix, seed)
+    if head == "evaluation":
+        rest = _EVALUATION_NAMES.get(rest, rest)
+    section = "adapter" if head == "adapter" else "hyperparameters"
+    return f"method.{kind}.{section}" + (f".{rest}" if rest else "")
 
 
 @router.get("", response_model=FineTuningJobPage, responses=error_responses(400))

@@ -312,3 +312,55 @@ def test_a_retried_upload_gets_the_first_file(deployment):
 
     first = create("0")
     assert create("1") == first and create("0") != first
+
+
+def test_every_size_has_a_limit_checked_at_creation(pg_settings, monkeypatch):
+    """A job too big for the workers is refused when it is made, naming the field and the limit;
+    the deployment sets the limits (PREFIX_RFT_JOB_LIMITS, any subset, as JSON)."""
+    from service.settings import Settings
+
+    monkeypatch.setenv("PREFIX_RFT_JOB_LIMITS", '{"steps": 50, "file_examples": 15}')
+    limited = Settings(**{k: getattr(pg_settings, k) for k in ("data_dir", "database_url", "broker_url")})
+    assert limited.job_limits.steps == 50 and limited.job_limits.max_completion_tokens == 8192
+    api = ApiClient(limited)
+    try:
+        with served(api.app) as base_url:
+            client = openai.OpenAI(base_url=f"{base_url}/v1", api_key=api.key, max_retries=0)
+            training = upload(client, RFT_LINES)  # 12 examples: within 15
+
+            def refused(hyperparameters: dict, **fields) -> openai.BadRequestError:
+                method = {"grader": GRADER, "hyperparameters": hyperparameters}
+                with pytest.raises(openai.BadRequestError) as caught:
+                    client.fine_tuning.jobs.create(
+                        model="tiny-random",
+                        training_file=fields.get("training_file", training),
+                        method={"type": "reinforcement", "reinforcement": method},
+                    )
+                assert caught.value.code == "over_limit"
+                return caught.value
+
+            where = "method.reinforcement.hyperparameters"
+            huge = refused({"max_completion_tokens": 10**9})  # once allocated [rows, 10**9] in the worker
+            assert huge.param == f"{where}.max_completion_tokens"
+            assert "is 1000000000; this deployment accepts at most 8192" in huge.message
+            assert refused({"steps": 51}).param == f"{where}.steps"
+            assert refused({"n_epochs": 100, "batch_size": 4}).param == f"{where}.steps"  # 300 steps
+            both = refused({"rollouts_per_prompt": 65, "generation_batch_size": 5000})
+            assert {d["param"] for d in both.body["details"]} == {
+                f"{where}.rollouts_per_prompt",
+                f"{where}.generation_batch_size",
+            }
+            bigger = upload(client, RFT_LINES + RFT_LINES[:4])  # 16 examples
+            assert refused({"steps": 5}, training_file=bigger).param == "training_file"
+
+            at_the_limits = client.fine_tuning.jobs.create(
+                model="tiny-random",
+                training_file=training,
+                method={
+                    "type": "reinforcement",
+                    "reinforcement": {"grader": GRADER, "hyperparameters": {"steps": 50}},
+                },
+            )
+            assert at_the_limits.status == "queued"
+    finally:
+        api.http.close()
