@@ -8,8 +8,10 @@ code at PostgreSQL, Redis and S3 through the same variables.
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 from typing import Literal
+from urllib.parse import unquote, urlsplit
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -134,6 +136,13 @@ class Settings(BaseSettings):
                 raise ValueError(
                     f"production needs {', '.join(missing)} (the embedded defaults are for one machine)"
                 )
+            weak = weak_secrets(self.database_url, self.broker_url, self.storage_url, self.s3_endpoint_url)
+            if weak:
+                raise ValueError(
+                    "production refuses development or empty secrets: "
+                    + "; ".join(weak)
+                    + " (docker-compose.yml's defaults are for trying it out; set your own)"
+                )
         self.data_dir = self.data_dir.expanduser().resolve()
         self.database_url = self.database_url or f"sqlite:///{self.data_dir / 'service.db'}"
         self.broker_url = self.broker_url or "filesystem://"
@@ -150,6 +159,50 @@ class Settings(BaseSettings):
     def scratch_dir(self) -> Path:
         """Where workers unpack datasets and write checkpoints before uploading them."""
         return self.data_dir / "scratch"
+
+
+# The compose file's development defaults and the usual shipped ones: never a production secret.
+DEVELOPMENT_SECRETS = frozenset(
+    {
+        "prefix",
+        "prefix-rft",
+        "prefix-rft-dev-secret",
+        "postgres",
+        "password",
+        "secret",
+        "changeme",
+        "minioadmin",
+        "guest",
+        "admin",
+        "root",
+        "redis",
+        "test",
+    }
+)
+
+
+def weak_secrets(
+    database_url: str, broker_url: str, storage_url: str, s3_endpoint_url: str | None
+) -> list[str]:
+    """What is wrong with a deployment's secrets: the database's and the broker's passwords in
+    their URLs (SQLite and the file broker have none), and the S3 secret key in the environment
+    (boto3's chain). On AWS itself no key is fine (an instance role); an S3-compatible server
+    (`s3_endpoint_url`) needs one."""
+    problems = []
+    for name, url in (("PREFIX_RFT_DATABASE_URL", database_url), ("PREFIX_RFT_BROKER_URL", broker_url)):
+        parts = urlsplit(url)
+        if parts.scheme.startswith(("sqlite", "filesystem", "memory")):
+            continue
+        password = unquote(parts.password or "")
+        if not password:
+            problems.append(f"{name} has no password")
+        elif password.lower() in DEVELOPMENT_SECRETS:
+            problems.append(f"{name} has a development password")
+    if storage_url.startswith("s3://"):
+        secret = os.environ.get("AWS_SECRET_ACCESS_KEY", "")
+        if secret.lower() in DEVELOPMENT_SECRETS or (not secret and s3_endpoint_url):
+            problems.append(f"AWS_SECRET_ACCESS_KEY is {'a development secret' if secret else 'empty'}")
+    return problems
 
 
 @functools.cache

@@ -208,6 +208,35 @@ def test_the_app_uses_the_credentials_the_backing_services_are_started_with(serv
     assert len(minio["MINIO_ROOT_PASSWORD"]) >= 8  # MinIO refuses shorter ones
 
 
+def test_production_refuses_the_compose_file_s_development_credentials(
+    services, tmp_path, monkeypatch: pytest.MonkeyPatch
+):
+    from pydantic import ValidationError
+
+    from service.settings import Settings
+
+    def settings(overrides: dict[str, str]) -> Settings:
+        # The api's environment as compose would give it, with these variables set.
+        env = {
+            key: re.sub(
+                r"\$\{(\w+)(?::?-([^}]*))?\}", lambda m: overrides.get(m.group(1), m.group(2) or ""), str(v)
+            )
+            for key, v in services["api"]["environment"].items()
+        }
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        monkeypatch.setenv("PREFIX_RFT_DATA_DIR", str(tmp_path))
+        return Settings()
+
+    assert settings({}).environment == "local"  # `docker compose up` as shipped: trying it out
+    with pytest.raises(ValidationError) as refused:
+        settings({"PREFIX_RFT_ENVIRONMENT": "production"})
+    for name in ("PREFIX_RFT_DATABASE_URL", "PREFIX_RFT_BROKER_URL", "AWS_SECRET_ACCESS_KEY"):
+        assert name in str(refused.value)
+    own = {"POSTGRES_PASSWORD": "pg-Xk29s", "REDIS_PASSWORD": "rd-Q8w2m", "MINIO_ROOT_PASSWORD": "mn-L4c9z1"}
+    assert settings({"PREFIX_RFT_ENVIRONMENT": "production", **own}).environment == "production"
+
+
 def test_the_worker_reserves_a_gpu_and_keeps_its_data_dir(services):
     worker = services["worker"]
     devices = worker["deploy"]["resources"]["reservations"]["devices"]
