@@ -42,13 +42,16 @@ class Settings(BaseSettings):
         1 << 30, ge=1, description="Largest dataset upload, counted while streaming."
     )
     max_line_bytes: int = Field(1 << 20, ge=1, description="Longest dataset line.")
-    lease_seconds: int = Field(300, ge=1, description="A running job's lease; the worker renews it.")
-    heartbeat_seconds: float = Field(30, gt=0, description="How often the worker renews the lease.")
+    # A worker that dies is noticed when its lease runs out and the next reaper round looks:
+    # within lease + reaper seconds (20 s by default). Renewing every 3 s leaves five renewals of
+    # slack for a slow database before a live worker would lose its job.
+    lease_seconds: int = Field(15, ge=1, description="A running job's lease; the worker renews it.")
+    heartbeat_seconds: float = Field(3, gt=0, description="How often the worker renews the lease.")
     max_attempts: int = Field(
         3, ge=1, description="Attempts a job gets (worker lost or training error) before it fails."
     )
     reaper_seconds: float = Field(
-        15,
+        5,
         ge=0,
         description="How often the API looks for expired leases and undelivered jobs; 0 turns it off.",
     )

@@ -329,3 +329,66 @@ def test_postgres_restart_during_a_run(api, settings, start_worker):
     assert job["status"] == "succeeded" and attempt_of(api, job_id) == 1, (job, worker.log()[-3000:])
     assert "database unavailable" in worker.log()
     assert_one_good_adapter(api, job_id)
+
+
+def pool_process(worker) -> int:
+    """The pid of the process the worker's job runs in (Celery's prefork pool child)."""
+    main = worker.process.pid
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        children = Path(f"/proc/{main}/task/{main}/children").read_text().split()
+        if children:
+            return int(children[0])
+        time.sleep(0.1)
+    raise AssertionError("the worker has no pool process")
+
+
+@pytest.mark.parametrize("dies", ["training_process", "whole_worker"])
+def test_a_dead_worker_s_job_is_requeued_and_resumed_within_30_seconds(
+    make_settings, database, redis_url, start_worker, dies
+):
+    """With the deployment's default lease, heartbeat and reaper timing: SIGKILL to the process
+    that trains (the worker lives on) or to the whole worker; another worker waits idle. Measured
+    from the kill to the job running again from its checkpoint."""
+    defaults = Settings.model_fields
+    settings = make_settings(
+        database_url=database,
+        broker_url=redis_url,
+        lease_seconds=defaults["lease_seconds"].default,
+        heartbeat_seconds=defaults["heartbeat_seconds"].default,
+        reaper_seconds=defaults["reaper_seconds"].default,
+        max_attempts=5,
+    )
+    assert settings.lease_seconds + settings.reaper_seconds <= 25  # the promise, with room to claim
+    redis.Redis.from_url(redis_url).delete("celery")
+    client = ApiClient(settings)
+    with client.http:  # the app's lifespan runs the reaper
+        first = start_worker(settings)
+        job_id = start_job(client, steps=200)
+        wait_for(
+            client.http,
+            job_id,
+            lambda j: j["status"] == "running" and j["step"] >= 5,
+            worker=first,
+            every=0.05,
+        )
+        standby = start_worker(settings)  # idle: the job's message went to the first worker
+        time.sleep(3)  # the standby is up and waiting for messages
+        os.kill(pool_process(first) if dies == "training_process" else first.process.pid, signal.SIGKILL)
+        if dies == "whole_worker":
+            os.killpg(first.process.pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+        job = wait_for(
+            client.http,
+            job_id,
+            lambda j: attempt_of(client, job_id) == 2 and bool(resumed_from(client, job_id)),
+            timeout=60,
+            worker=standby,
+            every=0.1,
+        )
+        noticed = time.monotonic() - killed_at
+        print(f"\n{dies}: job running again from its checkpoint {noticed:.1f} s after the kill")
+        assert noticed < 30, noticed
+        assert "the worker stopped renewing its lease" in " ".join(events(client, job_id))
+        assert job["status"] == "running"
+        client.http.post(f"{JOBS}/{job_id}/cancel")  # the rest of the run is not this test's
