@@ -252,6 +252,47 @@ def test_the_worker_reserves_a_gpu_and_keeps_its_data_dir(services):
     assert worker.get("stop_grace_period"), "the running job needs time to checkpoint"
 
 
+CPU_COMPOSE_FILE = ROOT / "docker-compose.cpu.yml"
+
+
+class _ComposeLoader(yaml.SafeLoader):
+    """YAML with compose's `!reset` (drop what the file below set), read as a marker."""
+
+
+_ComposeLoader.add_constructor("!reset", lambda loader, node: "!reset")
+
+
+def merged(base: dict, override: dict) -> dict:
+    """docker compose's merge of an override file into the one below: mappings merge key by key,
+    anything else is replaced, `!reset` removes the key."""
+    out = dict(base)
+    for key, value in override.items():
+        if value == "!reset":
+            out.pop(key, None)
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merged(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def test_the_cpu_variant_runs_the_same_stack_without_a_gpu(compose):
+    override = yaml.load(CPU_COMPOSE_FILE.read_text(), Loader=_ComposeLoader)
+    assert set(override["services"]) <= SERVICES
+    cpu = merged(compose, override)["services"]
+    for name in ("worker", "inference"):
+        assert "deploy" not in cpu[name], f"{name} still reserves a GPU"
+        assert cpu[name]["build"]["args"]["CUDA_IMAGE"].startswith("ubuntu:22.04")  # python3.11 from apt
+        assert cpu[name]["build"]["dockerfile"] == "docker/worker.Dockerfile"
+        assert cpu[name]["image"] != compose["services"][name]["image"]  # the two builds never mix
+        # Everything else is the GPU stack's: settings, volumes, commands, health checks.
+        for key in ("environment", "volumes", "command", "healthcheck", "depends_on", "stop_grace_period"):
+            assert cpu[name].get(key) == compose["services"][name].get(key), (name, key)
+    assert cpu["worker"]["image"] == cpu["inference"]["image"]
+    # The Dockerfile takes the base image as the build argument the override sets.
+    assert "ARG CUDA_IMAGE=" in WORKER_DOCKERFILE.read_text()
+
+
 def test_every_build_names_an_existing_dockerfile(services):
     built = {}
     for name, service in services.items():
