@@ -5,12 +5,16 @@ A training step's values are ours (`loss`, `reward_mean`, `reward/<grader>`, ...
 is kept under its own name with the split in front (`train_loss`, `valid_accuracy`), and the
 keys OpenAI's clients read are added where we have the quantity: `train_mean_reward`,
 `full_valid_mean_reward`, `completion_tokens_mean`, `scores`, `timing` (docs/openai-compat.md §2.3).
-A running job's `estimated_finish` comes from when its recent steps ended.
+A running job's `estimated_finish` comes from when its recent steps ended, and each event is
+shown as OpenAI's `fine_tuning.job.event`.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+from api.schemas import FineTuningJobEvent
+from service.tables import JobEvent
 
 PREFIX = {"train": "train_", "validation": "valid_"}
 
@@ -80,3 +84,20 @@ def estimated_finish(steps_ended_at: list[tuple[int, float]], total_steps: int) 
         return None
     per_step = (last_at - first_at) / (last_step - first_step)
     return round(last_at + per_step * max(0, total_steps - last_step))
+
+
+EVENT_PREFIX = "ftevent-"  # our integer event id inside OpenAI's string id: `ftevent-12`
+_LEVELS = {"info": "info", "warning": "warn", "error": "error"}
+
+
+def openai_event(event: JobEvent) -> FineTuningJobEvent:
+    """A job's event as OpenAI's fine_tuning.job.event; a metrics event in OpenAI's names."""
+    metrics = event.type == "metrics" and event.data is not None
+    return FineTuningJobEvent(
+        id=f"{EVENT_PREFIX}{event.id}",
+        created_at=int(event.created_at.timestamp()),
+        level=_LEVELS.get(event.level, "info"),
+        message=event_message(event.data) if metrics else event.message,
+        type="metrics" if metrics else "message",
+        data=event_data(event.data) if metrics else event.data,
+    )

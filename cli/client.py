@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 DEFAULT_URL = "http://127.0.0.1:8000"
+RECONNECTS = 5  # dropped event streams resumed in a row before giving up
 
 
 class ClientError(Exception):
@@ -65,6 +69,51 @@ class Client:
                 0, {"code": "checksum_mismatch", "message": "the download's sha256 does not match"}
             )
         return digest.hexdigest()
+
+    def stream_events(self, job_id: str, after: int = 0) -> Iterator[tuple[int, str, dict[str, Any]]]:
+        """The job's events as they happen, oldest first, as (number, type, event) until the job
+        ends; a dropped connection is resumed from the last event seen (`Last-Event-ID`)."""
+        last, drops = after, 0
+        while True:
+            headers = {"Last-Event-ID": str(last)} if last else {}
+            try:
+                with self.http.stream(
+                    "GET", f"/v1/fine_tuning/jobs/{job_id}/events/stream", headers=headers, timeout=None
+                ) as response:
+                    if response.is_error:
+                        response.read()
+                        raise _error(response)
+                    for number, kind, data in _server_sent_events(response.iter_lines()):
+                        if kind == "end":
+                            return
+                        last, drops = number or last, 0
+                        yield last, kind, data
+            except httpx.TransportError:
+                drops += 1
+                if drops > RECONNECTS:
+                    raise
+                time.sleep(min(2.0**drops, 30))
+
+
+def _server_sent_events(lines: Iterator[str]) -> Iterator[tuple[int | None, str, dict[str, Any]]]:
+    """(id, event, JSON data) of each event in a text/event-stream; comments and `retry:` skipped."""
+    number, kind, data = None, "message", []
+    for line in lines:
+        if not line:
+            if data:
+                yield number, kind, json.loads("\n".join(data))
+            number, kind, data = None, "message", []
+        elif line.startswith(":"):
+            continue
+        else:
+            field, _, value = line.partition(":")
+            value = value.removeprefix(" ")
+            if field == "id" and value.isdigit():
+                number = int(value)
+            elif field == "event":
+                kind = value
+            elif field == "data":
+                data.append(value)
 
 
 def _error(response: httpx.Response) -> ClientError:

@@ -11,7 +11,6 @@ import argparse
 import json
 import sys
 import tarfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -21,15 +20,12 @@ import yaml
 from cli.client import Client, ClientError
 from core.errors import InvalidInput
 
-TERMINAL = ("succeeded", "failed", "cancelled")
 # Our method names that OpenAI's API spells its own way; the others are sent as they are.
 METHOD_TYPES = {"sft": "supervised", "rft": "reinforcement"}
 FILE_COLUMNS = ("id", "filename", "examples", "with_demonstration", "bytes", "created_at")
 JOB_COLUMNS = ("id", "status", "model", "method", "step", "total_steps", "fine_tuned_model")
-EVENT_PREFIX = "ftevent-"
 EVENTS_PER_PAGE = 100
 METRICS_PER_PAGE = 10_000
-FOLLOW_SECONDS = 2
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -186,35 +182,29 @@ def _job_body(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _logs(client: Client, job_id: str, follow: bool) -> None:
-    last = _print_new_events(client, job_id, 0)
-    while follow:
-        finished = client.request("GET", _job_path(job_id))["status"] in TERMINAL
-        last = _print_new_events(client, job_id, last)  # also the events written before it finished
-        if finished:
-            return
-        time.sleep(FOLLOW_SECONDS)
+    if not follow:
+        _print_events(client, job_id)
+        return
+    for _, _, event in client.stream_events(job_id):  # every event once, until the job ends
+        _print_event(event)
 
 
-def _event_number(event: dict[str, Any]) -> int:
-    return int(event["id"].removeprefix(EVENT_PREFIX))
+def _print_event(event: dict[str, Any]) -> None:
+    print(f"{event['created_at']}  {event['level']:5s}  {event['message']}", flush=True)
 
 
-def _print_new_events(client: Client, job_id: str, last_printed: int) -> int:
-    """Print, oldest first, the events newer than `last_printed`; return the newest one's number.
-
-    The API pages newest first, so pages are read back until an event already printed."""
-    new: list[dict[str, Any]] = []
+def _print_events(client: Client, job_id: str) -> None:
+    """Every event so far, oldest first (the API pages newest first)."""
+    events: list[dict[str, Any]] = []
     params: dict[str, Any] = {"limit": EVENTS_PER_PAGE}
     while True:
         page = client.request("GET", f"{_job_path(job_id)}/events", params=params)
-        unseen = [e for e in page["data"] if _event_number(e) > last_printed]
-        new.extend(unseen)
-        if len(unseen) < len(page["data"]) or not page["has_more"]:
+        events.extend(page["data"])
+        if not page["has_more"] or not page["data"]:
             break
         params["after"] = page["data"][-1]["id"]
-    for event in reversed(new):
-        print(f"{event['created_at']}  {event['level']:5s}  {event['message']}", flush=True)
-    return _event_number(new[0]) if new else last_printed
+    for event in reversed(events):
+        _print_event(event)
 
 
 def _metrics(client: Client, job_id: str, kind: str | None) -> None:

@@ -260,4 +260,9 @@ def add_event(
     data: dict | None = None,
     type: str = "message",
 ) -> None:
+    # Under the job's row lock to the commit: a job's events then commit in the order of their
+    # ids, so an event stream that reads on from the last id it sent misses none (PostgreSQL
+    # hands out ids before commits, which could otherwise land out of order).
+    session.execute(select(Job.id).where(Job.id == job_id).with_for_update())
     session.add(JobEvent(job_id=job_id, level=level, type=type, message=message, data=data))
+    session.flush()

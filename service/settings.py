@@ -65,6 +65,15 @@ class Settings(BaseSettings):
         description="The largest job accepted, as JSON with any of service/limits.py's fields: "
         '{"steps": 2000, "max_completion_tokens": 1024}; checked when a job is created.',
     )
+    stream_poll_seconds: float = Field(
+        0.5, gt=0, le=10, description="How often an event stream looks for a job's new events."
+    )
+    stream_keepalive_seconds: float = Field(
+        15,
+        gt=0,
+        le=300,
+        description="A quiet event stream sends a comment this often (proxies close idle ones).",
+    )
     idempotency_hours: int = Field(48, ge=24, description="How long an Idempotency-Key is remembered.")
     log_level: str = Field("INFO", description="Logging level of the API and worker.")
 

@@ -28,7 +28,7 @@ from api.idempotency import (
     fingerprint,
 )
 from api.jobs import JobSpec, new_job, request_cancel, request_pause, request_resume
-from api.openai_metrics import estimated_finish, event_data, event_message, prefixed
+from api.openai_metrics import EVENT_PREFIX, estimated_finish, openai_event, prefixed
 from api.pagination import openai_page
 from api.schemas import (
     FineTuningJob,
@@ -36,7 +36,6 @@ from api.schemas import (
     FineTuningJobCheckpointPage,
     FineTuningJobCreate,
     FineTuningJobError,
-    FineTuningJobEvent,
     FineTuningJobEventPage,
     FineTuningJobPage,
     MetricPage,
@@ -339,21 +338,9 @@ def list_fine_tuning_events(
     query = select(JobEvent).where(JobEvent.job_id == fine_tuning_job_id)
     rows, has_more = _newest_first(session, query, JobEvent.id, _row_id(EVENT_PREFIX, after), limit)
     return {
-        "data": [_event(e) for e in rows],
+        "data": [openai_event(e) for e in rows],
         "has_more": has_more,
     }
-
-
-def _event(event: JobEvent) -> FineTuningJobEvent:
-    metrics = event.type == "metrics" and event.data is not None
-    return FineTuningJobEvent(
-        id=f"{EVENT_PREFIX}{event.id}",
-        created_at=int(event.created_at.timestamp()),
-        level=_LEVELS.get(event.level, "info"),
-        message=event_message(event.data) if metrics else event.message,
-        type="metrics" if metrics else "message",
-        data=event_data(event.data) if metrics else event.data,
-    )
 
 
 @router.get(
@@ -483,6 +470,5 @@ def download_fine_tuning_adapter(
     )
 
 
-EVENT_PREFIX, CHECKPOINT_PREFIX = "ftevent-", "ftckpt_"
+CHECKPOINT_PREFIX = "ftckpt_"
 MAX_INT, MAX_BIGINT = 2**31 - 1, 2**63 - 1  # the database's integer ranges bound the cursors
-_LEVELS = {"info": "info", "warning": "warn", "error": "error"}

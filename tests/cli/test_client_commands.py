@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from cli import client_commands
 from cli.main import main
 from service.db import transaction
 from service.tables import JobEvent, JobMetric
@@ -209,8 +208,8 @@ def test_logs_print_each_event_once_oldest_first(cli, api, tmp_path, grader_file
     assert status == 0 and followed[:151] == messages and len(followed) == len(set(followed))
 
 
-def test_logs_follow_a_job_until_it_ends(cli, api, tmp_path, grader_file, monkeypatch):
-    monkeypatch.setattr(client_commands, "FOLLOW_SECONDS", 0.1)
+def test_logs_follow_a_job_until_it_ends(cli, api, tmp_path, grader_file):
+    """--follow reads the event stream: each event once, as it comes, until the job ends."""
     training = upload(cli, write_jsonl(tmp_path / "train.jsonl", RFT_LINES))
     job = create_rft_job(cli, training, grader_file)
 
