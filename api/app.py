@@ -17,7 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.deps import Services
 from api.errors import document_error_responses, install_api_error_handlers
-from api.routes import completions, event_streams, files, fine_tuning, graders, health, models
+from api.routes import completions, event_streams, files, fine_tuning, graders, health, models, webhooks
 from core.rewards import SandboxLimits, SandboxPool
 from protocol.request_ids import RequestIds
 from service.db import make_engine, make_sessionmaker
@@ -26,6 +26,7 @@ from service.queue import make_celery
 from service.reaper import Reaper
 from service.settings import Settings, get_settings
 from service.storage import open_storage
+from service.webhooks import WebhookSender
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         reaper = Reaper(settings, services.sessions, services.celery) if settings.reaper_seconds else None
         if reaper:
             reaper.start()
+        sender = WebhookSender(settings, services.sessions)
+        sender.start()
         yield
+        sender.stop()
         if reaper:
             reaper.stop()
         services.sandbox.close()
@@ -73,7 +77,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.services = services
     install_api_error_handlers(app)
     document_error_responses(app)
-    for module in (files, event_streams, fine_tuning, graders, models, completions, health):
+    for module in (files, event_streams, fine_tuning, graders, webhooks, models, completions, health):
         app.include_router(module.router)
 
     app.add_middleware(RecordMetrics)

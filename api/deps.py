@@ -18,7 +18,7 @@ from service.judge import ChatJudge
 from service.keys import project_for_key
 from service.settings import Settings
 from service.storage import Storage
-from service.tables import Dataset, Job
+from service.tables import Dataset, Job, WebhookEndpoint
 
 
 @dataclass
@@ -75,7 +75,7 @@ ProjectDep = Annotated[str, Depends(current_project)]
 
 ID_PATTERN = r"^[a-z]+[_-][0-9a-f]{24}$"  # the shape of service.tables.new_id
 _ID = re.compile(ID_PATTERN)
-Model = TypeVar("Model", Dataset, Job)
+Model = TypeVar("Model", Dataset, Job, WebhookEndpoint)
 
 
 def owned(
@@ -89,7 +89,7 @@ def owned(
 ) -> Model:
     """The caller's resource by id; anything else (another project's, malformed, missing) is a 404.
     `kind` names it in the error (`file_not_found`); default: the table's resource name."""
-    kind = kind or {Dataset: "file", Job: "job"}[model]
+    kind = kind or {Dataset: "file", Job: "job", WebhookEndpoint: "webhook_endpoint"}[model]
     row = session.get(model, resource_id, **get) if _ID.match(resource_id) else None
     if row is None or row.project_id != project_id:
         raise not_found(kind, resource_id, param)

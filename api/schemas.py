@@ -287,3 +287,61 @@ class FineTuningJobCheckpointPage(BaseModel):
     has_more: bool
     first_id: str | None = None
     last_id: str | None = None
+
+
+# ----- webhooks (/v1/webhooks) -------------------------------------------------------------------
+
+
+class WebhookEndpointCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(min_length=1, max_length=2000, description="http(s) URL that receives the POSTs.")
+    events: (
+        list[Literal["fine_tuning.job.succeeded", "fine_tuning.job.failed", "fine_tuning.job.cancelled"]]
+        | None
+    ) = Field(None, min_length=1, description="Event types to send; default: all three.")
+    description: str = Field("", max_length=500)
+
+
+class WebhookEndpointOut(BaseModel):
+    id: str
+    object: Literal["webhook_endpoint"] = "webhook_endpoint"
+    url: str
+    events: list[str]
+    description: str
+    created_at: int = Field(description="Unix seconds.")
+    secret: str | None = Field(
+        None, description="`whsec_...`: verifies the signatures. Shown once, in the answer to create."
+    )
+
+
+class WebhookEndpointPage(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[WebhookEndpointOut]
+    has_more: bool
+
+
+class WebhookEndpointDeleted(BaseModel):
+    id: str
+    object: Literal["webhook_endpoint"] = "webhook_endpoint"
+    deleted: bool = True
+
+
+class WebhookDeliveryOut(BaseModel):
+    id: str = Field(description="The webhook-id header: the same on every attempt.")
+    object: Literal["webhook_delivery"] = "webhook_delivery"
+    event_type: str
+    event: dict[str, Any] = Field(description="The body sent.")
+    status: Literal["pending", "delivered", "failed"]
+    attempts: int
+    next_attempt_at: int | None
+    last_status_code: int | None
+    last_error: str | None
+    created_at: int
+    delivered_at: int | None
+
+
+class WebhookDeliveryPage(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[WebhookDeliveryOut]
+    has_more: bool

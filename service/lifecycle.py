@@ -15,6 +15,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from service.tables import Job, JobEvent, JobMetric, JobStatus, utcnow
+from service.webhooks import enqueue_job_ended
 
 OWNED = (JobStatus.RUNNING, JobStatus.CANCELLING, JobStatus.PAUSING)
 # What a user asked of a running job, which its worker carries out at the next step.
@@ -91,6 +92,7 @@ def finish_job(
         trained_tokens=trained_tokens(session, job_id),
         **values,
     )
+    enqueue_job_ended(session, job_id, status)
 
 
 def trained_tokens(session: Session, job_id: str) -> int:
@@ -113,6 +115,7 @@ def release_job(session: Session, job_id: str, attempt: int, reason: str) -> Non
             session, job_id, attempt, status=JobStatus.CANCELLED, finished_at=utcnow(), lease_expires_at=None
         )
         add_event(session, job_id, f"cancelled ({reason})")
+        enqueue_job_ended(session, job_id, JobStatus.CANCELLED)
         return
     if status == JobStatus.PAUSING:  # the user asked to pause: it waits for resume, not a worker
         update_job(session, job_id, attempt, **_paused())
@@ -159,6 +162,7 @@ def _after_failure(session: Session, job: Job, error: dict[str, str], max_attemp
     update_job(session, job.id, job.attempt, failures=failures, **values)
     level = "error" if values["status"] == JobStatus.FAILED else "warning"
     add_event(session, job.id, message[:4000], level=level)
+    enqueue_job_ended(session, job.id, values["status"])  # only an ended job's status has an event
     return values["status"]
 
 
@@ -235,11 +239,14 @@ def request_stop(session: Session, job: Job, target: JobStatus) -> bool:
     values: dict[str, Any] = {"status": target}
     if target == JobStatus.CANCELLED:
         values |= {"finished_at": utcnow()}
-    return bool(
+    moved = bool(
         session.execute(
             update(Job).where(Job.id == job.id, Job.status == job.status).values(**values)
         ).rowcount
     )
+    if moved:
+        enqueue_job_ended(session, job.id, target)  # cancelled at once: an ended job
+    return moved
 
 
 def resume_job(session: Session, job: Job) -> bool:

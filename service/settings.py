@@ -74,6 +74,18 @@ class Settings(BaseSettings):
         le=300,
         description="A quiet event stream sends a comment this often (proxies close idle ones).",
     )
+    webhook_seconds: float = Field(1.0, gt=0, description="How often each API process sends due webhooks.")
+    webhook_timeout_seconds: float = Field(10.0, gt=0, le=60, description="How long a receiver may take.")
+    webhook_retry_seconds: list[float] = Field(
+        [5, 30, 120, 600, 1800, 3600, 10800, 21600, 43200, 86400],
+        min_length=1,
+        description="Waits before each retry of a failed delivery (about two days in all), then it fails.",
+    )
+    webhook_private_addresses: bool | None = Field(
+        None,
+        description="Whether webhooks may go to private, loopback or link-local addresses; default: "
+        "only when the environment is local.",
+    )
     idempotency_hours: int = Field(48, ge=24, description="How long an Idempotency-Key is remembered.")
     log_level: str = Field("INFO", description="Logging level of the API and worker.")
 

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import httpx
 import openai
 import pytest
 
@@ -66,8 +67,15 @@ def wait_until_done(client: openai.OpenAI, job_id: str, worker, timeout: float =
     raise AssertionError(f"{job_id} is still {job.status}\n{worker.log()[-3000:]}")
 
 
-def test_supervised_and_reinforcement_jobs_train_through_the_official_client(pg_settings, start_worker):
+def test_supervised_and_reinforcement_jobs_train_through_the_official_client(
+    pg_settings, start_worker, webhook_receiver
+):
     with official_client(pg_settings, start_worker) as (client, worker):
+        hook = httpx.post(  # ours: OpenAI registers webhooks in its dashboard
+            f"{client.base_url}webhooks",
+            json={"url": webhook_receiver.url, "events": ["fine_tuning.job.succeeded"]},
+            headers={"Authorization": f"Bearer {client.api_key}"},
+        ).json()
         sft_file = upload(client, SFT, "sft.jsonl")
         rft_file = upload(client, RFT, "rft.jsonl")
         supervised = client.fine_tuning.jobs.create(
@@ -121,6 +129,15 @@ def test_supervised_and_reinforcement_jobs_train_through_the_official_client(pg_
             names = [m.id for m in client.models.list()]
             assert done.fine_tuned_model in names
         assert done.method.reinforcement.grader.to_dict() == GRADER
+        # Each success was announced once, signed as the official client verifies it.
+        deadline = time.monotonic() + 30
+        while len(webhook_receiver.received) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        announced = [
+            client.webhooks.unwrap(b, h, secret=hook["secret"]) for h, b in webhook_receiver.received
+        ]
+        assert sorted(e.data.id for e in announced) == sorted([supervised.id, reinforcement.id])
+        assert {e.type for e in announced} == {"fine_tuning.job.succeeded"}
 
 
 def test_pause_checkpoints_and_resume_continues_from_it(pg_settings, start_worker):
