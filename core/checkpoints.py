@@ -23,6 +23,8 @@ from safetensors.torch import load_file, save_file
 
 from core.adapters import export_adapter, load_trainable_state, trainable_state
 
+BEST_ADAPTER = "best_adapter_state.safetensors"
+
 
 def save_checkpoint(
     root: Path,
@@ -33,10 +35,12 @@ def save_checkpoint(
     state: dict[str, Any],
     keep: int,
     replaced_start: tuple[int, ...] = (),
+    best_adapter: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write the checkpoint of `step` under `root`; `state` (JSON) is returned by load_checkpoint.
 
-    `replaced_start`: the prompt tokens the adapter stands in for (`core.adapters.export_adapter`).
+    `replaced_start`: the prompt tokens the adapter stands in for (`core.adapters.export_adapter`);
+    `best_adapter`: early stopping's best adapter so far (returned as the state's `best_adapter`).
     """
     final = root / f"step-{step:06d}"
     staging = root / f".step-{step:06d}.tmp"
@@ -45,6 +49,8 @@ def save_checkpoint(
     save_file(
         {k: v.contiguous() for k, v in trainable_state(model).items()}, staging / "adapter_state.safetensors"
     )
+    if best_adapter is not None:
+        save_file({k: v.contiguous() for k, v in best_adapter.items()}, staging / BEST_ADAPTER)
     # A checkpoint answers chat too.
     export_adapter(model, staging / "adapter", state.get("model", ""), replaced_start)
     torch.save(
@@ -81,7 +87,9 @@ def load_checkpoint(
     torch.set_rng_state(trainer_state["torch_rng"].cpu())
     if trainer_state["cuda_rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(trainer_state["cuda_rng"])
-    return {**json.loads(state_file.read_text()), "path": str(path)}
+    best = path / BEST_ADAPTER
+    best_adapter = load_file(best) if best.is_file() else None  # on the CPU, as the trainer keeps it
+    return {**json.loads(state_file.read_text()), "path": str(path), "best_adapter": best_adapter}
 
 
 def checkpoint_step(path: Path) -> int:

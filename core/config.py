@@ -183,6 +183,22 @@ class TrainingConfig(_Strict):
         3, ge=1, description="Steps in a row over max_reward_error_rate before the job fails."
     )
 
+    early_stop_patience: int | None = Field(
+        None,
+        ge=1,
+        description="Stop once the held-out reward has not improved for this many evaluations in a row, "
+        "and keep the adapter of the best one (needs eval.every; off by default).",
+    )
+    early_stop_min_delta: float = Field(
+        0.0, ge=0, description="The least rise of the held-out reward that counts as an improvement."
+    )
+    early_stop_zero_variance_steps: int | None = Field(
+        None,
+        ge=1,
+        description="Stop after this many training steps in a row in which every group's rollouts all got "
+        "the same reward (nothing left to learn from; off by default).",
+    )
+
     @model_validator(mode="after")
     def _check_ranges(self) -> TrainingConfig:
         if self.hybrid_rollouts_per_prompt >= self.rollouts_per_prompt:
@@ -231,6 +247,10 @@ class TrainConfig(_Strict):
     def _check_combinations(self) -> TrainConfig:
         if self.method not in REWARD_FREE_METHODS and self.reward is None:
             raise ValueError(f"method {self.method!r} needs a `reward` (only sft and psft train without one)")
+        if self.training.early_stop_patience is not None and not self.eval.every:
+            raise ValueError(
+                "training.early_stop_patience counts evaluations: set eval.every to evaluate during training"
+            )
         return self
 
     @property

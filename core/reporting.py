@@ -23,6 +23,7 @@ class TrainResult:
     adapter_dir: Path | None
     final_eval: dict[str, Any] | None
     initial_eval: dict[str, Any] | None
+    stop_reason: str | None = None  # why early stopping ended the run, if it did
 
 
 class TrainerCallback:

@@ -24,6 +24,7 @@ from core.adapters import (
     attach_adapter,
     export_adapter,
     load_exported_adapter,
+    load_trainable_state,
     read_replaced_start,
     replaced_prompt_start,
     swapped_adapter_weights,
@@ -52,6 +53,7 @@ from core.data import (
     missing_fields,
     split_heldout,
 )
+from core.early_stopping import EarlyStopping
 from core.models import load_base_model, resolve_dtype
 from core.reporting import RunFiles, TrainerCallback, TrainResult
 from core.reward_errors import RewardErrorPolicy
@@ -151,6 +153,14 @@ class Trainer:
         self._examples = train, heldout
         self._encode_examples(replaced_prompt_start(self.tokenizer, config.adapter))
         self.step = 0
+        t = config.training
+        self.early_stopping = EarlyStopping(
+            t.early_stop_patience, t.early_stop_min_delta, t.early_stop_zero_variance_steps
+        )
+        # With early stopping on: the adapter (trainable tensors, on the CPU) and the metrics of
+        # the best evaluation so far, which the run exports in the end.
+        self.best_adapter: dict[str, torch.Tensor] | None = None
+        self.best_eval: dict[str, Any] | None = None
 
     def load_adapter(self, directory: str | Path) -> None:
         """Continue from (or evaluate) an exported adapter, fed prompts as it was trained on them."""
@@ -256,10 +266,10 @@ class Trainer:
             cb.on_train_begin(self.step)
         initial_eval = None
         if self.step == 0:
-            initial_eval = self.evaluate()
+            initial_eval, _ = self._evaluate_and_track()
         t = self.config.training
-        stopped = False
-        while self.step < t.steps:
+        stopped, stop_reason = False, None
+        while self.step < t.steps and stop_reason is None:
             if any(cb.should_stop() for cb in self.callbacks):
                 stopped = True
                 break
@@ -270,8 +280,12 @@ class Trainer:
             self.step += 1
             metrics["step"] = self.step
             self._emit_step(metrics)
+            if "zero_variance_groups" in metrics:
+                stop_reason = self.early_stopping.after_step(
+                    metrics["zero_variance_groups"], metrics["groups"]
+                )
             if self.config.eval.every and self.step % self.config.eval.every == 0 and self.step < t.steps:
-                self.evaluate()
+                stop_reason = self._evaluate_and_track()[1] or stop_reason
             if self.config.checkpoint.every and self.step % self.config.checkpoint.every == 0:
                 self.save_checkpoint()
         if stopped:
@@ -279,11 +293,31 @@ class Trainer:
                 self.save_checkpoint()
             result = TrainResult(self.step, True, None, None, initial_eval)
         else:
-            final_eval = self.evaluate()
+            final_eval, _ = self._evaluate_and_track()
+            if self.best_adapter is not None and self.best_eval is not final_eval:
+                # Early stopping keeps the best evaluation's adapter, not the last one.
+                load_trainable_state(self.model, {k: v.to(self.device) for k, v in self.best_adapter.items()})
+                final_eval = self.best_eval
+            if stop_reason is not None or self.best_eval is not None:
+                kept = (
+                    f"the adapter of step {self.early_stopping.best_step}"
+                    if self.best_eval
+                    else "the last adapter"
+                )
+                message = f"stopped early at step {self.step}: {stop_reason}" if stop_reason else "finished"
+                self._emit_event(
+                    f"{message}; {kept} is the result",
+                    "info",
+                    {
+                        "stop_reason": stop_reason,
+                        "best_step": self.early_stopping.best_step,
+                        "step": self.step,
+                    },
+                )
             adapter_dir = export_adapter(
                 self.model, self.out_dir / "adapter", self.config.model, self.replaced_start
             )
-            result = TrainResult(self.step, False, adapter_dir, final_eval, initial_eval)
+            result = TrainResult(self.step, False, adapter_dir, final_eval, initial_eval, stop_reason)
         for cb in self.callbacks:
             cb.on_train_end(result)
         return result
@@ -320,6 +354,9 @@ class Trainer:
         )
         update = self.policy_update(rollouts, advantages)
         release_free_memory()  # the update's activations, before the next step's rollouts
+        flat_groups = sum(
+            bool((rewards[g * n : (g + 1) * n] == rewards[g * n]).all()) for g in range(len(examples))
+        )
 
         metrics: dict[str, Any] = {
             "phase": "rft",
@@ -327,6 +364,9 @@ class Trainer:
             "reward_mean": rewards.mean().item(),
             "reward_std": rewards.std(unbiased=False).item(),
             "reward_errors": reward.error_count,
+            # Groups whose rollouts all got the same reward: no advantage, nothing learnt from them.
+            "zero_variance_groups": flat_groups,
+            "groups": len(examples),
             # Prompt and completion tokens of the sequences the update trained on, counted once.
             "trained_tokens": sum(map(len, rollouts.prompts)) + sum(map(len, rollouts.responses)),
             **{f"reward_errors/{label}": reward.errors.get(label, 0) for label in reward.per_grader},
@@ -630,6 +670,18 @@ class Trainer:
             cb.on_eval(evaluation.metrics)
         return evaluation.metrics
 
+    def _evaluate_and_track(self) -> tuple[dict[str, Any] | None, str | None]:
+        """Evaluate (and report); with early stopping on, keep the best evaluation's adapter.
+        Returns the metrics and the reason to stop, if this evaluation gives one."""
+        metrics = self.evaluate()
+        if metrics is None or self.early_stopping.patience is None:
+            return metrics, None
+        best, reason = self.early_stopping.after_evaluation(self.step, metrics["reward_mean"])
+        if best:
+            self.best_adapter = {k: v.cpu() for k, v in trainable_state(self.model).items()}
+            self.best_eval = metrics
+        return metrics, reason
+
     @torch.inference_mode()
     def evaluation(self) -> Evaluation | None:
         """The held-out metrics and each example's completion with its scores; reports nothing."""
@@ -708,9 +760,16 @@ class Trainer:
             self.model,
             self.optimizer,
             self.scheduler,
-            {"demo_prefix_low": low, "demo_prefix_high": high, "model": self.config.model},
+            {
+                "demo_prefix_low": low,
+                "demo_prefix_high": high,
+                "model": self.config.model,
+                "early_stopping": self.early_stopping.state(),
+                "best_eval": self.best_eval,
+            },
             keep=self.config.checkpoint.keep,
             replaced_start=self.replaced_start,
+            best_adapter=self.best_adapter,
         )
         for cb in self.callbacks:
             cb.on_checkpoint(self.step, path)
@@ -722,6 +781,8 @@ class Trainer:
         self._start_phase(max(checkpoint_step(path) - 1, 0))
         state = load_checkpoint(path, self.model, self.optimizer, self.scheduler, self.device)
         self.step = int(state["step"])
+        self.early_stopping.load_state(state.get("early_stopping") or {})
+        self.best_eval, self.best_adapter = state.get("best_eval"), state.get("best_adapter")
         exported = Path(state["path"]) / "adapter"
         if exported.is_dir():  # prompts as the checkpoint was trained on them (older ones: whole)
             self._encode_examples(read_replaced_start(exported))

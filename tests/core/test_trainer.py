@@ -23,16 +23,6 @@ def write_dataset(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-@pytest.fixture
-def letters(tmp_path) -> Path:
-    """A trivially learnable task: answer with a text that contains the letter 'a'."""
-    rows = [
-        {"prompt": f"write something {i}", "demonstration": "a banana and a llama", "answer": "a"}
-        for i in range(24)
-    ]
-    return write_dataset(tmp_path / "letters.jsonl", rows)
-
-
 def make_config(data: Path, out: Path, **overrides):
     raw = {
         "model": "tiny-random",
