@@ -29,7 +29,6 @@ from starlette.concurrency import run_in_threadpool
 from api.deps import ProjectDep, ServicesDep, SessionDep, owned
 from api.errors import error_responses
 from api.openai_metrics import EVENT_PREFIX, openai_event
-from protocol.errors import APIError
 from service.tables import TERMINAL_STATUSES, Job, JobEvent
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
@@ -57,12 +56,17 @@ def stream_fine_tuning_events(
         str | None, Query(pattern=r"^ftevent-\d{1,18}$", description="Send the events after this one.")
     ] = None,
     last_event_id: Annotated[
-        str | None, Header(alias="Last-Event-ID", description="What a reconnecting client saw last.")
+        str | None,
+        Header(
+            alias="Last-Event-ID",
+            description="The id of the last event a reconnecting client saw; one that is no event id "
+            "is ignored, as servers of server-sent events do.",
+        ),
     ] = None,
 ) -> StreamingResponse:
     """Every event of the job, oldest first, as it happens; ends when the job has ended."""
     job = owned(session, Job, fine_tuning_job_id, project_id)
-    cursor = event_number(last_event_id if last_event_id is not None else after)
+    cursor = event_number(last_event_id) or event_number(after)
     settings = services.settings
     stream = _events(
         services.sessions,
@@ -80,13 +84,10 @@ def stream_fine_tuning_events(
 
 
 def event_number(cursor: str | None) -> int:
-    """0 for none; `ftevent-12` or `12` -> 12 (EventSource sends back the `id:` it was given)."""
-    if cursor is None or not cursor.strip():
-        return 0
-    number = cursor.strip().removeprefix(EVENT_PREFIX)
-    if not number.isdigit() or len(number) > 18:
-        raise APIError(400, "invalid_cursor", f"not an event id: {cursor!r}", "Last-Event-ID")
-    return int(number)
+    """`ftevent-12` or `12` -> 12 (EventSource sends back the `id:` it was given); 0 for none or
+    for anything else: the stream then starts from the beginning, repeating rather than losing."""
+    number = (cursor or "").strip().removeprefix(EVENT_PREFIX)
+    return int(number) if number.isdigit() and len(number) <= 18 else 0
 
 
 def sse(event: str, data: str, event_id: int | None = None) -> str:

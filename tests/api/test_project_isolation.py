@@ -52,6 +52,7 @@ ADAPTER_BYTES = b"not really a tarball, but the bytes of A's adapter"
 CHECKPOINT_BYTES = b"nor is this one: A's checkpoint"
 RESULTS_CSV = b"step,train_reward_mean,valid_accuracy\n1,0.5,0.25\n"
 METADATA = {"team": "same-name-in-both-projects"}
+A_WEBHOOK_URL = "http://127.0.0.1:9/project-a-hooks"
 
 # Routes with path parameters that exist today: a check that route discovery finds them all.
 JOB = "/v1/fine_tuning/jobs/{fine_tuning_job_id}"
@@ -69,9 +70,18 @@ KNOWN_ID_ROUTES = {
     ("GET", f"{JOB}/samples"),
     ("GET", f"{JOB}/adapter"),
     ("GET", "/v1/models/{model_id:path}"),
+    ("GET", f"{JOB}/events/stream"),
+    ("GET", "/v1/webhooks/{endpoint_id}"),
+    ("DELETE", "/v1/webhooks/{endpoint_id}"),
+    ("GET", "/v1/webhooks/{endpoint_id}/deliveries"),
 }
 # The resource kind each path parameter names, as in the `<kind>_not_found` error code.
-PARAM_KINDS = {"file_id": "file", "fine_tuning_job_id": "job", "model_id": "model"}
+PARAM_KINDS = {
+    "file_id": "file",
+    "fine_tuning_job_id": "job",
+    "model_id": "model",
+    "endpoint_id": "webhook_endpoint",
+}
 
 
 def api_routes(app: FastAPI) -> list[tuple[str, str]]:
@@ -116,6 +126,8 @@ class ProjectA:
     done_job: str
     fine_tuned_model: str
     checkpoint_model: str
+    webhook: str
+    webhook_secret: str
     ids: dict[str, list[str]] = field(default_factory=dict)
 
     @property
@@ -129,11 +141,14 @@ class ProjectA:
             self.done_job,
             self.fine_tuned_model,
             self.checkpoint_model,
+            self.webhook,
+            self.webhook_secret,
         ]
 
 
 def make_project_a(a: ApiClient) -> ProjectA:
     file = ok(a.upload(LINES, name="a-private-data.jsonl"))["id"]
+    webhook = ok(a.http.post("/v1/webhooks", json={"url": A_WEBHOOK_URL}))
     queued = create_job(a, file, suffix="a-run", metadata=METADATA)
     done = create_job(a, file, suffix="a-run", metadata=METADATA)
 
@@ -209,10 +224,13 @@ def make_project_a(a: ApiClient) -> ProjectA:
         done_job=done,
         fine_tuned_model=fine_tuned_model,
         checkpoint_model=checkpoint_model,
+        webhook=webhook["id"],
+        webhook_secret=webhook["secret"],
         ids={
             "file_id": [file, results_file],
             "fine_tuning_job_id": [queued, done],
             "model_id": [fine_tuned_model],
+            "endpoint_id": [webhook["id"]],
         },
     )
 
@@ -239,6 +257,8 @@ def view(a: ProjectA) -> dict[str, Any]:
         "/v1/fine_tuning/jobs",
         "/v1/models",
         f"/v1/models/{a.fine_tuned_model}",
+        "/v1/webhooks",
+        f"/v1/webhooks/{a.webhook}/deliveries",
     ]
     for job in (a.queued_job, a.done_job):
         paths += [
@@ -354,6 +374,8 @@ def _b_posts(a: ProjectA, b: ApiClient) -> dict[str, list[tuple[dict[str, Any], 
             ({"model": model, "prompt": "hi"}, 404, "model", "model")
             for model in (a.fine_tuned_model, a.checkpoint_model)
         ],
+        # The same URL as A's: an endpoint of B's own, with its own id and secret.
+        "/v1/webhooks": [({"url": A_WEBHOOK_URL}, 200, None, "")],
     }
 
 
