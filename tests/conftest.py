@@ -290,6 +290,16 @@ class ApiClient:
         return self.http.post("/v1/files", files={"file": (name, body)}, data={"purpose": "fine-tune"})
 
 
+# OpenAI's string_check grader that a completion passes by saying the line's `answer` exactly.
+EXACT_ANSWER = {
+    "type": "string_check",
+    "name": "exact",
+    "input": "{{sample.output_text}}",
+    "reference": "{{item.answer}}",
+    "operation": "eq",
+}
+
+
 def job_request(
     training_file: str,
     method: str = "reinforcement",

@@ -15,16 +15,10 @@ import pytest
 from cli.client import _server_sent_events
 from service.db import transaction
 from service.lifecycle import add_event
-from tests.conftest import ApiClient, job_request, served
+from tests.conftest import EXACT_ANSWER, ApiClient, job_request, served
 
 LINES = [json.dumps({"prompt": f"{i}+1?", "answer": str(i + 1)}) for i in range(8)]
-GRADER = {
-    "type": "string_check",
-    "name": "s",
-    "input": "{{sample.output_text}}",
-    "reference": "{{item.answer}}",
-    "operation": "eq",
-}
+GRADER = EXACT_ANSWER
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import openai
 import pytest
 
-from tests.conftest import ApiClient, served
+from tests.conftest import EXACT_ANSWER, ApiClient, served
 
 SFT_LINES = [
     json.dumps(
@@ -24,13 +24,7 @@ RFT_LINES = [
     json.dumps({"messages": [{"role": "user", "content": f"{i}+1?"}], "answer": str(i + 1)})
     for i in range(12)
 ]
-GRADER = {
-    "type": "string_check",
-    "name": "exact",
-    "input": "{{sample.output_text}}",
-    "reference": "{{item.answer}}",
-    "operation": "eq",
-}
+GRADER = EXACT_ANSWER
 
 
 @pytest.fixture

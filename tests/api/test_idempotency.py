@@ -13,15 +13,9 @@ import pytest
 from sqlalchemy import func, select
 
 from service.tables import Dataset, Job
-from tests.conftest import ApiClient, job_request
+from tests.conftest import EXACT_ANSWER, ApiClient, job_request
 
-GRADER = {
-    "type": "string_check",
-    "name": "exact",
-    "input": "{{sample.output_text}}",
-    "reference": "{{item.answer}}",
-    "operation": "eq",
-}
+GRADER = EXACT_ANSWER
 
 
 def addition_lines(count: int = 24) -> list[str]:

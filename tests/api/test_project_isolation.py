@@ -37,17 +37,11 @@ from service.tables import (
     new_id,
     utcnow,
 )
-from tests.conftest import ApiClient, job_request
+from tests.conftest import EXACT_ANSWER, ApiClient, job_request
 
 MODEL = "tiny-random"
 LINES = [f'{{"prompt": "{i}+1=", "answer": "{i + 1}", "demonstration": "{i + 1}"}}' for i in range(3)]
-GRADER = {
-    "type": "string_check",
-    "name": "exact",
-    "input": "{{sample.output_text}}",
-    "reference": "{{item.answer}}",
-    "operation": "eq",
-}
+GRADER = EXACT_ANSWER
 ADAPTER_BYTES = b"not really a tarball, but the bytes of A's adapter"
 CHECKPOINT_BYTES = b"nor is this one: A's checkpoint"
 RESULTS_CSV = b"step,train_reward_mean,valid_accuracy\n1,0.5,0.25\n"

@@ -11,16 +11,10 @@ import pytest
 
 from service.settings import Settings
 from service.webhooks import RefusedDestination, check_destination, retry_delay, sign
-from tests.conftest import ApiClient, WebhookReceiver, job_request, served
+from tests.conftest import EXACT_ANSWER, ApiClient, WebhookReceiver, job_request, served
 
 LINES = ['{"prompt": "1+1?", "answer": "2"}', '{"prompt": "2+1?", "answer": "3"}']
-GRADER = {
-    "type": "string_check",
-    "name": "s",
-    "input": "{{sample.output_text}}",
-    "reference": "{{item.answer}}",
-    "operation": "eq",
-}
+GRADER = EXACT_ANSWER
 
 
 def test_the_signature_is_the_standard_webhooks_reference_one():
