@@ -12,7 +12,6 @@ thread. Running several is safe: each job is locked and re-checked before it is 
 from __future__ import annotations
 
 import logging
-import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -22,6 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.db import transaction
 from service.lifecycle import reap_expired_leases, undispatched_jobs
+from service.periodic import Periodic
 from service.queue import dispatch_job
 from service.settings import Settings
 from service.tables import IdempotencyKey, JobStatus, utcnow
@@ -68,24 +68,8 @@ def reap_once(
     return report
 
 
-class Reaper:
+class Reaper(Periodic):
     """reap_once every settings.reaper_seconds in a daemon thread, until stop()."""
 
     def __init__(self, settings: Settings, sessions: sessionmaker[Session], celery: Celery):
-        self.settings, self.sessions, self.celery = settings, sessions, celery
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="reaper", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=30)
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.settings.reaper_seconds):
-            try:
-                reap_once(self.settings, self.sessions, self.celery)
-            except Exception as exc:  # the database or broker may be away; try again next round
-                log.warning("reaper: round failed (%s: %s); retrying", type(exc).__name__, exc)
+        super().__init__("reaper", settings.reaper_seconds, lambda: reap_once(settings, sessions, celery))

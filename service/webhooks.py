@@ -23,7 +23,6 @@ import json
 import logging
 import secrets
 import socket
-import threading
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -34,6 +33,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.db import transaction
+from service.periodic import Periodic
 from service.settings import Settings
 from service.tables import Job, JobStatus, WebhookDelivery, WebhookEndpoint, new_id, utcnow
 
@@ -203,25 +203,18 @@ def _record(
     return status
 
 
-class WebhookSender:
+class WebhookSender(Periodic):
     """deliver_due every settings.webhook_seconds in a daemon thread, until stop()."""
 
     def __init__(self, settings: Settings, sessions: sessionmaker[Session]):
-        self.settings, self.sessions = settings, sessions
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="webhooks", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
+        self.http = httpx.Client(follow_redirects=False)
+        super().__init__(
+            "webhooks",
+            settings.webhook_seconds,
+            lambda: deliver_due(settings, sessions, self.http),
+            stop_timeout=settings.webhook_timeout_seconds + 5,
+        )
 
     def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=self.settings.webhook_timeout_seconds + 5)
-
-    def _loop(self) -> None:
-        with httpx.Client(follow_redirects=False) as http:
-            while not self._stop.wait(self.settings.webhook_seconds):
-                try:
-                    deliver_due(self.settings, self.sessions, http)
-                except Exception as exc:  # the database may be away; try again next round
-                    log.warning("webhooks: round failed (%s: %s); retrying", type(exc).__name__, exc)
+        super().stop()
+        self.http.close()
