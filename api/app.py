@@ -17,7 +17,17 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.deps import Services
 from api.errors import document_error_responses, install_api_error_handlers
-from api.routes import completions, event_streams, files, fine_tuning, graders, health, models, webhooks
+from api.routes import (
+    completions,
+    estimates,
+    event_streams,
+    files,
+    fine_tuning,
+    graders,
+    health,
+    models,
+    webhooks,
+)
 from core.rewards import SandboxLimits, SandboxPool
 from protocol.request_ids import RequestIds
 from service.db import make_engine, make_sessionmaker
@@ -77,7 +87,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.services = services
     install_api_error_handlers(app)
     document_error_responses(app)
-    for module in (files, event_streams, fine_tuning, graders, webhooks, models, completions, health):
+    for module in (
+        files,
+        event_streams,
+        fine_tuning,
+        estimates,
+        graders,
+        webhooks,
+        models,
+        completions,
+        health,
+    ):
         app.include_router(module.router)
 
     app.add_middleware(RecordMetrics)

@@ -54,13 +54,14 @@ def get_job(session: Session, project_id: str, job_id: str) -> Job:
     return owned(session, Job, job_id, project_id)
 
 
-def new_job(
+def job_config(
     session: Session,
     body: JobSpec,
     project_id: str,
     served_judges: frozenset[str],
     limits: JobLimits | None = None,
-) -> Job:
+) -> tuple[dict, Dataset, Dataset | None]:
+    """The job's checked trainer config, and its training and held-out files."""
     # Shared locks: a concurrent delete of these datasets waits for this job (or wins before it).
     train = _locked_dataset(session, project_id, body.training_dataset, "training_dataset")
     heldout = (
@@ -71,7 +72,17 @@ def new_job(
     if body.method not in REWARD_FREE_METHODS and body.reward is None:
         raise APIError(422, "invalid_job", f"method {body.method!r} needs a grader", "reward")
     reward = None if body.reward is None else validated_spec(body.reward, "reward").model_dump(mode="json")
-    config = build_config(body, reward, train, heldout, served_judges, limits)
+    return build_config(body, reward, train, heldout, served_judges, limits), train, heldout
+
+
+def new_job(
+    session: Session,
+    body: JobSpec,
+    project_id: str,
+    served_judges: frozenset[str],
+    limits: JobLimits | None = None,
+) -> Job:
+    config, train, heldout = job_config(session, body, project_id, served_judges, limits)
     job = Job(
         id=new_id("ftjob"),  # now, not at the flush: the event below names it
         project_id=project_id,

@@ -345,3 +345,22 @@ class WebhookDeliveryPage(BaseModel):
     object: Literal["list"] = "list"
     data: list[WebhookDeliveryOut]
     has_more: bool
+
+
+class FineTuningJobEstimate(BaseModel):
+    """POST /v1/fine_tuning/estimates: a job's duration before it is made (ours)."""
+
+    object: Literal["fine_tuning.job.estimate"] = "fine_tuning.job.estimate"
+    model: str
+    method: dict[str, Any] = Field(description="The method as the job would echo it, `auto` resolved.")
+    estimated_seconds: float | None = Field(
+        description="Steps and evaluations at the measured rates; null until this deployment has "
+        "measured a step (and an evaluation, if the job has one) of this model and adapter type."
+    )
+    steps: int
+    supervised_steps: int
+    reinforcement_steps: int
+    evaluations: int = Field(description="Before training, every eval_interval steps, and after.")
+    seconds_per_step: dict[str, float | None] = Field(description="supervised and reinforcement.")
+    seconds_per_evaluation: float | None
+    measured: int = Field(description="The measured steps and evaluations the rates come from.")

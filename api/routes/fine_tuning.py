@@ -8,7 +8,6 @@ resolved.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from typing import Annotated, Any
 
@@ -19,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from api.deps import ProjectDep, Services, ServicesDep, SessionDep, owned
 from api.errors import error_responses
-from api.fine_tuning_methods import OPENAI_TYPES, resolve_method
+from api.fine_tuning_methods import OPENAI_TYPES
 from api.idempotency import (
     ConcurrentDuplicate,
     IdempotencyKeyHeader,
@@ -27,7 +26,8 @@ from api.idempotency import (
     RetryCountHeader,
     fingerprint,
 )
-from api.jobs import JobSpec, new_job, request_cancel, request_pause, request_resume
+from api.jobs import new_job, request_cancel, request_pause, request_resume
+from api.openai_jobs import in_openai_terms, job_spec
 from api.openai_metrics import EVENT_PREFIX, estimated_finish, openai_event, prefixed
 from api.pagination import openai_page
 from api.schemas import (
@@ -41,14 +41,12 @@ from api.schemas import (
     MetricPage,
     SamplePage,
 )
-from core.config import ConfigError, parse_grader
 from protocol.errors import APIError
 from service.db import transaction
 from service.queue import dispatch_job
 from service.tables import (
     Artifact,
     Checkpoint,
-    Dataset,
     Job,
     JobEvent,
     JobMetric,
@@ -67,7 +65,6 @@ _STATUS = {
 }
 _OPENAI_NAME = {ours: theirs for theirs, ours in OPENAI_TYPES.items()}
 # Where our job fields live in OpenAI's body, for errors raised by the shared job checks.
-_PARAMS = {"training_dataset": "training_file", "validation_dataset": "validation_file"}
 
 
 def fine_tuning_job(job: Job, session: Session) -> FineTuningJob:
@@ -163,83 +160,17 @@ def _create_fine_tuning_job(
     with transaction(services.sessions) as session:
         if first := request.replay(session):
             return None, first
-        train = owned(session, Dataset, body.training_file, project_id, "training_file")
-        resolved = resolve_method(body.method, body.hyperparameters, train.examples)
-        reward = None
-        if resolved.grader is not None:
-            try:
-                reward = parse_grader(resolved.grader).model_dump(mode="json")
-            except ConfigError as exc:
-                where = f"method.{resolved.echo['type']}.grader"
-                details = [
-                    {"param": ".".join(x for x in (where, p.param) if x), "message": p.message}
-                    for p in exc.details
-                ]
-                raise APIError(
-                    400, "invalid_grader", details[0]["message"], details[0]["param"], details
-                ) from exc
-        ours = JobSpec(
-            model=body.model,
-            method=resolved.method,
-            adapter=resolved.adapter,
-            training_dataset=body.training_file,
-            validation_dataset=body.validation_file,
-            reward=reward,
-            hyperparameters=resolved.training,
-            evaluation=resolved.evaluation,
-            checkpoint_every=resolved.checkpoint_every,
-            seed=body.seed,
-            suffix=body.suffix,
-            metadata=body.metadata,
-        )
+        resolved, ours = job_spec(session, body, project_id)
         try:
             judges = frozenset(services.judge.endpoints)
             job = new_job(session, ours, project_id, judges, services.settings.job_limits)
         except APIError as exc:
-            raise _in_openai_terms(exc, resolved.echo["type"]) from exc
+            raise in_openai_terms(exc, resolved.echo["type"]) from exc
         job.fine_tuning_method = resolved.echo
         session.flush()
         out = fine_tuning_job(job, session)
         request.remember(session, 200, out.model_dump(mode="json"))
     return job, out
-
-
-def _in_openai_terms(error: APIError, kind: str) -> APIError:
-    """A shared job check's error with OpenAI's status (400 for what 422 says) and field names,
-    in its param, its details and its messages."""
-
-    def param_of(ours: str | None) -> str | None:
-        return _openai_name(ours, kind) if ours else None
-
-    def text_of(message: str) -> str:  # settings named in the text (`hyperparameters.steps is 51`)
-        return _SETTING.sub(lambda m: _openai_name(m.group(0), kind), message).replace("dataset", "file")
-
-    details = error.details and [
-        {**d, "param": param_of(d.get("param")), "message": text_of(str(d.get("message", "")))}
-        for d in error.details
-    ]
-    status = 400 if error.status == 422 else error.status
-    code = error.code.replace("dataset", "file")
-    return APIError(status, code, text_of(error.message), param_of(error.param), details, error.headers)
-
-
-_SETTING = re.compile(r"(?<![\w.])(hyperparameters|evaluation|adapter)\.\w+")  # as in a message
-_EVALUATION_NAMES = {"max_examples": "eval_samples", "every": "eval_interval"}
-
-
-def _openai_name(ours: str, kind: str) -> str:
-    """Where OpenAI's request has what our spec calls `ours` (`hyperparameters.steps`)."""
-    head, _, rest = ours.partition(".")
-    if head in _PARAMS:
-        return _PARAMS[head]
-    if head == "reward":
-        return f"method.{kind}.grader"
-    if head not in ("hyperparameters", "evaluation", "adapter"):
-        return ours  # named alike in both (model, suffix, seed)
-    if head == "evaluation":
-        rest = _EVALUATION_NAMES.get(rest, rest)
-    section = "adapter" if head == "adapter" else "hyperparameters"
-    return f"method.{kind}.{section}" + (f".{rest}" if rest else "")
 
 
 @router.get("", response_model=FineTuningJobPage, responses=error_responses(400))

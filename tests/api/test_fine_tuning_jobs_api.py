@@ -358,3 +358,66 @@ def test_every_size_has_a_limit_checked_at_creation(pg_settings, monkeypatch):
             assert at_the_limits.status == "queued"
     finally:
         api.http.close()
+
+
+def test_a_job_s_duration_is_estimated_before_it_is_made(make_settings, redis_url):
+    """Priced at what this deployment measured on the same model and adapter type (a database of
+    its own here, so that no other test's jobs count)."""
+    from migrations import upgrade_to_head
+    from service.db import transaction
+    from service.tables import Job, JobMetric, JobStatus
+    from tests.conftest import temporary_database
+
+    with temporary_database() as database:
+        upgrade_to_head(database)
+        api = ApiClient(make_settings(database_url=database, broker_url=redis_url, reaper_seconds=0))
+        training = api.upload(RFT_LINES).json()["id"]  # 12 examples: 2 held out
+        hyper = {
+            "steps": 10,
+            "batch_size": 4,
+            "compute_multiplier": 1,
+            "max_completion_tokens": 50,
+            "eval_interval": 5,
+        }
+        body = {
+            "model": "smollm2-135m-instruct",
+            "training_file": training,
+            "method": {
+                "type": "reinforcement",
+                "reinforcement": {"grader": GRADER, "hyperparameters": hyper},
+            },
+        }
+        first = api.http.post("/v1/fine_tuning/estimates", json=body)
+        assert first.status_code == 200, first.text
+        assert first.json()["estimated_seconds"] is None and first.json()["measured"] == 0  # nothing measured
+        assert (first.json()["steps"], first.json()["evaluations"]) == (10, 2 + 1)  # before, at 5, after
+        assert api.http.get("/v1/fine_tuning/jobs").json()["data"] == []  # an estimate makes no job
+
+        # A job of the same shape ran: 4 prompts x 8 rollouts x 50 tokens took 8 s a step, and
+        # its evaluations of 2 examples x 50 tokens 0.5 s.
+        ran = api.http.post("/v1/fine_tuning/jobs", json=body).json()["id"]
+        with transaction(api.sessions) as session:
+            session.get(Job, ran).status = JobStatus.SUCCEEDED
+            for step in (1, 2, 3):
+                values = {"phase": "rft", "step_time_s": 7.0 + step / 2}  # 7.5, 8, 8.5: median 8
+                session.add(JobMetric(job_id=ran, kind="train", step=step, values=values))
+            session.add(
+                JobMetric(job_id=ran, kind="eval", step=0, values={"eval_time_s": 0.5, "examples": 2})
+            )
+        priced = api.http.post("/v1/fine_tuning/estimates", json=body).json()
+        assert priced["seconds_per_step"]["reinforcement"] == pytest.approx(8.0)
+        assert priced["seconds_per_evaluation"] == pytest.approx(0.5)
+        assert priced["estimated_seconds"] == pytest.approx(10 * 8.0 + 3 * 0.5)
+        assert priced["measured"] == 4
+
+        # Twice the rollouts and the tokens: four times the work a step.
+        bigger = {**hyper, "compute_multiplier": 2, "max_completion_tokens": 100}
+        body["method"]["reinforcement"]["hyperparameters"] = bigger
+        assert api.http.post("/v1/fine_tuning/estimates", json=body).json()["seconds_per_step"][
+            "reinforcement"
+        ] == pytest.approx(32.0)
+        # Checked as create checks: a bad request is refused the same way.
+        body["method"]["reinforcement"]["hyperparameters"] = {**hyper, "max_completion_tokens": 10**9}
+        refused = api.http.post("/v1/fine_tuning/estimates", json=body)
+        assert refused.status_code == 400 and refused.json()["error"]["code"] == "over_limit"
+        api.http.close()

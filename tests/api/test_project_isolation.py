@@ -357,6 +357,10 @@ def _b_posts(a: ProjectA, b: ApiClient) -> dict[str, list[tuple[dict[str, Any], 
             ({**job, "training_file": a.results_file}, 404, "training_file", "file"),
             ({**job, "validation_file": a.file}, 404, "validation_file", "file"),
         ],
+        "/v1/fine_tuning/estimates": [
+            ({**job, "training_file": a.file}, 404, "training_file", "file"),
+            ({**job, "validation_file": a.file}, 404, "validation_file", "file"),
+        ],
         # Graders name nothing of A's; running or validating one shows nothing of A's either.
         "/v1/fine_tuning/alpha/graders/run": [
             ({"grader": GRADER, "model_sample": "1", "item": {"answer": "1"}}, 200, None, "")

@@ -77,6 +77,7 @@ CONFIG = schemathesis.Config.from_dict(
                     "POST /v1/fine_tuning/alpha/graders/validate",
                     "GET /v1/fine_tuning/jobs",
                     "POST /v1/fine_tuning/jobs",  # method and grader are any object, as in OpenAI's schema
+                    "POST /v1/fine_tuning/estimates",  # the same body
                     "POST /v1/webhooks",  # the url must be http(s) with a host (a public one in production)
                 ],
                 "checks": {
@@ -216,7 +217,7 @@ def _use_ids(
     # A negative body is left alone: filling in its ids, method or grader could make it valid.
     if not positive or not isinstance(body, dict):
         return case
-    if case.operation.label == "POST /v1/fine_tuning/jobs":
+    if case.operation.label in ("POST /v1/fine_tuning/jobs", "POST /v1/fine_tuning/estimates"):
         # A job that passes the file checks, so that what gets validated is its method and grader.
         body["model"] = "tiny-random"
         body["training_file"] = SEEDED_IDS["file_id"][0]
