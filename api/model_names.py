@@ -11,7 +11,16 @@ from core.base_models import REGISTRY
 from service.tables import CHECKPOINT_MARK, Checkpoint, Job, JobStatus, fine_tuned_model_name
 
 BASE_MODELS = {
-    info.name: ModelOut(id=info.name, created=0, owned_by="prefix-rft", description=info.description)
+    info.name: ModelOut(
+        id=info.name,
+        created=0,
+        owned_by="prefix-rft",
+        description=info.description,
+        architecture=info.architecture,
+        parameters=info.parameters,
+        context_length=info.context_length,
+        chat_template=info.chat_template,
+    )
     for info in REGISTRY
 }
 

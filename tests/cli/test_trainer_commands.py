@@ -86,7 +86,8 @@ def test_eval_scores_an_exported_adapter_and_shows_what_the_model_said(job, caps
 
 def test_models_lists_the_registry(capsys):
     assert main(["models"]) == 0
-    assert "smollm2-135m-instruct" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "smollm2-135m-instruct" in out and "134.5M params, 8192 tokens" in out
 
 
 def test_unknown_and_unloadable_models_get_a_clear_error(tmp_path):

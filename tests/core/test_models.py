@@ -36,3 +36,14 @@ def test_exported_adapters_name_the_published_base_model_where_there_is_one(tmp_
         directory = export_adapter(policy, tmp_path / base.strip("/").replace("/", "-"), base)
         config = json.loads((directory / "adapter_config.json").read_text())
         assert config["base_model_name_or_path"] == named
+
+
+def test_the_registry_s_facts_are_the_loaded_model_s():
+    from core.base_models import REGISTRY
+
+    info = next(i for i in REGISTRY if i.name == "tiny-random")
+    model, tokenizer = load_base_model("tiny-random")
+    assert info.architecture == type(model).__name__
+    assert info.parameters == sum(p.numel() for p in model.parameters())
+    assert info.context_length == model.config.max_position_embeddings
+    assert info.chat_template == bool(tokenizer.chat_template)
