@@ -3,8 +3,9 @@
 A line is one JSON object with a `prompt` (string) or `messages` (chat list), an optional
 `demonstration` (string, or a final assistant message) and any other fields, which are passed
 to reward graders. Earlier assistant messages are context; OpenAI's `weight` (0 or 1) is accepted
-on them, and a final assistant message with weight 0 is refused, since it would train nothing. Validation reads bytes, so it reports bad encodings, and never stops at the
-first problem: every bad line is listed with its number, field and reason.
+on them, and a final assistant message with weight 0 is refused, since it would train nothing.
+Validation reads bytes, so it reports bad encodings, and never stops at the first problem: every
+bad line is listed with its number, field and reason.
 """
 
 from __future__ import annotations

@@ -22,10 +22,6 @@ class EarlyStopping:
     evaluations_since_best: int = 0
     flat_steps: int = 0
 
-    @property
-    def enabled(self) -> bool:
-        return self.patience is not None or self.zero_variance_steps is not None
-
     def after_evaluation(self, step: int, reward: float) -> tuple[bool, str | None]:
         """(whether this evaluation is the new best, the reason to stop or None)."""
         if self.best_reward is None or reward > self.best_reward + self.min_delta:

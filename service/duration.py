@@ -110,7 +110,7 @@ def measured_history(session: Session, model: str, adapter_type: str) -> list[Me
 
 def _parsed(raw: dict[str, Any]) -> TrainConfig | None:
     try:
-        return parse_config({**raw, "data": {**raw.get("data", {}), "train": "train.jsonl"}})
+        return parse_config(raw)
     except Exception:  # a config from an older release: its steps are simply not used
         return None
 

@@ -36,7 +36,7 @@ def estimate_fine_tuning_job(
             raw, train, heldout = job_config(session, ours, project_id, judges, services.settings.job_limits)
         except APIError as exc:
             raise in_openai_terms(exc, resolved.echo["type"]) from exc
-        config = parse_config({**raw, "data": {**raw["data"], "train": "train.jsonl"}})
+        config = parse_config(raw)
         eval_examples = heldout.examples if heldout else default_eval_size(train.examples)
         priced = estimate(config, eval_examples, measured_history(session, config.model, config.adapter.type))
     return FineTuningJobEstimate(

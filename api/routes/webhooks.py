@@ -10,7 +10,7 @@ import json
 from typing import Annotated
 
 from fastapi import APIRouter, Query
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from api.deps import ProjectDep, ServicesDep, SessionDep, owned
 from api.errors import error_responses
@@ -52,8 +52,8 @@ def create_webhook_endpoint(
     except RefusedDestination as exc:
         raise APIError(400, "invalid_url", f"url {body.url!r} {exc}", "url") from None
     with transaction(services.sessions) as session:
-        count = len(
-            session.scalars(select(WebhookEndpoint.id).where(WebhookEndpoint.project_id == project_id)).all()
+        count = session.scalar(
+            select(func.count()).select_from(WebhookEndpoint).where(WebhookEndpoint.project_id == project_id)
         )
         if count >= MAX_ENDPOINTS:
             raise APIError(

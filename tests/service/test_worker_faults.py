@@ -6,6 +6,7 @@ tiny model, breaks something for real, and checks what reliability.md promises.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 import signal
@@ -25,6 +26,7 @@ from tests.conftest import ApiClient, free_port, temporary_database
 from tests.service.test_end_to_end import JOBS, addition_lines, attempt_of, finished, job_body, wait_for
 
 pytestmark = pytest.mark.slow
+log = logging.getLogger(__name__)
 
 STEPS, EVERY = 40, 4
 
@@ -387,7 +389,7 @@ def test_a_dead_worker_s_job_is_requeued_and_resumed_within_30_seconds(
             every=0.1,
         )
         noticed = time.monotonic() - killed_at
-        print(f"\n{dies}: job running again from its checkpoint {noticed:.1f} s after the kill")
+        log.info("%s: job running again from its checkpoint %.1f s after the kill", dies, noticed)
         assert noticed < 30, noticed
         assert "the worker stopped renewing its lease" in " ".join(events(client, job_id))
         assert job["status"] == "running"
