@@ -392,7 +392,7 @@ class Trainer:
             metrics["demo_prefix_ratio_mean"] = sum(hybrid_ratios) / len(hybrid_ratios)
         if reward.error_messages:
             metrics["reward_error_messages"] = reward.error_messages
-        self._emit_samples(rollouts, reward.totals, reward.per_grader)
+        self._emit_samples(rollouts, reward)
         return metrics
 
     def generate_rollouts(
@@ -730,23 +730,32 @@ class Trainer:
         for cb in self.callbacks:
             cb.on_step(metrics)
 
-    def _emit_samples(
-        self, rollouts: Rollouts, totals: list[float], per_grader: dict[str, list[float]]
-    ) -> None:
+    def _emit_samples(self, rollouts: Rollouts, reward: RewardResult) -> None:
         count = self.config.training.samples_per_step
         if not count:
             return
-        samples = [
-            {
+        samples = []
+        for i in range(min(count, len(rollouts.texts))):
+            sample = {
                 "step": self.step + 1,
                 "prompt": rollouts.examples[rollouts.groups[i]].example.prompt_text,
                 "completion": rollouts.texts[i],
                 "demo_prefix_tokens": rollouts.demo_prefix_lengths[i],
-                "reward": totals[i],
-                "rewards": {label: scores[i] for label, scores in per_grader.items()},
+                # The prefix as text, so that a reader can mark it without the tokenizer.
+                "demo_prefix_text": self.tokenizer.decode(
+                    rollouts.responses[i][: rollouts.demo_prefix_lengths[i]], skip_special_tokens=True
+                ),
+                "reward": reward.totals[i],
+                "rewards": {label: scores[i] for label, scores in reward.per_grader.items()},
             }
-            for i in range(min(count, len(rollouts.texts)))
-        ]
+            # What each grader printed, and why it failed (a python grader's traceback).
+            errors = {label: why[i] for label, why in reward.failures.items() if why[i]}
+            outputs = {label: printed[i] for label, printed in reward.outputs.items() if printed[i]}
+            if errors:
+                sample["errors"] = errors
+            if outputs:
+                sample["outputs"] = outputs
+            samples.append(sample)
         for cb in self.callbacks:
             cb.on_samples(self.step + 1, samples)
 

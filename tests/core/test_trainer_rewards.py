@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -44,6 +45,7 @@ def test_a_grader_failing_on_some_samples_is_counted_and_reported_once(numbered,
     source = (
         "def reward(completion, example):\n"
         "    assert example['prompt'].startswith('say something')\n"
+        "    print('grading', example['i'])\n"
         "    return 1.0 / (example['i'] % 2 == 0)\n"
     )
     config = make_config(
@@ -68,7 +70,14 @@ def test_a_grader_failing_on_some_samples_is_counted_and_reported_once(numbered,
     assert level == "warning" and message.startswith("reward grader 'user' failed on ")
     assert " of 8 samples at step " in message
     assert "ZeroDivisionError" in message
-    assert 'File "reward.py", line 3, in reward' in data["traceback"] and data["grader"] == "user"
+    assert 'File "reward.py", line 4, in reward' in data["traceback"] and data["grader"] == "user"
+
+    # Each sample shows what the grader printed and, where it failed, its traceback.
+    samples = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
+    assert samples and all(s["outputs"]["user"].startswith("grading ") for s in samples)
+    failed = [s for s in samples if "errors" in s]
+    assert all("ZeroDivisionError" in s["errors"]["user"] and s["reward"] == 0.0 for s in failed)
+    assert all("errors" not in s and s["reward"] == 1.0 for s in samples if s not in failed)
 
 
 def test_a_grader_that_keeps_failing_fails_the_run_naming_it(numbered, tmp_path):
