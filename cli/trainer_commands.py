@@ -1,15 +1,17 @@
 """The trainer's commands: train, evaluate and inspect, locally, without the service.
 
 prefix-rft train CONFIG.yaml [--resume DIR] [--set training.steps=20 ...]
+    (over several processes: torchrun --nproc_per_node N -m cli.main train CONFIG.yaml ...)
 prefix-rft eval CONFIG.yaml [--adapter DIR] [--out FILE.jsonl] [--show N]
 prefix-rft data validate FILE.jsonl [--model NAME]
-prefix-rft models
+prefix-rft models [add PATH [--name NAME] | remove NAME]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import warnings
 from pathlib import Path
@@ -51,7 +53,20 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     validate.add_argument("--model", help="also report token lengths with this model's tokenizer")
     validate.set_defaults(handler=_validate)
 
-    commands.add_parser("models", help="list the registered base models").set_defaults(handler=_models)
+    models = commands.add_parser("models", help="list the base models, or register one")
+    models.set_defaults(handler=_models)
+    model_commands = models.add_subparsers(dest="models_command")
+    add = model_commands.add_parser(
+        "add",
+        help="register a base model: a local Hugging Face directory, a hub id in the local cache, or a "
+        "GGUF file (converted once into the data directory)",
+    )
+    add.add_argument("path", help="directory, hub id (org/name) or FILE.gguf")
+    add.add_argument("--name", help="the name jobs and chat requests use (default: from the path)")
+    add.set_defaults(handler=_models_add)
+    remove = model_commands.add_parser("remove", help="forget a registered base model (its files stay)")
+    remove.add_argument("name")
+    remove.set_defaults(handler=_models_remove)
 
 
 def _overrides(pairs: list[str]) -> dict[str, Any]:
@@ -81,24 +96,41 @@ def _judge():
 
 
 def _train(args: argparse.Namespace) -> int:
+    """Train; under torchrun or accelerate launch, as one rank of a run over several processes
+    (rank 0 prints, reports and writes; the others only warn)."""
     config = load_config(args.config, _overrides(args.set))
     _quiet_libraries()
     from cli.progress import ProgressReporter
+    from core.distributed import Ranks
     from core.trainer import Trainer
 
-    print(f"loading {config.model} with a {config.adapter.type} adapter ({config.method}) ...", flush=True)
-    reporter = ProgressReporter(total_steps=config.training.steps)
-    trainer = Trainer(config, callbacks=[reporter], judge=_judge())
-    print(
-        f"{len(trainer.train_examples)} training examples "
-        f"({sum(1 for e in trainer.train_examples if e.demo_ids)} with demonstrations), "
-        f"{len(trainer.eval_examples)} held out; output: {config.output_dir}",
-        flush=True,
-    )
-    result = trainer.train(resume_from=args.resume)
-    reporter.close()
-    print(reporter.summary(result))
-    return 0 if not result.stopped else 3
+    ranks = Ranks.from_environment()
+    if not ranks.is_main:
+        logging.getLogger().setLevel(logging.WARNING)
+    try:
+        main = ranks.is_main
+        if main:
+            processes = f" in {ranks.world_size} processes" if ranks.distributed else ""
+            print(
+                f"loading {config.model} with a {config.adapter.type} adapter ({config.method}){processes} ...",
+                flush=True,
+            )
+        reporter = ProgressReporter(total_steps=config.training.steps) if main else None
+        trainer = Trainer(config, callbacks=[reporter] if reporter else [], judge=_judge(), ranks=ranks)
+        if main:
+            print(
+                f"{len(trainer.train_examples)} training examples "
+                f"({sum(1 for e in trainer.train_examples if e.demo_ids)} with demonstrations), "
+                f"{len(trainer.eval_examples)} held out; output: {config.output_dir}",
+                flush=True,
+            )
+        result = trainer.train(resume_from=args.resume)
+        if reporter is not None:
+            reporter.close()
+            print(reporter.summary(result))
+        return 0 if not result.stopped else 3
+    finally:
+        ranks.close()
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -143,10 +175,52 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _models(_args: argparse.Namespace) -> int:
-    from core.base_models import list_models
+    from core.base_models import list_models, untrainable_reason
 
     for info in list_models():
         size = f"{info.parameters / 1e6:.1f}M params, {info.context_length} tokens"
-        print(f"{info.name:24s} {size:30s} {info.description}")
-    print("(also: any local Hugging Face model directory, or a hub id already in the local cache)")
+        template = "chat template" if info.chat_template else "NO chat template"
+        print(f"{info.name:24s} {size:30s} {template:17s} {info.description}")
+        if reason := untrainable_reason(info):
+            print(f"{'':24s} cannot train: {reason}")
+    print(
+        "(prefix-rft models add PATH [--name NAME] registers a local directory, cached hub id or GGUF file)"
+    )
+    return 0
+
+
+def _models_add(args: argparse.Namespace) -> int:
+    from core.base_models import check_name, data_dir, default_model_name, register_model
+
+    source, name = args.path, check_name(args.name or default_model_name(args.path))
+    gguf = Path(source).expanduser()
+    if gguf.suffix == ".gguf" and gguf.is_file():
+        # transformers will not train a GGUF-loaded model: convert once, as SmolLM2 is, and
+        # register the converted directory.
+        _quiet_libraries()
+        from core.models import convert_gguf
+
+        target = data_dir() / "models" / name
+        if not (target / "config.json").is_file():
+            print(f"converting {gguf} into {target} (once)")
+            convert_gguf(gguf.parent, gguf.name, target)
+        source = str(target)
+    info = register_model(source, name)
+    print(
+        f"registered {info.name}: {info.architecture}, {info.parameters / 1e6:.1f}M params, "
+        f"{info.context_length} tokens of context, chat template, at {info.path}"
+    )
+    return 0
+
+
+def _models_remove(args: argparse.Namespace) -> int:
+    from core.base_models import unregister_model
+
+    if not unregister_model(args.name):
+        print(
+            f"error: no registered model is called {args.name!r} (prefix-rft models lists them)",
+            file=sys.stderr,
+        )
+        return 2
+    print(f"removed {args.name}")
     return 0

@@ -215,10 +215,13 @@ def sample(
     temperature: float = 1.0,
     greedy: bool = False,
     sampled_log_probs: list[list[float]] | None = None,
+    row_seeds: Sequence[int] | None = None,
 ) -> list[list[int]]:
     """Continue every input row; returns each row's new tokens, cut after its first stop token.
 
     If `sampled_log_probs` is a list, it receives each kept token's log-prob under the sampler.
+    `row_seeds`: one seed per row, from which that row's draws come (else from torch's global
+    generator), so a row samples the same tokens whatever other rows share its batch or process.
 
     Identical input rows are prefilled once and their keys and values copied to every row that
     shares them (a group's on-policy rollouts start from the same prompt). Sampling is plain
@@ -255,9 +258,20 @@ def sample(
     stop = torch.tensor(sorted(stop_ids), device=device)
     active = torch.arange(rows, device=device)  # original row of each batch position (= its slot)
     done = budget <= 0
+    uniforms = None
+    if row_seeds is not None and not greedy:
+        uniforms = torch.stack(
+            [
+                torch.rand(longest, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+                for seed in row_seeds
+            ]
+        ).to(device)
     for step in range(longest):
         log_probs = torch.log_softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)
-        token = logits.argmax(-1) if greedy else sample_categorical(log_probs)
+        if greedy:
+            token = logits.argmax(-1)
+        else:
+            token = sample_categorical(log_probs, uniforms[active, step] if uniforms is not None else None)
         tokens[active, step] = token
         token_log_probs[active, step] = log_probs.gather(1, token.unsqueeze(1)).squeeze(1)
         done = done | torch.isin(token, stop) | (budget <= step + 1)

@@ -11,6 +11,7 @@ What it uses lives elsewhere: the math as pure functions (algorithm.py), token p
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 import time
@@ -53,6 +54,7 @@ from core.data import (
     missing_fields,
     split_heldout,
 )
+from core.distributed import Ranks, concat_reward_results
 from core.early_stopping import EarlyStopping
 from core.models import load_base_model, resolve_dtype
 from core.reporting import RunFiles, TrainerCallback, TrainResult
@@ -107,12 +109,16 @@ class Trainer:
         callbacks: list[TrainerCallback] | None = None,
         sandbox_limits: SandboxLimits | None = None,
         judge: Judge | None = None,
+        ranks: Ranks | None = None,
     ):
         """`sandbox_limits`: of the processes that run python graders (default: SandboxLimits());
-        `judge`: asked by model graders (score_model, label_model)."""
+        `judge`: asked by model graders (score_model, label_model); `ranks`: this process's place
+        in a run over several processes (core/distributed.py; default: the only one). Only rank 0
+        runs callbacks, writes the run's files and checkpoints, and exports the adapter."""
         self.config = config
+        self.ranks = ranks or Ranks()
         self.out_dir = Path(config.output_dir)
-        self.callbacks = [RunFiles(self.out_dir), *(callbacks or [])]
+        self.callbacks = [RunFiles(self.out_dir), *(callbacks or [])] if self.ranks.is_main else []
         self.device = torch.device(
             "cuda"
             if config.training.device == "cuda"
@@ -148,6 +154,7 @@ class Trainer:
             enable_gradient_checkpointing(self.model)
         self.model.eval()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.ranks.broadcast_parameters(self.params)  # every rank starts from rank 0's adapter
         self._start_phase(0)
         self.reference = trainable_state(self.model) if config.training.kl_beta > 0 else None
         self._examples = train, heldout
@@ -270,7 +277,7 @@ class Trainer:
         t = self.config.training
         stopped, stop_reason = False, None
         while self.step < t.steps and stop_reason is None:
-            if any(cb.should_stop() for cb in self.callbacks):
+            if self.ranks.from_main(any(cb.should_stop() for cb in self.callbacks)):
                 stopped = True
                 break
             if self.phase_of(self.step)[0] != self.phase_start:
@@ -314,8 +321,10 @@ class Trainer:
                         "step": self.step,
                     },
                 )
-            adapter_dir = export_adapter(
-                self.model, self.out_dir / "adapter", self.config.model, self.replaced_start
+            adapter_dir = (
+                export_adapter(self.model, self.out_dir / "adapter", self.config.model, self.replaced_start)
+                if self.ranks.is_main
+                else None
             )
             result = TrainResult(self.step, False, adapter_dir, final_eval, initial_eval, stop_reason)
         for cb in self.callbacks:
@@ -339,7 +348,7 @@ class Trainer:
             len(r) - p for r, p in zip(rollouts.responses, rollouts.demo_prefix_lengths, strict=True)
         )
 
-        reward = self.compute_rewards(rollouts.texts, rollouts.row_examples)
+        reward = self._rewards_sharded(rollouts.texts, rollouts.row_examples, t.rollouts_per_prompt)
         for event in self.reward_errors.new_errors(reward, self.step + 1):
             self._emit_event(event.message, "warning", event.data)
         self.reward_errors.check_rate(reward, self.step + 1)
@@ -398,7 +407,12 @@ class Trainer:
     def generate_rollouts(
         self, examples: list[EncodedExample], low: float, high: float, rng: random.Random
     ) -> Rollouts:
-        """N rollouts per prompt; the first H of an example with a demonstration are hybrids."""
+        """N rollouts per prompt; the first H of an example with a demonstration are hybrids.
+
+        Each row samples from its own seed, (seed, step, row), so a row's tokens do not depend on
+        the batches or processes it is sampled in. Over several processes each samples its
+        share of the groups, and all get every rollout.
+        """
         t = self.config.training
         hybrids = self.config.hybrid_rollouts_per_prompt
         inputs, budgets, prefix_lengths, groups = [], [], [], []
@@ -414,7 +428,8 @@ class Trainer:
                 budgets.append(t.max_completion_tokens - cut)
                 prefix_lengths.append(cut)
                 groups.append(g)
-        continuations = self._sample_chunked(inputs, budgets, greedy=False)
+        seeds = [self._sampling_seed(row) for row in range(len(inputs))]
+        continuations = self._sample_sharded(inputs, budgets, False, t.rollouts_per_prompt, seeds)
         responses = [
             (examples[g].demo_ids[:cut] if cut else []) + cont  # type: ignore[index]
             for g, cut, cont in zip(groups, prefix_lengths, continuations, strict=True)
@@ -422,7 +437,18 @@ class Trainer:
         texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
         return Rollouts(examples, responses, prefix_lengths, groups, texts)
 
-    def _sample_chunked(self, inputs: list[list[int]], budgets: list[int], greedy: bool) -> list[list[int]]:
+    def _sampling_seed(self, row: int) -> int:
+        """The seed of a rollout row's draws at this step: (run seed, step, row), hashed."""
+        digest = hashlib.blake2b(f"{self.config.seed}-sample-{self.step}-{row}".encode(), digest_size=8)
+        return int.from_bytes(digest.digest(), "big") >> 1
+
+    def _sample_chunked(
+        self,
+        inputs: list[list[int]],
+        budgets: list[int],
+        greedy: bool,
+        row_seeds: list[int] | None = None,
+    ) -> list[list[int]]:
         size = self.config.training.generation_batch_size if not greedy else self.config.eval.batch_size
         out: list[list[int]] = []
         for start in range(0, len(inputs), size):
@@ -434,8 +460,46 @@ class Trainer:
                 self.pad_id,
                 temperature=self.config.training.temperature,
                 greedy=greedy,
+                row_seeds=row_seeds[start : start + size] if row_seeds is not None else None,
             )
         return out
+
+    def _own_rows(self, rows: int, group_size: int = 1) -> range:
+        """This rank's contiguous share of `rows`, whole groups of `group_size` rows each."""
+        groups = self.ranks.shard(rows // group_size)
+        return range(groups.start * group_size, groups.stop * group_size)
+
+    def _sample_sharded(
+        self,
+        inputs: list[list[int]],
+        budgets: list[int],
+        greedy: bool,
+        group_size: int = 1,
+        row_seeds: list[int] | None = None,
+    ) -> list[list[int]]:
+        """Every row's continuation; over several processes each samples its share, all get all."""
+        if not self.ranks.distributed:
+            return self._sample_chunked(inputs, budgets, greedy, row_seeds)
+        own = self._own_rows(len(inputs), group_size)
+        seeds = row_seeds[own.start : own.stop] if row_seeds is not None else None
+        mine = self._sample_chunked(
+            inputs[own.start : own.stop], budgets[own.start : own.stop], greedy, seeds
+        )
+        return [row for part in self.ranks.gather(mine) for row in part]
+
+    def _rewards_sharded(
+        self, texts: list[str], examples: list[EncodedExample], group_size: int = 1
+    ) -> RewardResult:
+        """Every row's reward; over several processes each scores its share, all get all."""
+        if not self.ranks.distributed:
+            return self.compute_rewards(texts, examples)
+        own = self._own_rows(len(texts), group_size)
+        mine = (
+            self.compute_rewards(texts[own.start : own.stop], examples[own.start : own.stop])
+            if own
+            else RewardResult([], {})
+        )
+        return concat_reward_results(self.ranks.gather(mine))
 
     def _micro_batches(self, lengths: list[int], rows: list[int] | None = None) -> list[list[int]]:
         """Row indices in micro-batches of similar response length (less padding to compute)."""
@@ -466,36 +530,51 @@ class Trainer:
             )
         return results
 
-    def _demo_prefix_keep(self, rollouts: Rollouts) -> dict[int, torch.Tensor]:
-        """Entropy clipping: per hybrid row, which of its demonstration-prefix tokens keep their advantage.
+    def _demo_prefix_keep(self, rollouts: Rollouts, rows: range) -> dict[int, torch.Tensor]:
+        """Entropy clipping: per hybrid row of `rows`, which of its demonstration-prefix tokens keep
+        their advantage.
 
         The top fraction is taken over all demonstration-prefix tokens of the step, so their
-        entropies are computed first, in one inference pass over the hybrid rows only.
+        entropies are computed first, in one inference pass over the hybrid rows only; over
+        several processes each computes its rows' and all get all of them.
         """
         prefix_lengths = rollouts.demo_prefix_lengths
-        hybrid_rows = [i for i, n in enumerate(prefix_lengths) if n > 0]
-        if not hybrid_rows:
+        if not any(prefix_lengths):
             return {}
-        micro_batches = self._micro_batches([len(r) for r in rollouts.responses], hybrid_rows)
+        own_hybrids = [i for i in rows if prefix_lengths[i] > 0]
+        micro_batches = self._micro_batches([len(r) for r in rollouts.responses], own_hybrids)
         scores = self._log_probs_without_grad(rollouts, micro_batches, with_entropy=True)
+        prefix_entropy = {
+            row: mb_entropy[k, : prefix_lengths[row]]
+            for mb, (_, mb_entropy) in zip(micro_batches, scores, strict=True)
+            for k, row in enumerate(mb)
+        }
+        if self.ranks.distributed:
+            parts = self.ranks.gather({row: e.cpu() for row, e in prefix_entropy.items()})
+            prefix_entropy = {row: e.to(self.device) for part in parts for row, e in part.items()}
+        hybrid_rows = sorted(prefix_entropy)
         width = max(prefix_lengths[row] for row in hybrid_rows)
         entropy = torch.zeros(len(hybrid_rows), width, device=self.device)
         prefix_mask = torch.zeros(len(hybrid_rows), width, dtype=torch.bool, device=self.device)
         position = {row: j for j, row in enumerate(hybrid_rows)}
-        for mb, (_, mb_entropy) in zip(micro_batches, scores, strict=True):
-            for k, row in enumerate(mb):
-                n = prefix_lengths[row]
-                entropy[position[row], :n] = mb_entropy[k, :n]
-                prefix_mask[position[row], :n] = True
+        for row, row_entropy in prefix_entropy.items():
+            n = prefix_lengths[row]
+            entropy[position[row], :n] = row_entropy
+            prefix_mask[position[row], :n] = True
         keep = entropy_keep_mask(entropy, prefix_mask, self.config.training.entropy_keep_fraction)
-        return {row: keep[position[row], : prefix_lengths[row]] for row in hybrid_rows}
+        return {row: keep[position[row], : prefix_lengths[row]] for row in own_hybrids}
 
     def policy_update(self, rollouts: Rollouts, advantages: torch.Tensor) -> dict[str, float]:
-        """One clipped policy-gradient step over the rollouts (or `updates_per_batch` of them)."""
+        """One clipped policy-gradient step over the rollouts (or `updates_per_batch` of them).
+
+        Over several processes each trains on its share of the groups, its loss divided by the
+        whole step's normaliser, and the gradients are summed before the step.
+        """
         t = self.config.training
         rows = len(rollouts.responses)
-        keep_by_row = self._demo_prefix_keep(rollouts)
-        micro_batches = self._micro_batches([len(r) for r in rollouts.responses])
+        own = self._own_rows(rows, t.rollouts_per_prompt)
+        keep_by_row = self._demo_prefix_keep(rollouts, own)
+        micro_batches = self._micro_batches([len(r) for r in rollouts.responses], list(own))
         # pi_old: with one update per batch it is the current policy, detached in the same forward.
         old = (
             self._log_probs_without_grad(rollouts, micro_batches, False) if t.updates_per_batch > 1 else None
@@ -547,6 +626,8 @@ class Trainer:
                 totals["prefix_kept"] += (keep & demo_prefix_mask).sum().item()
             grad_norm = self._optimizer_step()
         self.model.eval()
+        if self.ranks.distributed:
+            totals = dict(zip(totals, self.ranks.sum(list(totals.values())), strict=True))
         tokens = max(totals["tokens"], 1.0)
         passes = t.updates_per_batch
         metrics = {
@@ -562,6 +643,7 @@ class Trainer:
 
     def _optimizer_step(self) -> float:
         """One AdamW step; the learning-rate schedule moves once per training step, not here."""
+        self.ranks.sum_gradients(self.params)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.training.max_grad_norm).item()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -587,14 +669,21 @@ class Trainer:
         k = min(t.psft_minibatches, len(examples)) if proximal else 1
         rows = list(range(len(examples)))
         minibatches = [rows[j * len(rows) // k : (j + 1) * len(rows) // k] for j in range(k)]
-        old = self._demonstration_log_probs(prompts, responses) if proximal and k > 1 else None
+        # Over several processes each trains on its share of every mini-batch, divided by the
+        # mini-batch's tokens (all ranks'), and the gradients are summed before each step.
+        own = [[minibatch[i] for i in self.ranks.shard(len(minibatch))] for minibatch in minibatches]
+        old = (
+            self._demonstration_log_probs(prompts, responses, [i for part in own for i in part])
+            if proximal and k > 1
+            else None
+        )
 
         nll_sum = clipped = 0.0
         grad_norms = []
         self.model.train()
-        for minibatch in minibatches:
+        for minibatch, own_rows in zip(minibatches, own, strict=True):
             tokens = float(sum(lengths[i] for i in minibatch))
-            for mb in self._micro_batches(lengths, minibatch):
+            for mb in self._micro_batches(lengths, own_rows):
                 batch = response_batch(
                     [prompts[i] for i in mb], [responses[i] for i in mb], self.pad_id, self.device
                 )
@@ -613,6 +702,8 @@ class Trainer:
                 nll_sum += (-log_probs.detach() * mask).sum().item()
             grad_norms.append(self._optimizer_step())
         self.model.eval()
+        if self.ranks.distributed:
+            nll_sum, clipped = self.ranks.sum([nll_sum, clipped])
         elapsed = time.perf_counter() - started
         total_tokens = sum(lengths)
         metrics: dict[str, Any] = {
@@ -632,11 +723,12 @@ class Trainer:
 
     @torch.inference_mode()
     def _demonstration_log_probs(
-        self, prompts: list[list[int]], responses: list[list[int]]
+        self, prompts: list[list[int]], responses: list[list[int]], rows: list[int]
     ) -> list[torch.Tensor]:
-        """Each demonstration's per-token log-probs under the current weights, unpadded."""
+        """The per-token log-probs of the demonstrations of `rows` under the current weights,
+        unpadded (empty for the other rows)."""
         out: list[torch.Tensor] = [torch.empty(0)] * len(responses)
-        for mb in self._micro_batches([len(r) for r in responses]):
+        for mb in self._micro_batches([len(r) for r in responses], rows):
             batch = response_batch(
                 [prompts[i] for i in mb], [responses[i] for i in mb], self.pad_id, self.device
             )
@@ -690,11 +782,11 @@ class Trainer:
         started = time.perf_counter()
         examples = self.eval_examples[: self.config.eval.max_examples]
         budget = self.config.eval.max_completion_tokens or self.config.training.max_completion_tokens
-        responses = self._sample_chunked(
+        responses = self._sample_sharded(
             [e.prompt_ids for e in examples], [budget] * len(examples), greedy=True
         )
         texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
-        reward = self.compute_rewards(texts, examples)
+        reward = self._rewards_sharded(texts, examples)
         metrics: dict[str, Any] = {
             "step": self.step,
             "examples": len(examples),
@@ -722,6 +814,8 @@ class Trainer:
     # ----- reporting --------------------------------------------------------------------------
 
     def _emit_event(self, message: str, level: str, data: dict[str, Any]) -> None:
+        if not self.ranks.is_main:
+            return
         log.log(logging.WARNING if level == "warning" else logging.INFO, message)
         for cb in self.callbacks:
             cb.on_event(message, level, data)
@@ -761,7 +855,10 @@ class Trainer:
 
     # ----- checkpoints ------------------------------------------------------------------------
 
-    def save_checkpoint(self) -> Path:
+    def save_checkpoint(self) -> Path | None:
+        """Write this step's checkpoint (rank 0 does, for every rank; the others return None)."""
+        if not self.ranks.is_main:
+            return None
         low, high = self.demo_prefix_window(self.step)
         path = save_checkpoint(
             self.out_dir / "checkpoints",
