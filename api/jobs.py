@@ -12,6 +12,8 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from api.deps import Services, owned
+from api.model_names import deployment_base_models
+from api.prompt_lengths import check_prompt_lengths
 from api.specs import build_config, validated_spec
 from core.config import REWARD_FREE_METHODS
 from protocol.errors import APIError
@@ -60,8 +62,11 @@ def job_config(
     project_id: str,
     served_judges: frozenset[str],
     limits: JobLimits | None = None,
+    services: Services | None = None,
 ) -> tuple[dict, Dataset, Dataset | None]:
-    """The job's checked trainer config, and its training and held-out files."""
+    """The job's checked trainer config, and its training and held-out files. With `services`,
+    the base model is one of the deployment's (built in or registered, trainable, small enough
+    for its workers) and every prompt fits (api/prompt_lengths.py); without, a built-in one."""
     # Shared locks: a concurrent delete of these datasets waits for this job (or wins before it).
     train = _locked_dataset(session, project_id, body.training_dataset, "training_dataset")
     heldout = (
@@ -72,7 +77,16 @@ def job_config(
     if body.method not in REWARD_FREE_METHODS and body.reward is None:
         raise APIError(422, "invalid_job", f"method {body.method!r} needs a grader", "reward")
     reward = None if body.reward is None else validated_spec(body.reward, "reward").model_dump(mode="json")
-    return build_config(body, reward, train, heldout, served_judges, limits), train, heldout
+    if services is None:
+        return build_config(body, reward, train, heldout, served_judges, limits), train, heldout
+    settings = services.settings
+    models = deployment_base_models(settings)
+    config = build_config(
+        body, reward, train, heldout, served_judges, limits, models, settings.worker_memory_bytes
+    )
+    files = [(train, "training_dataset")] + ([(heldout, "validation_dataset")] if heldout else [])
+    check_prompt_lengths(services.storage, config, models[body.model], settings.data_dir, files)
+    return config, train, heldout
 
 
 def new_job(
@@ -81,8 +95,9 @@ def new_job(
     project_id: str,
     served_judges: frozenset[str],
     limits: JobLimits | None = None,
+    services: Services | None = None,
 ) -> Job:
-    config, train, heldout = job_config(session, body, project_id, served_judges, limits)
+    config, train, heldout = job_config(session, body, project_id, served_judges, limits, services)
     job = Job(
         id=new_id("ftjob"),  # now, not at the flush: the event below names it
         project_id=project_id,

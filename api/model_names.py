@@ -7,11 +7,21 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from api.schemas import ModelOut
-from core.base_models import REGISTRY
+from core.base_models import BaseModelInfo, base_models
+from service.settings import Settings
 from service.tables import CHECKPOINT_MARK, Checkpoint, Job, JobStatus, fine_tuned_model_name
 
-BASE_MODELS = {
-    info.name: ModelOut(
+
+def deployment_base_models(settings: Settings) -> dict[str, BaseModelInfo]:
+    """The base models of this deployment: the built-in ones, those `prefix-rft models add`
+    recorded in its data directory, and PREFIX_RFT_BASE_MODELS; read on each call (a small file),
+    so a model registered while the API runs is seen."""
+    return base_models(settings.data_dir, settings.base_models)
+
+
+def base_model_out(info: BaseModelInfo) -> ModelOut:
+    """A base model as /v1/models lists it."""
+    return ModelOut(
         id=info.name,
         created=0,
         owned_by="prefix-rft",
@@ -21,8 +31,6 @@ BASE_MODELS = {
         context_length=info.context_length,
         chat_template=info.chat_template,
     )
-    for info in REGISTRY
-}
 
 
 def adapter_job(session: Session, project_id: str, name: str) -> Job | None:

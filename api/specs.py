@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from core.base_models import REGISTRY
+from core.base_models import BUILT_IN, BaseModelInfo, too_big_reason, untrainable_reason
 from core.config import ConfigError, parse_config, parse_reward_spec
 from core.rewards import RewardSpec
 from protocol.errors import APIError, joined
@@ -86,6 +87,21 @@ def _check_fields(dataset: Dataset, needed: set[str], param: str) -> None:
             )
 
 
+def check_base_model(
+    name: str, models: Mapping[str, BaseModelInfo], worker_memory_bytes: int | None
+) -> BaseModelInfo:
+    """The job's base model, or a 422 saying why no job can train it here."""
+    info = models.get(name)
+    if info is None:
+        allowed = ", ".join(models)
+        raise APIError(422, "unknown_model", f"unknown base model {name!r} (available: {allowed})", "model")
+    if reason := untrainable_reason(info):
+        raise APIError(422, "unsupported_model", reason, "model")
+    if reason := too_big_reason(info, worker_memory_bytes):
+        raise APIError(422, "model_too_large", reason, "model")
+    return info
+
+
 def build_config(
     body: JobSpec,
     reward: dict[str, Any] | None,
@@ -93,15 +109,15 @@ def build_config(
     heldout: Dataset | None,
     served_judges: frozenset[str] = frozenset(),
     limits: JobLimits | None = None,
+    models: Mapping[str, BaseModelInfo] | None = None,
+    worker_memory_bytes: int | None = None,
 ) -> dict:
     """The job's validated trainer config as JSON; data paths are filled in by the worker.
     `served_judges`: the judge models this deployment maps (model graders must name one);
-    `limits`: the largest job the deployment accepts (default: service/limits.py's)."""
-    if body.model not in {info.name for info in REGISTRY}:
-        allowed = ", ".join(info.name for info in REGISTRY)
-        raise APIError(
-            422, "unknown_model", f"unknown base model {body.model!r} (available: {allowed})", "model"
-        )
+    `limits`: the largest job the deployment accepts (default: service/limits.py's);
+    `models`: its base models (default: the built-in ones); `worker_memory_bytes`: what a worker
+    trains in (default: not checked)."""
+    check_base_model(body.model, BUILT_IN if models is None else models, worker_memory_bytes)
     raw = {
         "model": body.model,
         "method": body.method,

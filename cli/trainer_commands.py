@@ -4,7 +4,7 @@ prefix-rft train CONFIG.yaml [--resume DIR] [--set training.steps=20 ...]
     (over several processes: torchrun --nproc_per_node N -m cli.main train CONFIG.yaml ...)
 prefix-rft eval CONFIG.yaml [--adapter DIR] [--out FILE.jsonl] [--show N]
 prefix-rft data validate FILE.jsonl [--model NAME]
-prefix-rft models
+prefix-rft models [add PATH [--name NAME] | remove NAME]
 """
 
 from __future__ import annotations
@@ -53,7 +53,20 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     validate.add_argument("--model", help="also report token lengths with this model's tokenizer")
     validate.set_defaults(handler=_validate)
 
-    commands.add_parser("models", help="list the registered base models").set_defaults(handler=_models)
+    models = commands.add_parser("models", help="list the base models, or register one")
+    models.set_defaults(handler=_models)
+    model_commands = models.add_subparsers(dest="models_command")
+    add = model_commands.add_parser(
+        "add",
+        help="register a base model: a local Hugging Face directory, a hub id in the local cache, or a "
+        "GGUF file (converted once into the data directory)",
+    )
+    add.add_argument("path", help="directory, hub id (org/name) or FILE.gguf")
+    add.add_argument("--name", help="the name jobs and chat requests use (default: from the path)")
+    add.set_defaults(handler=_models_add)
+    remove = model_commands.add_parser("remove", help="forget a registered base model (its files stay)")
+    remove.add_argument("name")
+    remove.set_defaults(handler=_models_remove)
 
 
 def _overrides(pairs: list[str]) -> dict[str, Any]:
@@ -162,10 +175,52 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _models(_args: argparse.Namespace) -> int:
-    from core.base_models import list_models
+    from core.base_models import list_models, untrainable_reason
 
     for info in list_models():
         size = f"{info.parameters / 1e6:.1f}M params, {info.context_length} tokens"
-        print(f"{info.name:24s} {size:30s} {info.description}")
-    print("(also: any local Hugging Face model directory, or a hub id already in the local cache)")
+        template = "chat template" if info.chat_template else "NO chat template"
+        print(f"{info.name:24s} {size:30s} {template:17s} {info.description}")
+        if reason := untrainable_reason(info):
+            print(f"{'':24s} cannot train: {reason}")
+    print(
+        "(prefix-rft models add PATH [--name NAME] registers a local directory, cached hub id or GGUF file)"
+    )
+    return 0
+
+
+def _models_add(args: argparse.Namespace) -> int:
+    from core.base_models import check_name, data_dir, default_model_name, register_model
+
+    source, name = args.path, check_name(args.name or default_model_name(args.path))
+    gguf = Path(source).expanduser()
+    if gguf.suffix == ".gguf" and gguf.is_file():
+        # transformers will not train a GGUF-loaded model: convert once, as SmolLM2 is, and
+        # register the converted directory.
+        _quiet_libraries()
+        from core.models import convert_gguf
+
+        target = data_dir() / "models" / name
+        if not (target / "config.json").is_file():
+            print(f"converting {gguf} into {target} (once)")
+            convert_gguf(gguf.parent, gguf.name, target)
+        source = str(target)
+    info = register_model(source, name)
+    print(
+        f"registered {info.name}: {info.architecture}, {info.parameters / 1e6:.1f}M params, "
+        f"{info.context_length} tokens of context, chat template, at {info.path}"
+    )
+    return 0
+
+
+def _models_remove(args: argparse.Namespace) -> int:
+    from core.base_models import unregister_model
+
+    if not unregister_model(args.name):
+        print(
+            f"error: no registered model is called {args.name!r} (prefix-rft models lists them)",
+            file=sys.stderr,
+        )
+        return 2
+    print(f"removed {args.name}")
     return 0

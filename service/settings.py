@@ -16,7 +16,9 @@ from urllib.parse import unquote, urlsplit
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from core.base_models import check_name
 from core.base_models import data_dir as default_data_dir
+from core.errors import InvalidInput
 from service.judge import JudgeEndpoint
 from service.limits import JobLimits
 
@@ -49,6 +51,13 @@ class Settings(BaseSettings):
     heartbeat_seconds: float = Field(3, gt=0, description="How often the worker renews the lease.")
     max_attempts: int = Field(
         3, ge=1, description="Attempts a job gets (worker lost or training error) before it fails."
+    )
+    train_processes: int = Field(
+        1,
+        ge=1,
+        le=1024,
+        description="Processes one job trains in (one per GPU of the worker): above 1 the worker starts "
+        "them with torchrun, data-parallel. A job's training.processes overrides it.",
     )
     reaper_seconds: float = Field(
         5,
@@ -87,6 +96,21 @@ class Settings(BaseSettings):
         "only when the environment is local.",
     )
     idempotency_hours: int = Field(48, ge=24, description="How long an Idempotency-Key is remembered.")
+
+    # ----- base models --------------------------------------------------------------------------
+    base_models: dict[str, str] = Field(
+        default_factory=dict,
+        description="Base models beside the built-in ones and those `prefix-rft models add` recorded, as "
+        'JSON: {"my-llama": "/models/my-llama", "smollm2-360m": "HuggingFaceTB/SmolLM2-360M-Instruct"} '
+        "(local Hugging Face directories, or hub ids in the local cache); the API, the worker and the "
+        "model server must all see the files.",
+    )
+    worker_memory_gb: float | None = Field(
+        None,
+        gt=0,
+        description="Memory a worker trains in (its GPU's, or RAM on CPU); a job on a base model that "
+        "needs more is refused at creation. Default: this machine's memory (one machine runs both).",
+    )
     log_level: str = Field("INFO", description="Logging level of the API and worker.")
 
     # ----- inference -----------------------------------------------------------------------------
@@ -168,11 +192,22 @@ class Settings(BaseSettings):
                     + " (docker-compose.yml's defaults are for trying it out; set your own)"
                 )
         self.data_dir = self.data_dir.expanduser().resolve()
+        for name in self.base_models:
+            try:
+                check_name(name)
+            except InvalidInput as exc:  # a settings error, as pydantic reports them
+                raise ValueError(f"PREFIX_RFT_BASE_MODELS: {exc}") from None
         self.database_url = self.database_url or f"sqlite:///{self.data_dir / 'service.db'}"
         self.broker_url = self.broker_url or "filesystem://"
         self.storage_url = self.storage_url or (self.data_dir / "objects").as_uri()
         self.inference_url = (self.inference_url or "http://127.0.0.1:8001").rstrip("/")
         return self
+
+    @property
+    def worker_memory_bytes(self) -> int:
+        if self.worker_memory_gb is not None:
+            return int(self.worker_memory_gb * 1e9)
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
     @property
     def broker_dir(self) -> Path:

@@ -20,7 +20,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api.deps import ProjectDep, Services, ServicesDep
 from api.errors import error_responses
-from api.model_names import BASE_MODELS, adapter_job, checkpoint_of
+from api.model_names import adapter_job, checkpoint_of, deployment_base_models
 from protocol.completions import (
     CHAT_PATH,
     COMPLETIONS_PATH,
@@ -68,9 +68,9 @@ async def completions(
 
 
 def resolve_model(services: Services, project_id: str, name: str) -> Target:
-    """A base model of the registry, an adapter of a succeeded job of this project, or one of its
+    """A base model (built in or registered), an adapter of a succeeded job of this project, or one of its
     jobs' checkpoints (`...:ckpt-step-<n>`, while the job keeps it)."""
-    if name in BASE_MODELS:
+    if name in deployment_base_models(services.settings):
         return Target(name=name, base_model=name)
     with services.sessions() as session:
         job = adapter_job(session, project_id, name)

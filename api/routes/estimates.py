@@ -33,7 +33,9 @@ def estimate_fine_tuning_job(
         resolved, ours = job_spec(session, body, project_id)
         try:
             judges = frozenset(services.judge.endpoints)
-            raw, train, heldout = job_config(session, ours, project_id, judges, services.settings.job_limits)
+            raw, train, heldout = job_config(
+                session, ours, project_id, judges, services.settings.job_limits, services
+            )
         except APIError as exc:
             raise in_openai_terms(exc, resolved.echo["type"]) from exc
         config = parse_config(raw)

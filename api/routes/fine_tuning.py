@@ -163,7 +163,7 @@ def _create_fine_tuning_job(
         resolved, ours = job_spec(session, body, project_id)
         try:
             judges = frozenset(services.judge.endpoints)
-            job = new_job(session, ours, project_id, judges, services.settings.job_limits)
+            job = new_job(session, ours, project_id, judges, services.settings.job_limits, services)
         except APIError as exc:
             raise in_openai_terms(exc, resolved.echo["type"]) from exc
         job.fine_tuning_method = resolved.echo
