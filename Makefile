@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup example example-job serve test lint benchmarks benchmark-throughput benchmark-learning benchmark-serving
+.PHONY: setup browser example example-job serve test lint benchmarks benchmark-throughput benchmark-learning benchmark-serving
 
 setup: $(STAMP)
 
@@ -34,7 +34,15 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-test: lint
+# The dashboard's tests (tests/ui) drive Debian's chromium through playwright; installed here
+# where missing (root and apt-get), otherwise those tests say it is missing (and fail under CI).
+browser:
+	@command -v chromium >/dev/null 2>&1 || ! command -v apt-get >/dev/null || [ "$$(id -u)" != 0 ] \
+	  || apt-get install -y -q chromium >/dev/null 2>&1 \
+	  || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1) \
+	  || echo "note: chromium could not be installed; the dashboard tests need it"
+
+test: lint browser
 	$(PY) -m pytest -q
 
 benchmark-throughput: setup

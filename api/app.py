@@ -19,6 +19,7 @@ from api.deps import Services
 from api.errors import document_error_responses, install_api_error_handlers
 from api.routes import (
     completions,
+    dashboard,
     estimates,
     event_streams,
     files,
@@ -97,8 +98,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         models,
         completions,
         health,
+        dashboard,
     ):
         app.include_router(module.router)
+    app.mount("/ui", dashboard.dashboard_files(), name="dashboard")
 
     app.add_middleware(RecordMetrics)
     app.add_middleware(RequestIds)  # outermost: error responses carry the id too

@@ -30,7 +30,11 @@ class MetricPage(BaseModel):
 class SampleOut(BaseModel):
     id: int
     step: int
-    data: dict[str, Any] = Field(description="Prompt, completion, reward and per-grader scores.")
+    data: dict[str, Any] = Field(
+        description="prompt, completion, demo_prefix_tokens and demo_prefix_text (the demonstration "
+        "prefix the completion began with), reward, rewards (per grader), outputs (what each grader "
+        "printed) and errors (why a grader failed: its message or traceback)."
+    )
 
 
 class SamplePage(BaseModel):
@@ -242,6 +246,10 @@ class FineTuningJob(BaseModel):
     user_provided_suffix: str | None
     step: int = Field(description="Ours: steps done.")
     total_steps: int = Field(description="Ours.")
+    last_reward: float | None = Field(
+        None,
+        description="Ours: the mean reward of the latest step (null before one, or for supervised steps).",
+    )
     attempt: int = Field(
         0, description="Ours: how many times a worker has started the job (a lost worker's job is retried)."
     )

@@ -91,6 +91,7 @@ def fine_tuning_job(job: Job, session: Session) -> FineTuningJob:
         user_provided_suffix=job.suffix,
         estimated_finish=_estimated_finish(session, job),
         step=job.step,
+        last_reward=_last_reward(session, job),
         total_steps=job.total_steps,
         attempt=job.attempt,
     )
@@ -110,6 +111,19 @@ def _estimated_finish(session: Session, job: Job) -> int | None:
         .limit(RECENT_STEPS)
     ).all()
     return estimated_finish([(step, at.timestamp()) for step, at in reversed(recent)], job.total_steps)
+
+
+def _last_reward(session: Session, job: Job) -> float | None:
+    if not job.step:
+        return None
+    values = session.scalar(
+        select(JobMetric.values)
+        .where(JobMetric.job_id == job.id, JobMetric.kind == "train")
+        .order_by(JobMetric.step.desc())
+        .limit(1)
+    )
+    reward = (values or {}).get("reward_mean")
+    return float(reward) if isinstance(reward, int | float) else None
 
 
 def _method_of_config(job: Job) -> dict[str, Any]:
@@ -355,11 +369,15 @@ def list_fine_tuning_samples(
     after: Annotated[
         int | None, Query(ge=0, le=MAX_BIGINT, description="The last id of the previous page.")
     ] = None,
+    step: Annotated[int | None, Query(ge=1, le=MAX_INT, description="Only this step's samples.")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> dict:
-    """Rollouts as trained on: prompt, completion, reward and each grader's score, per step."""
+    """Rollouts as trained on: prompt, completion (and the demonstration prefix it began with),
+    reward, each grader's score, what a grader printed and why it failed, per step."""
     owned(session, Job, fine_tuning_job_id, project_id)
     query = select(JobSample).where(JobSample.job_id == fine_tuning_job_id)
+    if step is not None:
+        query = query.where(JobSample.step == step)
     if after is not None:
         query = query.where(JobSample.id > after)
     rows = list(session.scalars(query.order_by(JobSample.id).limit(limit + 1)))

@@ -150,6 +150,9 @@ def test_a_job_on_postgres_redis_s3_and_a_worker_process(
     samples = api.http.get(f"{JOBS}/{job_id}/samples").json()["data"]
     assert samples and {"completion", "reward", "rewards"} <= set(samples[0]["data"])
     assert {s["step"] for s in samples} == {1, 2, 3}
+    second = api.http.get(f"{JOBS}/{job_id}/samples", params={"step": 2}).json()["data"]
+    assert second == [s for s in samples if s["step"] == 2]
+    assert job["last_reward"] == pytest.approx(train[-1]["values"]["reward_mean"])
     checkpoints = api.http.get(f"{JOBS}/{job_id}/checkpoints").json()["data"]
     assert [c["step_number"] for c in checkpoints] == [3, 2, 1]  # newest first
 
