@@ -14,7 +14,7 @@ from pathlib import Path
 
 from core.base_models import BaseModelInfo
 from core.data import Example, read_jsonl
-from core.prompt_tokens import PromptTokenizer, without_replaced_start
+from core.prompt_tokens import ChatTemplateError, PromptTokenizer, without_replaced_start
 from protocol.errors import APIError
 from service.storage import Storage
 from service.tables import Dataset
@@ -108,16 +108,24 @@ def check_prompt_lengths(
     if directory is None:
         log.info("prompt lengths not checked: no tokenizer of %s in this process's data directory", info.name)
         return
-    tokenizer = prompt_tokenizer(directory)
+    try:
+        tokenizer = prompt_tokenizer(directory)
+    except Exception as exc:  # tokenizers raises plain Exceptions; the worker fails such a job itself
+        log.warning("prompt lengths not checked: the tokenizer of %s does not load: %s", info.name, exc)
+        return
     budget = prompt_budget(config, info, tokenizer)
     for dataset, param in files:
         details, count = [], 0
         for example in _examples(storage, dataset):
-            text = tokenizer.render(example.prompt)
-            most = tokenizer.most_tokens(text)
-            if most is not None and budget.fits(most):
-                continue  # short enough that counting cannot find a problem
-            problem = budget.problem(tokenizer.text_ids(text))
+            try:
+                text = tokenizer.render(example.prompt)
+            except ChatTemplateError as exc:  # the trainer would fail on it just the same
+                problem = str(exc)
+            else:
+                most = tokenizer.most_tokens(text)
+                if most is not None and budget.fits(most):
+                    continue  # short enough that counting cannot find a problem
+                problem = budget.problem(tokenizer.text_ids(text))
             if problem is None:
                 continue
             count += 1

@@ -56,6 +56,10 @@ def _environment() -> ImmutableSandboxedEnvironment:
     return environment
 
 
+class ChatTemplateError(ValueError):
+    """The model's chat template refused a chat (its `raise_exception`, or a template error)."""
+
+
 class PromptTokenizer:
     """A model directory's tokenizer.json and chat template, enough to count prompt tokens."""
 
@@ -85,7 +89,10 @@ class PromptTokenizer:
     def render(self, prompt: str | list[dict[str, str]]) -> str:
         """An example's prompt (text, or chat messages) chat-formatted as a generation prompt."""
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-        return self.template.render(messages=messages, add_generation_prompt=True, **self.special_tokens)
+        try:
+            return self.template.render(messages=messages, add_generation_prompt=True, **self.special_tokens)
+        except jinja2.TemplateError as exc:
+            raise ChatTemplateError(f"the model's chat template refused it: {exc}") from None
 
     def most_tokens(self, text: str) -> int | None:
         """An upper bound of the tokens of `text` found without tokenizing it, where there is one."""

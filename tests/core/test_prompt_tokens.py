@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 from transformers import AutoTokenizer
 
@@ -9,7 +11,7 @@ from core.adapters import chat_prompt_start, replaced_prompt_start
 from core.config import LoraAdapterConfig, PrefixAdapterConfig
 from core.data import Example
 from core.models import tiny_random_dir
-from core.prompt_tokens import PromptTokenizer, shared_start, without_replaced_start
+from core.prompt_tokens import ChatTemplateError, PromptTokenizer, shared_start, without_replaced_start
 from core.rollout import encode_example
 from tests.model_dirs import second_model_dir
 
@@ -68,3 +70,16 @@ def test_shared_start_and_without_replaced_start():
     assert without_replaced_start([1, 2, 3, 4], (1, 2)) == [3, 4]
     assert without_replaced_start([1, 3, 2, 4], (1, 2)) == [1, 3, 2, 4]
     assert without_replaced_start([1, 2], (1, 2)) == [1, 2]
+
+
+def test_a_chat_the_template_refuses_is_an_error_that_says_so(tmp_path):
+    directory = tmp_path / "strict"
+    shutil.copytree(tiny_random_dir(), directory)
+    (directory / "chat_template.jinja").write_text(
+        "{% for m in messages %}{% if m['role'] == 'system' %}"
+        "{{ raise_exception('System role not supported') }}{% endif %}{{ m['content'] }}{% endfor %}"
+    )
+    light = PromptTokenizer(directory)
+    assert light.prompt_ids("fine") == light.text_ids("fine")
+    with pytest.raises(ChatTemplateError, match="chat template refused it: System role not supported"):
+        light.prompt_ids([{"role": "system", "content": "x"}, {"role": "user", "content": "y"}])
