@@ -104,7 +104,7 @@ def _train(args: argparse.Namespace) -> int:
     from core.distributed import Ranks
     from core.trainer import Trainer
 
-    ranks = Ranks.from_environment()
+    ranks = Ranks.from_environment(config.training.device)
     if not ranks.is_main:
         logging.getLogger().setLevel(logging.WARNING)
     try:

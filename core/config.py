@@ -164,6 +164,14 @@ class TrainingConfig(_Strict):
         "AVX512-BF16, else float32; adapters, optimizer state and the loss stay float32.",
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available.")
+    processes: int | None = Field(
+        None,
+        ge=1,
+        le=1024,
+        description="Processes (one per GPU) the job trains in, data-parallel, each on its share of every "
+        "step's groups; a worker starts them with torchrun. Default: the worker's "
+        "PREFIX_RFT_TRAIN_PROCESSES (1). The CLI trains in as many as torchrun starts it in.",
+    )
     gradient_checkpointing: bool = Field(
         False,
         description="Recompute each layer's activations in the backward pass instead of keeping them: "

@@ -18,9 +18,10 @@ How a step is split, so that N processes compute what one would at the same glob
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -54,22 +55,23 @@ class Ranks:
         return self.world_size > 1
 
     @classmethod
-    def from_environment(cls, timeout_minutes: float = 30.0) -> Ranks:
+    def from_environment(cls, device: str = "auto", timeout_minutes: float = 30.0) -> Ranks:
         """Join the process group that torchrun / accelerate launch describe in the environment.
 
-        gloo on CPU, nccl on CUDA (each process on the GPU of its LOCAL_RANK). Without WORLD_SIZE,
-        or with 1, this is one process and no group is made.
+        `device` is the run's (training.device): on CUDA each process takes the GPU of its
+        LOCAL_RANK and the ranks talk over nccl; on CPU over gloo (also on CUDA with
+        PREFIX_RFT_DISTRIBUTED_BACKEND=gloo). Without WORLD_SIZE, or with 1, this is one process
+        and no group is made.
         """
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         if world_size <= 1:
             return cls()
         if not dist.is_initialized():
-            cuda = torch.cuda.is_available() and os.environ.get("PREFIX_RFT_DISTRIBUTED_BACKEND") != "gloo"
+            cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
             if cuda:
                 torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-            dist.init_process_group(
-                "nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=timeout_minutes)
-            )
+            backend = os.environ.get("PREFIX_RFT_DISTRIBUTED_BACKEND") or ("nccl" if cuda else "gloo")
+            dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
         return cls(dist.get_rank(), dist.get_world_size())
 
     def shard(self, count: int) -> range:
@@ -115,6 +117,19 @@ class Ranks:
             n = g.numel()
             p.grad = flat[offset : offset + n].view_as(g).to(g.dtype)
             offset += n
+
+    @contextlib.contextmanager
+    def main_first(self) -> Iterator[None]:
+        """Rank 0 runs the block, then the others do: what it makes once (a base model converted
+        into the data directory) the others find made."""
+        if not self.distributed:
+            yield
+            return
+        if not self.is_main:
+            dist.barrier()
+        yield
+        if self.is_main:
+            dist.barrier()
 
     def broadcast_parameters(self, params: Sequence[torch.Tensor]) -> None:
         """Rank 0's values of `params` on every rank: all ranks start from the same adapter."""

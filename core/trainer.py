@@ -143,7 +143,8 @@ class Trainer:
             config.training.max_reward_error_rate, config.training.reward_error_steps
         )
         torch.manual_seed(config.seed)
-        base, self.tokenizer = load_base_model(config.model, dtype=self.dtype, device=self.device)
+        with self.ranks.main_first():  # a model converted on first use is converted once
+            base, self.tokenizer = load_base_model(config.model, dtype=self.dtype, device=self.device)
         self.pad_id = self.tokenizer.pad_token_id
         self.stop_ids = stop_token_ids(base, self.tokenizer)
         self.eos_id = (

@@ -11,6 +11,10 @@ overwrite what the current one stored either. How an attempt ends:
 - SIGTERM (worker/shutdown.py) checkpoints and releases the job for another worker;
 - a worker killed outright stops renewing its lease, and the reaper re-queues the job.
 A re-queued job resumes from its last stored checkpoint.
+
+A job asking for several processes (training.processes, or the worker's train_processes) trains
+in torchrun's children (worker/training_process.py); its rank 0 reports as this process would,
+while this process keeps the lease and passes SIGTERM and a lost lease on as a stop request.
 """
 
 from __future__ import annotations
@@ -18,10 +22,13 @@ from __future__ import annotations
 import functools
 import gzip
 import hashlib
+import json
 import logging
 import math
 import os
 import socket
+import subprocess
+import sys
 import tarfile
 import tempfile
 import threading
@@ -140,7 +147,8 @@ class JobRun:
             self._fail("sandbox_unavailable", str(exc))
         except Exception as exc:
             self.log.exception("job %s: attempt %d failed", self.job_id, self.attempt)
-            self._retry_or_fail("training_error", f"{type(exc).__name__}: {exc}")
+            message = str(exc) if isinstance(exc, TrainingProcessesFailed) else f"{type(exc).__name__}: {exc}"
+            self._retry_or_fail("training_error", message)
         finally:
             self._stop_heartbeat.set()
             heartbeat.join(timeout=5)
@@ -158,15 +166,24 @@ class JobRun:
             )
         config = self._config(job, train, heldout, workdir)
         resume_from = self._restore(checkpoint, workdir / "run") if checkpoint else None
-        limits = SandboxLimits.from_settings(self.services.settings)
-        trainer = Trainer(
-            config,
-            callbacks=[_Reporter(self, config.training.steps)],
-            sandbox_limits=limits,
-            judge=ChatJudge(self.services.settings.judge_models),
+        processes = config.training.processes or self.services.settings.train_processes
+        self.log.info(
+            "job %s: training %d steps of %s in %d process(es)",
+            self.job_id,
+            config.training.steps,
+            config.method,
+            processes,
         )
-        self.log.info("job %s: training %d steps of %s", self.job_id, config.training.steps, config.method)
-        result = trainer.train(resume_from=resume_from)
+        if processes > 1:
+            result = self._train_in_processes(config, resume_from, workdir, processes)
+        else:
+            trainer = Trainer(
+                config,
+                callbacks=[_Reporter(self, config.training.steps)],
+                sandbox_limits=SandboxLimits.from_settings(self.services.settings),
+                judge=ChatJudge(self.services.settings.judge_models),
+            )
+            result = trainer.train(resume_from=resume_from)
         if self.lost.is_set():
             raise LostJob(self.job_id)
         if result.stopped and shutdown.requested.is_set():
@@ -197,6 +214,64 @@ class JobRun:
                 self._remove_orphans()  # a paused job keeps its checkpoints to resume from
             return
         self._store_adapter(job, result, workdir)
+
+    def _train_in_processes(
+        self, config: TrainConfig, resume_from: Path | None, workdir: Path, processes: int
+    ) -> TrainResult:
+        """Train in `processes` ranks started by torchrun on this machine; rank 0 reports.
+
+        This process keeps renewing the lease; SIGTERM or a lost lease becomes the stop file that
+        rank 0 reads between steps (it checkpoints and stops, as in process). The launcher is in
+        a session of its own (a terminal's Ctrl-C is not its) and gets SIGTERM if this process
+        dies, which torchrun passes on to the ranks.
+        """
+        from worker import training_process
+
+        run_dir = workdir / "ranks"
+        run_dir.mkdir()
+        request = {
+            "job_id": self.job_id,
+            "attempt": self.attempt,
+            "config": config.model_dump(mode="json"),
+            "resume_from": str(resume_from) if resume_from else None,
+            "settings": self.services.settings.model_dump(mode="json"),
+        }
+        request_file = run_dir / training_process.REQUEST
+        request_file.touch(mode=0o600)  # the settings hold the database's and storage's secrets
+        request_file.write_text(json.dumps(request))
+        command = [sys.executable, "-m", "worker.training_process", "--launch", str(processes), str(run_dir)]
+        root = str(Path(__file__).resolve().parents[1])
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+        for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+            env.pop(name, None)
+        stop_file = run_dir / training_process.STOP
+        with subprocess.Popen(command, env=env, cwd=workdir, start_new_session=True) as children:
+            while children.poll() is None:
+                if (self.lost.is_set() or shutdown.requested.is_set()) and not stop_file.exists():
+                    stop_file.touch()
+                time.sleep(0.2)
+        result_file = run_dir / training_process.RESULT
+        if children.returncode == 0 and result_file.is_file():
+            done = json.loads(result_file.read_text())
+            adapter_dir = done.pop("adapter_dir", None)
+            return TrainResult(**done, adapter_dir=Path(adapter_dir) if adapter_dir else None)
+        errors = [
+            json.loads(training_process.error_file(run_dir, rank).read_text())
+            for rank in range(processes)
+            if training_process.error_file(run_dir, rank).is_file()
+        ]
+        if not errors:
+            raise TrainingProcessesFailed(
+                f"the {processes} training processes exited with {children.returncode}"
+            )
+        error = training_process.first_error(errors)
+        if error["kind"] == "lost":
+            raise LostJob(self.job_id)
+        if error["kind"] == "invalid_input":
+            raise InvalidInput(error["message"])
+        if error["kind"] == "sandbox_unavailable":
+            raise SandboxUnavailable(error["message"])
+        raise TrainingProcessesFailed(error["message"])
 
     def _config(self, job: Job, train: Dataset | None, heldout: Dataset | None, workdir: Path) -> TrainConfig:
         raw = dict(job.config)
@@ -415,6 +490,10 @@ class JobRun:
         if self.lost.is_set() or shutdown.requested.is_set():
             return True
         return self.commit(lambda session: stop_requested(session, self.job_id))
+
+
+class TrainingProcessesFailed(RuntimeError):
+    """A job training in several processes failed; the message is the failing rank's error."""
 
 
 class _Reporter(TrainerCallback):

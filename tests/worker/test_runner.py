@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import threading
 import time
 
 import pytest
@@ -18,6 +19,7 @@ from service.queue import make_celery
 from service.storage import open_storage
 from tests.conftest import ApiClient
 from tests.service.test_end_to_end import JOBS, addition_lines, all_events, attempt_of, job_body
+from worker import shutdown
 from worker.runner import JobRun, WorkerServices, run_job
 
 
@@ -116,3 +118,67 @@ def test_a_worker_that_wakes_up_past_its_lease_still_retries_a_lost_connection(s
     with pytest.raises(IntegrityError):  # not a lost connection: raised at once, not retried
         run.commit(duplicate)
     assert len(calls) == 3
+
+
+def test_a_job_trains_in_two_processes_when_the_worker_asks_for_them(api, services, monkeypatch):
+    """PREFIX_RFT_TRAIN_PROCESSES=2: torchrun's ranks (gloo on CPU) train the job; rank 0 reports
+    its steps, evaluations and checkpoints, and the worker stores the adapter."""
+    two = dataclasses.replace(services, settings=services.settings.model_copy(update={"train_processes": 2}))
+    monkeypatch.setenv("PREFIX_RFT_DISTRIBUTED_BACKEND", "gloo")
+    job_id = new_job(api)
+    run_job(job_id, two)
+
+    job = api.http.get(f"{JOBS}/{job_id}").json()
+    assert (job["status"], job["step"], job["error"]) == ("succeeded", 3, None), events(api, job_id)
+    metrics = api.http.get(f"{JOBS}/{job_id}/metrics", params={"kind": "train"}).json()["data"]
+    assert [m["step"] for m in metrics] == [1, 2, 3]  # once each: only rank 0 reports
+    checkpoints = api.http.get(f"{JOBS}/{job_id}/checkpoints").json()["data"]
+    assert [c["step_number"] for c in checkpoints] == [3, 2, 1]
+    assert api.http.get(f"{JOBS}/{job_id}/adapter").status_code == 200
+    assert any(e.startswith("succeeded after 3 steps") for e in events(api, job_id))
+
+
+def test_a_failing_rank_fails_the_attempt_with_its_error(api, services):
+    """An error raised in the ranks is the attempt's: what the user must fix fails the job at once."""
+    two = dataclasses.replace(services, settings=services.settings.model_copy(update={"train_processes": 2}))
+    file_id = api.upload(addition_lines()).json()["id"]
+    body = job_body(file_id, steps=3, max_prompt_tokens=4)  # the ranks find every prompt too long
+    job_id = api.http.post(JOBS, json=body).json()["id"]
+    run_job(job_id, two)
+    job = api.http.get(f"{JOBS}/{job_id}").json()
+    assert (job["status"], attempt_of(api, job_id), job["error"]["code"]) == ("failed", 1, "invalid_input")
+    assert "over training.max_prompt_tokens=4" in job["error"]["message"]
+
+
+def test_sigterm_stops_every_rank_at_a_checkpoint_and_the_next_attempt_resumes(api, services):
+    """SIGTERM to the worker (here: its flag) reaches the ranks as a stop request: rank 0
+    checkpoints, the job goes back to the queue, and the next attempt resumes from there."""
+    two = dataclasses.replace(services, settings=services.settings.model_copy(update={"train_processes": 2}))
+    file_id = api.upload(addition_lines()).json()["id"]
+    job_id = api.http.post(JOBS, json=job_body(file_id, steps=8, checkpoint_every=100)).json()["id"]
+
+    def terminate_after_the_first_step() -> None:
+        deadline = time.monotonic() + 120
+        while api.http.get(f"{JOBS}/{job_id}").json()["step"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        shutdown.requested.set()
+
+    signal_thread = threading.Thread(target=terminate_after_the_first_step)
+    signal_thread.start()
+    try:
+        run_job(job_id, two)
+    finally:
+        signal_thread.join()
+        shutdown.requested.clear()
+    job = api.http.get(f"{JOBS}/{job_id}").json()
+    stopped_at = job["step"]
+    assert job["status"] == "queued" and 1 <= stopped_at < 8, events(api, job_id)
+    released = f"released for another worker: worker shutting down; checkpoint at step {stopped_at}"
+    assert released in events(api, job_id)
+
+    run_job(job_id, two)
+    job = api.http.get(f"{JOBS}/{job_id}").json()
+    assert (job["status"], job["step"], attempt_of(api, job_id)) == ("succeeded", 8, 2)
+    assert f"resuming from the checkpoint of step {stopped_at}" in events(api, job_id)
+    metrics = api.http.get(f"{JOBS}/{job_id}/metrics", params={"kind": "train"}).json()["data"]
+    assert [m["step"] for m in metrics] == list(range(1, 9))
