@@ -8,6 +8,7 @@ tests that need it are skipped with the reason.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import socket
@@ -55,11 +56,23 @@ def require(service: str, problem: str) -> None:
     missing(f"{service} is not reachable ({problem}); .ci/run starts it")
 
 
+@functools.cache
+def user_namespace_refusal() -> str | None:
+    """Why this process may not create a user namespace (the reward sandbox's first step), or None."""
+    probe = "import ctypes, os; libc = ctypes.CDLL(None, use_errno=True); "
+    probe += "os._exit(0 if libc.unshare(0x10000000) == 0 else ctypes.get_errno())"  # CLONE_NEWUSER
+    code = subprocess.run([sys.executable, "-c", probe], timeout=30).returncode
+    return None if code == 0 else os.strerror(code)
+
+
 @pytest.fixture
 def sandbox_privileges() -> None:
-    """The reward sandbox builds namespaces, which needs root (CAP_SYS_ADMIN) on this machine."""
-    if os.geteuid() != 0:
-        missing("the reward sandbox needs root (CAP_SYS_ADMIN) to build its namespaces")
+    """The reward sandbox starts with a user namespace: any user may, unless the kernel forbids it."""
+    refusal = user_namespace_refusal()
+    if refusal:
+        missing(
+            f"the reward sandbox needs user namespaces, which this kernel refuses to this user ({refusal})"
+        )
 
 
 MOTO_START_SECONDS = 30

@@ -2,18 +2,25 @@
 
 core.rewards.sandbox starts this file as `python -I -S sandbox_server.py REPLY_FD` with an empty
 environment and a fresh directory as its working directory. Standard library only: it runs
-before the interpreter can see any installed package, and it is the only code that runs with the
-privileges needed to build the sandbox. Setup happens before a single line of user code is read:
+before the interpreter can see any installed package. It needs no capability: it runs as root
+or as an unprivileged user (the images' 10001) alike, provided the kernel (and in a container,
+the seccomp and AppArmor profiles) allows unprivileged user namespaces. Setup happens before a
+single line of user code is read:
 
-1. namespaces (network, mount, PID, IPC, UTS): no network but an unconfigured loopback, and a
-   PID namespace whose init is this process, so every process the grader starts dies with it;
+1. namespaces: a user namespace first, whose root is the service's user id on the host (or a
+   host id of its own when started as root), and owned by it network, mount, PID, IPC and UTS
+   namespaces: no network but an unconfigured loopback, and a PID namespace whose init is this
+   process, so every process the grader starts dies with it;
 2. a filesystem of its own: a read-only tmpfs root holding read-only binds of the system
    libraries, the standard library and the allowed packages, plus a size-capped tmpfs at /tmp
    as the working directory; nothing else of the host (no /proc, /etc, /home, service code);
-3. an unprivileged user id of its own (no_new_privs set, no groups, no capabilities);
+3. an unprivileged id (GRADER_ID) in a second user namespace nested in the first, chrooted,
+   with no capability at all, no way to gain one (no_new_privs) and no way to create another
+   user namespace (the kernel refuses that to a chrooted process);
 4. rlimits: CPU time, address space, file size, processes, open files, no core files.
 
-If 1 or 2 fails and the deployment requires isolation, it reports why and exits (fail closed).
+If 1 or 2 fails and the deployment requires isolation, it reports why and exits (fail closed);
+if 3 fails, always.
 
 Protocol: JSON lines. The parent sends one line `{"config": ..., "program": ...}` on stdin and
 this process answers on REPLY_FD `{"isolated": how}` (or `{"fatal": why}` and exits), then
@@ -27,6 +34,7 @@ from __future__ import annotations
 
 import builtins
 import ctypes
+import errno
 import inspect
 import io
 import json
@@ -44,14 +52,20 @@ ALLOWED_PACKAGES = ("math_verify", "numpy", "regex", "jsonschema")
 USER_FILENAME = "reward.py"  # the name user code has in tracebacks
 USER_MODULE = "reward"
 MAX_TRACEBACK_CHARS = 4000
-# Each sandbox runs as its own user id (this base + the host pid of its outer process), in a
-# range no real account uses, so RLIMIT_NPROC counts only that sandbox's own processes.
+# Started as root, each sandbox runs as a host user id of its own (this base + the host pid of its
+# outer process), in a range no real account uses. Started as another user (the images' 10001),
+# it runs as that user on the host: only one id can be mapped into a user namespace without
+# privileges. Either way the grader sees itself as GRADER_ID, in a user namespace of its own.
 SANDBOX_UID_BASE = 1_500_000_000
+GRADER_ID = 1000
 
 CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
-CLONE_NEWPID, CLONE_NEWNET = 0x20000000, 0x40000000
-MS_RDONLY, MS_NOSUID, MS_NODEV, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 1, 2, 4, 32, 4096, 16384, 1 << 18
-PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS = 1, 38
+CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND, MS_REC = 1, 2, 4, 8, 32, 4096, 16384
+MS_NOATIME, MS_NODIRATIME, MS_PRIVATE, MS_RELATIME, MS_STRICTATIME = 1024, 2048, 1 << 18, 1 << 21, 1 << 24
+PR_SET_PDEATHSIG, PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS, PR_CAP_AMBIENT = 1, 24, 38, 47
+PR_CAP_AMBIENT_CLEAR_ALL = 4
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
 DEVICES = ("null", "zero", "random", "urandom")
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -74,8 +88,8 @@ class CpuLimitExceeded(BaseException):
 
 def _check(result: int, what: str) -> None:
     if result != 0:
-        errno = ctypes.get_errno()
-        raise OSError(errno, f"{what}: {os.strerror(errno)}")
+        code = ctypes.get_errno()
+        raise OSError(code, f"{what}: {os.strerror(code)}")
 
 
 def _mount(source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
@@ -91,51 +105,119 @@ def isolate(config: dict[str, Any]) -> str:
     required = config["require_isolation"]
     limits = config["limits"]
     workdir = os.path.realpath(os.getcwd())
-    outer_pid = os.getpid()
-    uid = SANDBOX_UID_BASE + outer_pid if os.getuid() == 0 else os.getuid()
+    as_root = os.getuid() == 0
+    # Started as root, the grader gets a host user id of its own; otherwise it is the service's.
+    host_uid = SANDBOX_UID_BASE + os.getpid() if as_root else os.getuid()
+    host_gid = host_uid if as_root else os.getgid()
+    if as_root:  # none of root's groups goes into the sandbox; its scratch directory is the grader's
+        os.setgroups([])
+        os.chown(workdir, host_uid, host_gid)
     described = []
     try:
-        _check(
-            _libc.unshare(CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS),
-            "unshare",
-        )
+        _enter_namespaces(as_root, host_uid, host_gid)
     except OSError as exc:
         if required:
             raise SetupError(
-                f"cannot create the network, mount and PID namespaces that isolate reward code ({exc}). "
-                "The sandbox needs root, or CAP_SYS_ADMIN with CAP_SETUID and CAP_SETGID (see docs/sandbox.md); "
-                "a deployment that accepts running python graders without them sets "
-                "PREFIX_RFT_SANDBOX_REQUIRE_ISOLATION=false"
+                f"cannot create the user, network, mount and PID namespaces that isolate reward code ({exc}). "
+                "The sandbox needs user namespaces: a kernel that allows them to unprivileged users, and in "
+                "Docker the seccomp profile docker/seccomp-sandbox.json and an AppArmor profile that allows "
+                "mount (see docs/sandbox.md); a deployment that accepts running python graders without them "
+                "sets PREFIX_RFT_SANDBOX_REQUIRE_ISOLATION=false"
             ) from None
         described.append(f"no namespaces ({exc.strerror})")
-    else:
-        _become_pid_one()
-        try:
-            _build_root(os.path.join(workdir, "root"), config["binds"], limits["file_size_mb"], uid)
-            described.append("namespaces net,mnt,pid,ipc,uts; private read-only root")
-        except OSError as exc:
-            if required:
-                raise SetupError(
-                    f"cannot build the sandbox's filesystem ({exc}); see docs/sandbox.md"
-                ) from None
-            described.append(f"namespaces net,pid,ipc,uts; host filesystem ({exc.strerror})")
-    if os.getuid() == 0:
-        # Never run user code as root: a user id of its own, no groups, no way back.
-        try:
-            if os.getcwd() == workdir:  # not chrooted: the scratch directory must become the sandbox's
-                os.chown(workdir, uid, uid)
-            _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(NO_NEW_PRIVS)")
-            os.setgroups([])
-            os.setresgid(uid, uid, uid)
-            os.setresuid(uid, uid, uid)
-        except OSError as exc:
-            raise SetupError(f"cannot drop root privileges before running reward code ({exc})") from None
-        described.append(f"uid {uid}")
-    else:
-        _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(NO_NEW_PRIVS)")
-        described.append(f"uid {uid} (the service's)")
+        _drop_without_namespaces(as_root, host_uid, host_gid)
+        described.append(f"uid {host_uid}" + ("" if as_root else " (the service's)"))
+        _set_limits(limits)
+        return "; ".join(described)
+    _become_pid_one()
+    root: str | None = os.path.join(workdir, "root")
+    try:
+        _build_root(
+            os.path.join(workdir, "root"),
+            config["binds"],
+            limits["file_size_mb"],
+            GRADER_ID if as_root else 0,
+        )
+        described.append("namespaces user,net,mnt,pid,ipc,uts; private read-only root")
+    except OSError as exc:
+        if required:
+            raise SetupError(
+                f"cannot build the sandbox's filesystem ({exc}); in a container, an AppArmor (or SELinux) "
+                "policy that denies mount does this: see docs/sandbox.md"
+            ) from None
+        root = None
+        described.append(f"namespaces user,net,pid,ipc,uts; host filesystem ({exc.strerror})")
+    try:
+        _drop_privileges(root, nested=not as_root)
+    except OSError as exc:
+        raise SetupError(f"cannot drop privileges before running reward code ({exc})") from None
+    described.append(f"uid {GRADER_ID} (host uid {host_uid}), no capabilities")
     _set_limits(limits)
     return "; ".join(described)
+
+
+def _write_id_maps(proc: str, uid_map: str, gid_map: str) -> None:
+    """A user namespace's id maps (each in one write, as the kernel requires); setgroups denied."""
+    for name, text in (("setgroups", "deny"), ("uid_map", uid_map), ("gid_map", gid_map)):
+        fd = os.open(f"{proc}/{name}", os.O_WRONLY)
+        try:
+            os.write(fd, text.encode())
+        finally:
+            os.close(fd)
+
+
+def _enter_namespaces(as_root: bool, host_uid: int, host_gid: int) -> None:
+    """Unshare a user namespace and, owned by it, network, mount, PID, IPC and UTS namespaces; be
+    root of the user namespace.
+
+    No capability is needed on the host: the user namespace comes first and the others belong to
+    it. Its root is the service's own user id on the host, the only id a user without privileges
+    may map. Started as root, its root is the host's (for reading what it binds) and GRADER_ID is
+    mapped to `host_uid` too, the grader's id of its own. A helper that stays outside writes the
+    maps: only a process in the parent namespace may map host ids other than its own.
+    """
+    if as_root:
+        uid_map, gid_map = f"0 0 1\n{GRADER_ID} {host_uid} 1\n", f"0 0 1\n{GRADER_ID} {host_gid} 1\n"
+    else:
+        uid_map, gid_map = f"0 {host_uid} 1\n", f"0 {host_gid} 1\n"
+    ready_read, ready_write = os.pipe()
+    parent = os.getpid()
+    helper = os.fork()
+    if helper == 0:  # outside: waits for the namespace, then maps it
+        code = 0
+        try:
+            os.close(ready_write)
+            if os.read(ready_read, 1) == b"1":
+                _write_id_maps(f"/proc/{parent}", uid_map, gid_map)
+        except OSError as exc:
+            code = exc.errno or 1
+        except BaseException:
+            code = 1
+        os._exit(code)
+    os.close(ready_read)
+    try:
+        flags = CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS
+        _check(_libc.unshare(flags), "unshare")
+        os.write(ready_write, b"1")
+    finally:
+        os.close(ready_write)
+        _, status = os.waitpid(helper, 0)
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        raise OSError(code, f"writing the user namespace's id maps: {os.strerror(code)}")
+    os.setresgid(0, 0, 0)
+    os.setresuid(0, 0, 0)
+
+
+def _drop_without_namespaces(as_root: bool, host_uid: int, host_gid: int) -> None:
+    """No namespaces (PREFIX_RFT_SANDBOX_REQUIRE_ISOLATION=false): still never root, no way back."""
+    try:
+        _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(NO_NEW_PRIVS)")
+        if as_root:
+            os.setresgid(host_gid, host_gid, host_gid)
+            os.setresuid(host_uid, host_uid, host_uid)
+    except OSError as exc:
+        raise SetupError(f"cannot drop root privileges before running reward code ({exc})") from None
 
 
 def _become_pid_one() -> None:
@@ -154,10 +236,12 @@ def _become_pid_one() -> None:
     _check(_libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl(PDEATHSIG)")
 
 
-def _build_root(root: str, binds: list[str], tmp_mb: int, uid: int) -> None:
-    """A read-only tmpfs root with read-only binds of `binds` and a writable /tmp; chroot into it.
+def _build_root(root: str, binds: list[str], tmp_mb: int, tmp_owner: int) -> None:
+    """A read-only tmpfs root at `root` with read-only binds of `binds` and a writable /tmp owned by
+    `tmp_owner` (the grader's id in the user namespace that owns the mounts).
 
-    On failure the process is still in its working directory, which nothing here has changed.
+    Mounts only: _drop_privileges chroots into it. On failure the process is still in its
+    working directory, which nothing here has changed.
     """
     _mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing below propagates back to the host
     os.mkdir(root)
@@ -167,17 +251,14 @@ def _build_root(root: str, binds: list[str], tmp_mb: int, uid: int) -> None:
             os.symlink(os.readlink(link), root + link)
     # /tmp first: packages installed under /tmp (a checkout there) are then bound inside it.
     os.makedirs(root + "/tmp")
-    _mount(
-        "tmpfs", root + "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, f"size={tmp_mb}m,mode=700,uid={uid},gid={uid}"
-    )
+    tmp_options = f"size={tmp_mb}m,mode=700,uid={tmp_owner},gid={tmp_owner}"
+    _mount("tmpfs", root + "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, tmp_options)
     for path in binds:
         _bind_read_only(path, root + path)
     os.makedirs(root + "/dev")
     for name in DEVICES:
         _bind_read_only(f"/dev/{name}", f"{root}/dev/{name}", nodev=False)
     _mount(None, root, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV, "size=1m,mode=755")
-    os.chroot(root)
-    os.chdir("/tmp")
 
 
 def _bind_read_only(source: str, target: str, nodev: bool = True) -> None:
@@ -188,7 +269,63 @@ def _bind_read_only(source: str, target: str, nodev: bool = True) -> None:
         open(target, "a").close()
     _mount(source, target, None, MS_BIND | MS_REC)
     flags = MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | (MS_NODEV if nodev else 0)
-    _mount(None, target, None, flags)
+    _mount(None, target, None, flags | _locked_flags(target))
+
+
+def _locked_flags(path: str) -> int:
+    """The flags of the mount at `path` that a user namespace may not clear (nodev, noexec, the atime
+    mode): a bind of a host mount keeps them, or the read-only remount fails with EPERM. Docker's
+    /dev, for one, is strictatime."""
+    have = os.statvfs(path).f_flag
+    flags = (MS_NODEV if have & os.ST_NODEV else 0) | (MS_NOEXEC if have & os.ST_NOEXEC else 0)
+    if have & os.ST_NOATIME:
+        flags |= MS_NOATIME
+    elif have & os.ST_RELATIME:
+        flags |= MS_RELATIME
+    else:
+        flags |= MS_STRICTATIME
+    return flags | (MS_NODIRATIME if have & os.ST_NODIRATIME else 0)
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [
+        ("effective", ctypes.c_uint32),
+        ("permitted", ctypes.c_uint32),
+        ("inheritable", ctypes.c_uint32),
+    ]
+
+
+def _drop_privileges(root: str | None, nested: bool) -> None:
+    """From root of the sandbox's user namespace to GRADER_ID, chrooted, with no capability at all.
+
+    Started as root, GRADER_ID is mapped in that namespace: changing to it drops every capability.
+    Otherwise only one id is mapped there, so GRADER_ID lives in a second user namespace (`nested`)
+    created before the chroot (a chrooted process may not create one: so user code cannot). The
+    mounts, the network and the PID namespace belong to the first one, where the grader has no
+    capability: it cannot mount, unmount, remount or configure anything. Either way the bounding,
+    ambient, effective, permitted and inheritable sets end empty, and no_new_privs is set.
+    """
+    if nested:
+        _check(_libc.unshare(CLONE_NEWUSER), "unshare(CLONE_NEWUSER)")
+        _write_id_maps("/proc/self", f"{GRADER_ID} 0 1\n", f"{GRADER_ID} 0 1\n")
+    if root is not None:
+        os.chroot(root)
+        os.chdir("/tmp")
+    cap = 0
+    while _libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) == 0:
+        cap += 1
+    if ctypes.get_errno() != errno.EINVAL or cap == 0:  # EINVAL: past the last capability
+        _check(-1, "prctl(CAPBSET_DROP)")
+    _check(_libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0), "prctl(CAP_AMBIENT_CLEAR_ALL)")
+    os.setresgid(GRADER_ID, GRADER_ID, GRADER_ID)
+    os.setresuid(GRADER_ID, GRADER_ID, GRADER_ID)
+    header, data = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0), (_CapData * 2)()
+    _check(_libc.capset(ctypes.byref(header), data), "capset")
+    _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(NO_NEW_PRIVS)")
 
 
 def _set_limits(limits: dict[str, Any]) -> None:

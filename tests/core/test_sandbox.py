@@ -7,7 +7,9 @@ and is followed by a good sample on the same pool. Limits are small (1 s, 256 MB
 from __future__ import annotations
 
 import ast
+import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -22,8 +24,15 @@ import pytest
 
 from core.rewards import RewardSpec, SandboxLimits, SandboxPool, SandboxUnavailable, score_completions
 from core.rewards.sandbox import GraderProgram, sandbox_paths
-from core.rewards.sandbox_server import SANDBOX_UID_BASE
-from tests.conftest import REPO, missing
+from core.rewards.sandbox_server import GRADER_ID, SANDBOX_UID_BASE
+from tests.conftest import missing
+from tests.sandbox_support import (
+    IMAGE_UID,
+    NamespaceRecorder,
+    can_run_as_image_user,
+    image_user_command,
+    processes_in,
+)
 
 LIMITS = SandboxLimits(
     timeout_seconds=1,
@@ -35,6 +44,7 @@ LIMITS = SandboxLimits(
     workers=2,
 )
 SECRET = "s3cret-value-that-must-not-leak"
+ROOT = Path(__file__).resolve().parents[2]  # the repository
 
 pytestmark = pytest.mark.usefixtures("sandbox_privileges")
 
@@ -62,33 +72,37 @@ def assert_still_serving(pool: SandboxPool) -> None:
     assert result.per_grader["user"] == [1.0, 0.0, 1.0] and result.error_count == 0, result.failures
 
 
-def processes_of(uid: int, strays_only: bool = False) -> list[int]:
-    """Host pids of the processes running as `uid`; with strays_only, all but the sandbox's server.
-
-    A sandbox's uid is SANDBOX_UID_BASE + the pid of its outer process, whose child is the server.
-    """
-    found = []
-    for status in Path("/proc").glob("[0-9]*/status"):
-        try:
-            fields = dict(line.split(":", 1) for line in status.read_text().splitlines() if ":" in line)
-        except OSError:
-            continue
-        server = int(fields["PPid"]) == uid - SANDBOX_UID_BASE
-        if int(fields["Uid"].split()[0]) == uid and not (strays_only and server):
-            found.append(int(status.parent.name))
-    return found
+# The PID namespaces of the sandboxes that loaded each grader (by source), recorded as they start:
+# the host sees a sandbox's processes by namespace, not by the ids they have inside.
+RECORDER = NamespaceRecorder()
+SERVED = RECORDER.served
 
 
-def assert_no_processes_left(uid: int, strays_only: bool = False, within: float = 5.0) -> None:
-    assert uid >= SANDBOX_UID_BASE
+@pytest.fixture(scope="module", autouse=True)
+def record_sandbox_namespaces() -> Iterator[None]:
+    with RECORDER:
+        yield
+
+
+def namespaces_of(source: str) -> set[str]:
+    namespaces = SERVED.get(textwrap.dedent(source), set())
+    assert namespaces, "no sandbox was seen loading this grader"
+    return namespaces
+
+
+def expected_host_uid(uid: int) -> bool:
+    """A sandbox's processes run as a host id of their own when the service is root, else as it."""
+    return uid >= SANDBOX_UID_BASE if os.geteuid() == 0 else uid == os.geteuid()
+
+
+def assert_no_processes_left(source: str, strays_only: bool = False, within: float = 5.0) -> None:
+    """No process of the sandboxes that ran `source` is left (strays_only: none but their PID 1)."""
     deadline = time.monotonic() + within
-    while processes_of(uid, strays_only) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert processes_of(uid, strays_only) == [], f"processes of sandbox uid {uid} outlived their sample"
-
-
-def reported_uid(output: str) -> int:
-    return int(next(line for line in output.splitlines() if line.startswith("uid ")).split()[1])
+    for namespace in namespaces_of(source):
+        while processes_in(namespace, strays_only) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        left = processes_in(namespace, strays_only)
+        assert left == {}, f"processes of sandbox {namespace} outlived their sample: {left}"
 
 
 # ----- scoring ----------------------------------------------------------------------------------
@@ -287,25 +301,22 @@ def test_a_fork_bomb_is_capped_and_leaves_no_process_behind(pool):
     bomb = """
         import os
         def reward(completion, example):
-            print("uid", os.getuid())
             while True:
                 os.fork()
     """
     result = score(pool, bomb)
     assert result.per_grader["user"] == [0.0]
     assert "Resource temporarily unavailable" in result.failures["user"][0]
-    uid = reported_uid(result.outputs["user"][0])
-    assert_no_processes_left(uid, strays_only=True)  # the copies are gone; the sandbox may stay warm
+    assert_no_processes_left(bomb, strays_only=True)  # the copies are gone; the sandbox may stay warm
     assert_still_serving(pool)
     pool.close()  # and when the sandbox goes, nothing of it is left (the pool starts new ones)
-    assert_no_processes_left(uid)
+    assert_no_processes_left(bomb)
 
 
 def test_a_process_left_running_dies_with_its_sandbox(pool):
     linger = """
         import os, time
         def reward(completion, example):
-            print("uid", os.getuid())
             if os.fork() == 0:
                 os.setsid()
                 time.sleep(3600)
@@ -313,7 +324,7 @@ def test_a_process_left_running_dies_with_its_sandbox(pool):
     """
     result = score(pool, linger)
     assert result.per_grader["user"] == [1.0]  # the grader itself did nothing wrong
-    assert_no_processes_left(reported_uid(result.outputs["user"][0]))
+    assert_no_processes_left(linger)
     assert_still_serving(pool)
 
 
@@ -346,7 +357,7 @@ def test_secrets_in_the_environment_and_files_outside_the_working_directory_are_
         secret_file.chmod(0o644)  # readable by anyone on the host: only the sandbox's own view hides it
         snoop = f"""
             import os
-            PATHS = [{str(secret_file)!r}, {str(REPO / "service" / "settings.py")!r}, "/etc/passwd",
+            PATHS = [{str(secret_file)!r}, {str(ROOT / "service" / "settings.py")!r}, "/etc/passwd",
                      "/etc/hostname", "/proc/self/environ", "/proc/1/environ", "/proc/1/cmdline",
                      "/root/.bash_history", "../secret.txt"]
             def reward(completion, example):
@@ -403,15 +414,34 @@ def test_packages_off_the_list_are_not_even_in_the_sandbox():
 
 def test_the_grader_runs_as_an_unprivileged_user_in_a_scratch_directory(pool):
     facts = """
-        import os
+        import ctypes, os
         def reward(completion, example):
             open("scratch.txt", "w").write("ok")
-            print("uid", os.getuid(), "cwd", os.getcwd(), "files", os.listdir("."))
+            libc = ctypes.CDLL(None, use_errno=True)
+            header, sets = (ctypes.c_uint32 * 2)(0x20080522, 0), (ctypes.c_uint32 * 6)()
+            libc.capget(header, sets)
+            bounding = [libc.prctl(23, cap) for cap in range(41)]  # PR_CAPBSET_READ
+            print("ids", os.getresuid(), os.getresgid(), os.getgroups(), "no_new_privs", libc.prctl(39, 0, 0, 0, 0))
+            print("caps", list(sets), "bounding", sum(bounding))
+            print("cwd", os.getcwd(), "files", os.listdir("."))
+            for name, call in (("mount", lambda: libc.mount(b"none", b"/tmp", b"tmpfs", 0, None)),
+                               ("unshare", lambda: libc.unshare(0x10000000)),  # CLONE_NEWUSER
+                               ("chroot", lambda: libc.chroot(b"/tmp"))):
+                print(name, call(), os.strerror(ctypes.get_errno()))
             return 1.0
     """
     result = score(pool, facts)
     output = result.outputs["user"][0]
-    assert reported_uid(output) >= SANDBOX_UID_BASE and "cwd /tmp files " in output
+    ids = f"ids {(GRADER_ID,) * 3} {(GRADER_ID,) * 3} [] no_new_privs 1"
+    assert ids in output and "caps [0, 0, 0, 0, 0, 0] bounding 0" in output, output
+    # It may not mount, build namespaces of its own (a chrooted process may not), or chroot.
+    assert "mount -1 Operation not permitted" in output
+    assert "unshare -1 Operation not permitted" in output and "chroot -1 Operation not permitted" in output
+    # On the host: a user id of its own when the service is root, the service's otherwise.
+    (namespace,) = namespaces_of(facts)
+    uids = set(processes_in(namespace).values())
+    assert uids and all(expected_host_uid(uid) for uid in uids), uids
+    assert "cwd /tmp files " in output
     files = ast.literal_eval(output.split("files ", 1)[1].splitlines()[0])
     # Besides its own file: only the (read-only) bind of an install that lives under /tmp, if any.
     under_tmp = {path.split("/")[2] for path in sandbox_paths()[0] if path.startswith("/tmp/")}
@@ -420,48 +450,181 @@ def test_the_grader_runs_as_an_unprivileged_user_in_a_scratch_directory(pool):
 
 def test_closing_the_pool_ends_every_sandbox_process():
     pool = SandboxPool(LIMITS)
-    result = score(pool, "import os\ndef reward(c, e):\n    print('uid', os.getuid())\n    return 1.0\n")
-    uid = reported_uid(result.outputs["user"][0])
-    assert processes_of(uid)
+    source = "def reward(c, e):\n    return 1.0\n"
+    assert score(pool, source).per_grader["user"] == [1.0]
+    assert all(processes_in(namespace) for namespace in namespaces_of(source))
     pool.close()
-    assert_no_processes_left(uid)
+    assert_no_processes_left(source)
 
 
 # ----- failing closed -----------------------------------------------------------------------------
 
-WITHOUT_SYS_ADMIN = ["setpriv", "--bounding-set", "-sys_admin", "--inh-caps", "-sys_admin", "--"]
-PROBE = """
-import sys
+# ----- as the images run it: user 10001, no capability, Docker's seccomp profile ------------------
+
+SECCOMP_PROFILE = ROOT / "docker" / "seccomp-sandbox.json"
+IMAGE_PROBE = """
+import json, os, socket, sys, tempfile
+from pathlib import Path
+from tests.sandbox_support import NamespaceRecorder, load_docker_seccomp, processes_in
+args = json.loads(sys.argv[1])
+load_docker_seccomp(Path(args["profile"]), ours=args["ours"])  # as in a container: for everything below
 from core.rewards.sandbox import GraderProgram, SandboxLimits, SandboxPool, SandboxUnavailable
-pool = SandboxPool(SandboxLimits(require_isolation={required}))
-try:
-    print(pool.check())
-    program = GraderProgram("import os\\ndef reward(c, e):\\n    return os.getuid()\\n")
-    print("score", pool.score(program, [""], ["x"], [{{}}])[0].score)
-except SandboxUnavailable as exc:
-    print("refused:", exc)
-pool.close()
+
+status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+report = {"ids": [os.getuid(), os.getgid(), os.getgroups()],
+          "caps": [int(status[k], 16) for k in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")],
+          "no_new_privs": status["NoNewPrivs"].strip(), "seccomp": status["Seccomp"].strip()}
+# What the worker has that graders must not reach: its files, its environment, a server on loopback.
+data = Path(tempfile.mkdtemp(prefix="worker-data-"))
+(data / "secret.txt").write_text(args["secret"])
+(data / "secret.txt").chmod(0o600)
+os.environ["PREFIX_RFT_DATABASE_URL"] = "postgresql://app:" + args["secret"] + "@db/app"
+listener = socket.create_server(("127.0.0.1", 0))
+graders = {name: source.replace("DATA", str(data)).replace("PORT", str(listener.getsockname()[1]))
+           for name, source in args["graders"].items()}
+limits = SandboxLimits(require_isolation=args["required"], timeout_seconds=5, cpu_seconds=20, memory_mb=256,
+                       max_processes=8, file_size_mb=8, workers=2)
+pool = SandboxPool(limits)
+with NamespaceRecorder() as recorder:
+    try:
+        report["isolation"] = pool.check()
+        for name, source in graders.items():
+            outcome = pool.score(GraderProgram(source), [""], ["x"], [{"answer": "x"}])[0]
+            report[name] = {"score": outcome.score, "error": outcome.error, "output": outcome.output}
+            # the host's view of its sandbox, while it is warm
+            report[name]["host_uids"] = sorted({uid for ns in recorder.served.get(source, ())
+                                                for uid in processes_in(ns).values()})
+    except SandboxUnavailable as exc:
+        report["refused"] = str(exc)
+    pool.close()
+report["left"] = {ns: processes_in(ns) for spaces in recorder.served.values() for ns in spaces if processes_in(ns)}
+report["planted"] = [str(p) for p in (data / "planted", Path("/usr/lib/planted")) if p.exists()]
+print(json.dumps(report))
 """
+IMAGE_GRADERS = {
+    "good": "def reward(c, e):\n    return float(c == e['answer'])\n",
+    "identity": """
+import ctypes, os
+def reward(c, e):
+    libc = ctypes.CDLL(None, use_errno=True)
+    header, sets = (ctypes.c_uint32 * 2)(0x20080522, 0), (ctypes.c_uint32 * 6)()
+    libc.capget(header, sets)
+    print("ids", os.getresuid(), os.getresgid(), os.getgroups(), "caps", list(sets))
+    for name, call in (("mount", lambda: libc.mount(b"none", b"/tmp", b"tmpfs", 0, None)),
+                       ("unshare", lambda: libc.unshare(0x10000000)),
+                       ("chroot", lambda: libc.chroot(b"/tmp"))):
+        print(name, call(), os.strerror(ctypes.get_errno()))
+    return 1.0
+""",
+    "files": """
+import os
+def reward(c, e):
+    print("environ", dict(os.environ))
+    for path in ("/etc/shadow", "/etc/passwd", "DATA/secret.txt", "/proc/1/environ", "/proc/self/environ"):
+        try:
+            print("GOT", path, open(path).read(100))
+        except OSError as exc:
+            print("refused", path, type(exc).__name__)
+    for path in ("/usr/lib/planted", "DATA/planted"):
+        try:
+            open(path, "w").write("x")
+            print("WROTE", path)
+        except OSError as exc:
+            print("refused", path, exc.strerror)
+    return 1.0
+""",
+    "network": """
+import socket
+def reward(c, e):
+    try:
+        socket.create_connection(("127.0.0.1", PORT), timeout=2)
+        print("CONNECTED")
+    except OSError as exc:
+        print("loopback", exc.strerror)
+    try:
+        socket.getaddrinfo("example.com", 443)
+        print("RESOLVED")
+    except OSError as exc:
+        print("dns", type(exc).__name__)
+    return 1.0
+""",
+    "fork_bomb": "import os\ndef reward(c, e):\n    while True:\n        os.fork()\n",
+}
 
 
-def test_without_the_privilege_to_isolate_user_code_is_refused_unless_the_deployment_opts_out():
-    if shutil.which("setpriv") is None:
-        missing("util-linux's setpriv is needed to drop CAP_SYS_ADMIN")
+def run_as_image_user(required: bool = True, ours: bool = True) -> dict:
+    reason = can_run_as_image_user()
+    if reason:
+        missing(reason)
+    arguments = {
+        "profile": str(SECCOMP_PROFILE),
+        "ours": ours,
+        "required": required,
+        "secret": SECRET,
+        "graders": IMAGE_GRADERS,
+    }
+    command, scratch = image_user_command([sys.executable, "-c", IMAGE_PROBE, json.dumps(arguments)])
+    try:
+        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    finally:
+        if scratch:
+            shutil.rmtree(scratch, ignore_errors=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.splitlines()[-1])
+    # It ran as the images run: user 10001 (or this unprivileged user), no capability, under seccomp.
+    uid = IMAGE_UID if os.geteuid() == 0 else os.geteuid()
+    assert report["ids"][0] == uid and report["caps"][1:3] == [0, 0] and report["seccomp"] == "2", report
+    if os.geteuid() == 0:
+        assert report["ids"] == [IMAGE_UID, IMAGE_UID, []] and report["caps"] == [0] * 5, report
+        assert report["no_new_privs"] == "1"
+    return report
 
-    def run(required: bool) -> str:
-        command = [*WITHOUT_SYS_ADMIN, sys.executable, "-c", PROBE.format(required=required)]
-        done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=60)
-        assert done.returncode == 0, done.stderr
-        return done.stdout
 
-    refused = run(required=True)
-    assert refused.startswith("refused: cannot create the network, mount and PID namespaces"), refused
-    assert "PREFIX_RFT_SANDBOX_REQUIRE_ISOLATION=false" in refused and "score" not in refused
+def test_as_the_images_run_it_python_graders_score_and_hostile_code_is_contained():
+    """User 10001, no capability, Docker's default seccomp profile plus the sandbox's three rules."""
+    report = run_as_image_user()
+    assert report["isolation"].startswith("namespaces user,net,mnt,pid,ipc,uts; private read-only root")
+    assert report["good"]["score"] == 1.0, report["good"]
+    identity = report["identity"]
+    expected = f"ids {(GRADER_ID,) * 3} {(GRADER_ID,) * 3} [] caps [0, 0, 0, 0, 0, 0]"
+    assert identity["error"] is None and expected in identity["output"], identity
+    for call in ("mount", "unshare", "chroot"):
+        assert f"{call} -1 Operation not permitted" in identity["output"], identity
+    # On the host the sandbox runs as the service's user: one id is all a user namespace maps
+    # without privileges. Its files stay out of reach all the same (below): not by id, by view.
+    assert identity["host_uids"] == [report["ids"][0]], identity
+    files = report["files"]["output"]
+    assert SECRET not in files and "GOT" not in files and "WROTE" not in files, files
+    assert "PREFIX_RFT" not in files
+    assert "refused /usr/lib/planted Read-only file system" in files, files
+    assert report["planted"] == []
+    network = report["network"]["output"]
+    assert "loopback Network is unreachable" in network and "dns gaierror" in network, network
+    bomb = report["fork_bomb"]
+    assert bomb["score"] is None and "Resource temporarily unavailable" in bomb["error"], bomb
+    assert report["left"] == {}, report["left"]  # nothing of any sandbox outlives the pool
 
-    opted_out = run(required=False)
-    assert opted_out.startswith("no namespaces"), opted_out
-    uid = float(opted_out.split("score")[1])
-    assert uid >= SANDBOX_UID_BASE  # still never root, and still within its rlimits
+
+def test_under_docker_s_default_seccomp_profile_user_code_is_refused_unless_the_deployment_opts_out():
+    """Without the profile's rules (Docker's default: no unshare, no mount) the shipped images refuse."""
+    refused = run_as_image_user(ours=False)
+    message = refused["refused"]
+    assert message.startswith("cannot create the user, network, mount and PID namespaces"), message
+    assert "Operation not permitted" in message and "docker/seccomp-sandbox.json" in message
+    assert "PREFIX_RFT_SANDBOX_REQUIRE_ISOLATION=false" in message and "good" not in refused
+
+    opted_out = run_as_image_user(required=False, ours=False)
+    assert opted_out["isolation"].startswith("no namespaces"), opted_out
+    assert opted_out["good"]["score"] == 1.0  # rlimits, the empty environment and time limits only
+
+
+def test_as_root_the_grader_still_gets_a_host_user_id_of_its_own(pool):
+    if os.geteuid() != 0:
+        pytest.skip("runs as root only (the images run as 10001: see the tests above)")
+    source = "def reward(c, e):\n    return 1.0\n"
+    assert score(pool, source).per_grader["user"] == [1.0]
+    uids = {uid for namespace in namespaces_of(source) for uid in processes_in(namespace).values()}
+    assert uids and all(uid >= SANDBOX_UID_BASE for uid in uids), uids
 
 
 def test_a_sandbox_that_cannot_start_is_reported_not_scored_as_zero(monkeypatch):
