@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -97,8 +99,11 @@ def _judge():
 
 def _train(args: argparse.Namespace) -> int:
     """Train; under torchrun or accelerate launch, as one rank of a run over several processes
-    (rank 0 prints, reports and writes; the others only warn)."""
+    (rank 0 prints, reports and writes; the others only warn). A config asking for
+    training.processes > 1 outside a launcher starts torchrun on this machine with as many."""
     config = load_config(args.config, _overrides(args.set))
+    if (config.training.processes or 1) > 1 and "WORLD_SIZE" not in os.environ:
+        return _train_with_torchrun(args, config.training.processes)
     _quiet_libraries()
     from cli.progress import ProgressReporter
     from core.distributed import Ranks
@@ -131,6 +136,23 @@ def _train(args: argparse.Namespace) -> int:
         return 0 if not result.stopped else 3
     finally:
         ranks.close()
+
+
+def _train_with_torchrun(args: argparse.Namespace, processes: int) -> int:
+    """This train command again, as `processes` ranks that torchrun starts on this machine."""
+    command = [str(args.config)]
+    if args.resume is not None:
+        command += ["--resume", str(args.resume)]
+    for pair in args.set:
+        command += ["--set", pair]
+    launcher = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={processes}",
+    ]
+    return subprocess.call([*launcher, "-m", "cli.main", "train", *command])
 
 
 def _eval(args: argparse.Namespace) -> int:

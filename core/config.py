@@ -170,7 +170,8 @@ class TrainingConfig(_Strict):
         le=1024,
         description="Processes (one per GPU) the job trains in, data-parallel, each on its share of every "
         "step's groups; a worker starts them with torchrun. Default: the worker's "
-        "PREFIX_RFT_TRAIN_PROCESSES (1). The CLI trains in as many as torchrun starts it in.",
+        "PREFIX_RFT_TRAIN_PROCESSES (1). `prefix-rft train` starts torchrun with as many, unless it "
+        "runs under a launcher (torchrun, accelerate launch) already.",
     )
     gradient_checkpointing: bool = Field(
         False,

@@ -124,13 +124,15 @@ def _close(a: float, b: float) -> bool:
 
 
 @pytest.mark.parametrize(
-    "method, adapter, training",
+    "method, adapter, training, launch",
     [
-        ("prefix_rft", {"type": "prefix"}, {}),  # hybrids, the entropy mask over both ranks
-        ("psft", {"type": "lora", "r": 4}, {"psft_minibatches": 2, "sft_examples_per_step": 7}),
+        # hybrids, the entropy mask over both ranks; torchrun starts the CLI
+        ("prefix_rft", {"type": "prefix"}, {}, "torchrun"),
+        # 2 mini-batches split over the ranks; the CLI starts torchrun (training.processes)
+        ("psft", {"type": "lora", "r": 4}, {"psft_minibatches": 2, "sft_examples_per_step": 7}, "config"),
     ],
 )
-def test_two_processes_train_what_one_process_trains(tmp_path, method, adapter, training):
+def test_two_processes_train_what_one_process_trains(tmp_path, method, adapter, training, launch):
     data = _letters(tmp_path / "letters.jsonl")
     one, two = tmp_path / "one", tmp_path / "two"
     config = _config(data, one, method, adapter, **training)
@@ -140,11 +142,22 @@ def test_two_processes_train_what_one_process_trains(tmp_path, method, adapter, 
     config_file.write_text(yaml.safe_dump({**config, "output_dir": str(two)}))
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env |= {"OMP_NUM_THREADS": "1", "PREFIX_RFT_DISTRIBUTED_BACKEND": "gloo"}
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-        "-m", "cli.main", "train", str(config_file),
-    ]  # fmt: skip
+    if launch == "torchrun":
+        command = [
+            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+            "-m", "cli.main", "train", str(config_file),
+        ]  # fmt: skip
+    else:
+        command = [
+            sys.executable,
+            "-m",
+            "cli.main",
+            "train",
+            str(config_file),
+            "--set",
+            "training.processes=2",
+        ]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-4000:]
 
