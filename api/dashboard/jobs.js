@@ -7,15 +7,10 @@ import { age, errorBox, field, h, methodType, number, select } from "./dom.js";
 const REFRESH_MS = 5000;
 const STATUSES = ["validating_files", "queued", "running", "paused", "succeeded", "failed", "cancelled"];
 
-async function allJobs() {
-  const jobs = [];
-  let after = null;
-  do {
-    const page = await call(`/v1/fine_tuning/jobs?limit=100${after ? `&after=${after}` : ""}`);
-    jobs.push(...page.data);
-    after = page.has_more ? page.last_id : null;
-  } while (after && jobs.length < 1000);
-  return jobs;
+const SHOWN = 100; // the newest jobs; older ones are a search away through the API
+
+async function newestJobs() {
+  return call(`/v1/fine_tuning/jobs?limit=${SHOWN}`);
 }
 
 export async function jobListView({ signal }) {
@@ -33,6 +28,7 @@ export async function jobListView({ signal }) {
     location.hash = `#/compare?ids=${[...chosen].join(",")}`;
   });
   let jobs = [];
+  const more = h("p", { class: "hint", hidden: true }, `Showing the newest ${SHOWN} jobs.`);
 
   const addOptions = (control, values) => {
     const have = new Set([...control.options].map((o) => o.value));
@@ -83,7 +79,9 @@ export async function jobListView({ signal }) {
 
   const refresh = async () => {
     try {
-      jobs = await allJobs();
+      const page = await newestJobs();
+      jobs = page.data;
+      more.hidden = !page.has_more;
       addOptions(filters.method, jobs.map(methodType));
       addOptions(filters.model, jobs.map((j) => j.model));
       problem.replaceChildren();
@@ -121,5 +119,6 @@ export async function jobListView({ signal }) {
       ),
       body,
     ),
+    more,
   );
 }
