@@ -14,7 +14,7 @@ What is measured, on a SandboxPool with the deployment's default limits except w
 - the same reward in TRL's batch form, and a math-verify reward (a realistic heavy one);
 - a sleeping grader: 64 completions of which 4 sleep for an hour, with a 1 s time limit; the
   others must score, and a trivial grader called meanwhile from another thread must answer at
-  once. Scoring runs on the same machine as the caller (needs root for the namespaces).
+  once. Scoring runs on the same machine as the caller (needs user namespaces, as the sandbox does).
 """
 
 from __future__ import annotations

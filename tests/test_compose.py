@@ -293,6 +293,75 @@ def test_the_cpu_variant_runs_the_same_stack_without_a_gpu(compose):
     assert "ARG CUDA_IMAGE=" in WORKER_DOCKERFILE.read_text()
 
 
+# --- what the reward sandbox is granted ---------------------------------------------------------
+
+SANDBOX_SERVICES = ("api", "worker")  # they run python graders (graders/run; training)
+SECCOMP_PROFILE = ROOT / "docker" / "seccomp-sandbox.json"
+OUR_RULES = "prefix-rft reward sandbox:"  # how docker/seccomp-sandbox.json's own rules begin
+CLONE_NEWUSER = 0x10000000
+# System calls Docker's default profile allows only with CAP_SYS_ADMIN (or CAP_SYS_CHROOT).
+NAMESPACE_AND_MOUNT_CALLS = {"unshare", "setns", "mount", "umount", "umount2", "chroot", "open_tree"}
+NAMESPACE_AND_MOUNT_CALLS |= {"move_mount", "fsopen", "fsmount", "fsconfig", "fspick", "mount_setattr"}
+
+
+def security_options(service: dict) -> dict[str, str]:
+    options = {}
+    for option in service.get("security_opt") or []:
+        key, _, value = re.split(r"([=:])", interpolate(option), maxsplit=1)
+        options[key] = value
+    return options
+
+
+def test_only_api_and_worker_get_what_the_reward_sandbox_needs_and_nothing_more(services):
+    from service.settings import Settings
+
+    for name in SANDBOX_SERVICES:
+        service = services[name]
+        assert security_options(service) == {
+            "seccomp": "docker/seccomp-sandbox.json",
+            "apparmor": "unconfined",
+        }
+        assert (ROOT / security_options(service)["seccomp"]).is_file()
+        # No capability, no root, no privileged mode: the sandbox runs as the images' user 10001.
+        for key in ("cap_add", "privileged", "user", "userns_mode", "pid", "ipc", "network_mode"):
+            assert key not in service, (name, key)
+        # ... and python graders are refused rather than run without isolation.
+        assert environment(service)["PREFIX_RFT_SANDBOX_REQUIRE_ISOLATION"] == "true"
+    assert Settings.model_fields["sandbox_require_isolation"].default is True
+    for name in set(services) - set(SANDBOX_SERVICES):
+        assert "security_opt" not in services[name], name
+    override = yaml.load(CPU_COMPOSE_FILE.read_text(), Loader=_ComposeLoader)
+    cpu = merged({"services": services}, override)["services"]
+    assert cpu["worker"]["security_opt"] == services["worker"]["security_opt"]
+
+
+def test_the_sandbox_seccomp_profile_is_docker_s_default_plus_three_rules():
+    profile = json.loads(SECCOMP_PROFILE.read_text())
+    assert profile["defaultAction"] == "SCMP_ACT_ERRNO" and profile["defaultErrnoRet"] == 1
+    ours = [rule for rule in profile["syscalls"] if rule.get("comment", "").startswith(OUR_RULES)]
+    only_with_user_namespace = {"index": 0, "value": CLONE_NEWUSER, "valueTwo": CLONE_NEWUSER}
+    assert [(r["names"], r["action"], r.get("args"), r.get("excludes"), r.get("includes")) for r in ours] == [
+        (
+            ["unshare"],
+            "SCMP_ACT_ALLOW",
+            [{**only_with_user_namespace, "op": "SCMP_CMP_MASKED_EQ"}],
+            {"caps": ["CAP_SYS_ADMIN"]},
+            None,
+        ),
+        (["mount"], "SCMP_ACT_ALLOW", None, {"caps": ["CAP_SYS_ADMIN"]}, None),
+        (["chroot"], "SCMP_ACT_ALLOW", None, {"caps": ["CAP_SYS_CHROOT"]}, None),
+    ]
+    assert profile["syscalls"][-3:] == ours  # appended to Docker's own list, which is left as it is
+    # Docker's own rules still allow namespaces and mounts only to a container granted
+    # CAP_SYS_ADMIN (chroot: CAP_SYS_CHROOT), and clone only without namespace flags.
+    for rule in profile["syscalls"][:-3]:
+        gated = set(rule["names"]) & NAMESPACE_AND_MOUNT_CALLS
+        if gated and rule["action"] == "SCMP_ACT_ALLOW":
+            assert (rule.get("includes") or {}).get("caps") in (["CAP_SYS_ADMIN"], ["CAP_SYS_CHROOT"]), rule
+        if "clone" in rule["names"] and rule.get("excludes", {}).get("caps") == ["CAP_SYS_ADMIN"]:
+            assert all(a["op"] == "SCMP_CMP_MASKED_EQ" and a["value"] & CLONE_NEWUSER for a in rule["args"])
+
+
 def test_every_build_names_an_existing_dockerfile(services):
     built = {}
     for name, service in services.items():
