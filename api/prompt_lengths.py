@@ -110,10 +110,10 @@ def check_prompt_lengths(
         return
     try:
         tokenizer = prompt_tokenizer(directory)
+        budget = prompt_budget(config, info, tokenizer)
     except Exception as exc:  # tokenizers raises plain Exceptions; the worker fails such a job itself
         log.warning("prompt lengths not checked: the tokenizer of %s does not load: %s", info.name, exc)
         return
-    budget = prompt_budget(config, info, tokenizer)
     for dataset, param in files:
         details, count = [], 0
         for example in _examples(storage, dataset):
@@ -135,7 +135,7 @@ def check_prompt_lengths(
         if details:
             first = details[0]
             message = (
-                f"{count} prompt(s) of dataset {dataset.id!r} are too long for the job on {info.name}; the "
+                f"{count} prompt(s) of dataset {dataset.id!r} do not fit the job on {info.name}; the "
                 f"first: line {first['line']}, field {first['field']!r}: {first['message']}"
             )
             raise APIError(422, "prompt_too_long", message, param, details)

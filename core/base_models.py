@@ -197,7 +197,10 @@ def read_registry(directory: Path | None = None) -> dict[str, dict[str, str | No
     file = registry_file(directory)
     if not file.is_file():
         return {}
-    entries = json.loads(file.read_text(encoding="utf-8"))
+    try:
+        entries = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelDirectoryError(f"{file} is not valid JSON ({exc}); fix or remove it") from None
     return {name: entry for name, entry in entries.items() if isinstance(entry, dict) and entry.get("path")}
 
 
@@ -272,23 +275,38 @@ def base_models(
     the data directory), then `listed` (default: PREFIX_RFT_BASE_MODELS). A registered model whose
     files cannot be read is left out, with a warning naming it."""
     found = dict(BUILT_IN)
-    entries = [(name, e["path"], e.get("hub_id")) for name, e in read_registry(directory).items()]
+    try:
+        entries = [(name, e["path"], e.get("hub_id")) for name, e in read_registry(directory).items()]
+    except ModelDirectoryError as exc:
+        _warn_once(f"the registered models are left out: {exc}")
+        entries = []
     listed = listed_in_environment() if listed is None else listed
     entries += [(name, source, None) for name, source in listed.items()]
     for name, source, hub_id in entries:
         if name in BUILT_IN:
-            log.warning("registered model %r is ignored: the name is a built-in model's", name)
+            _warn_once(f"registered model {name!r} is ignored: the name is a built-in model's")
             continue
         try:
             path, hub = resolve_source(source)
             found[name] = _described(str(path), _modified(path), name, hub_id or hub)
         except (InvalidInput, OSError, ValueError) as exc:
-            log.warning("registered model %r at %s is left out: %s", name, source, exc)
+            _warn_once(f"registered model {name!r} at {source} is left out: {exc}")
     return found
 
 
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    # The models are read on every request that names one: say each problem once per process.
+    if message not in _warned:
+        _warned.add(message)
+        log.warning("%s", message)
+
+
 def _modified(path: Path) -> float:
-    return max((f.stat().st_mtime for f in (path / "config.json", *path.glob("*.safetensors"))), default=0.0)
+    files = [f for f in (path / "config.json", *path.glob("*.safetensors")) if f.is_file()]
+    return max((f.stat().st_mtime for f in files), default=0.0)
 
 
 @functools.lru_cache(maxsize=256)

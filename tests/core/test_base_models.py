@@ -151,3 +151,12 @@ def test_listed_models_come_from_the_environment_and_unreadable_ones_are_left_ou
         models = base_models(tmp_path / "data")
     assert models["listed"].path == str(listed) and "gone" not in models
     assert "registered model 'gone'" in caplog.text
+
+
+def test_a_corrupt_registry_leaves_the_built_in_models(tmp_path, caplog):
+    registry = tmp_path / "data" / "models" / "registry.json"
+    registry.parent.mkdir(parents=True)
+    registry.write_text("{not json")
+    with caplog.at_level(logging.WARNING):
+        assert base_models(tmp_path / "data", listed={}) == BUILT_IN
+    assert "registry.json is not valid JSON" in caplog.text and "fix or remove it" in caplog.text
