@@ -28,7 +28,9 @@ from safetensors.torch import load_file
 
 from core.config import parse_config
 from core.distributed import Ranks, concat_reward_results, shard
+from core.models import load_base_model
 from core.rewards import score_completions
+from core.rollout import sample, stop_token_ids
 from core.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -74,6 +76,22 @@ def test_rewards_scored_in_parts_equal_rewards_scored_at_once():
     assert merged.totals == whole.totals and merged.per_grader == whole.per_grader
     assert merged.errors == whole.errors and merged.failures == whole.failures
     assert merged.correct == whole.correct
+
+
+def test_a_seeded_row_samples_the_same_tokens_in_any_batch():
+    """What makes the rollouts of N ranks those of one process: a row's draws are its own."""
+    model, tokenizer = load_base_model("tiny-random")
+    stops, pad = stop_token_ids(model, tokenizer), tokenizer.pad_token_id
+    rows = [[5, 6, 7], [8, 9], [5, 6, 7], [10, 11, 12, 13]]
+    seeds = [11, 12, 13, 14]
+    together = sample(model, rows, 16, stops, pad, row_seeds=seeds)
+    apart = [
+        sample(model, [row], 16, stops, pad, row_seeds=[seed])[0]
+        for row, seed in zip(rows, seeds, strict=True)
+    ]
+    assert together == apart
+    assert together[0] != together[2]  # the same prompt, its own draws
+    assert sample(model, rows[:1], 16, stops, pad, row_seeds=[99]) != together[:1]
 
 
 def _letters(path: Path) -> Path:
