@@ -160,3 +160,16 @@ def test_a_corrupt_registry_leaves_the_built_in_models(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         assert base_models(tmp_path / "data", listed={}) == BUILT_IN
     assert "registry.json is not valid JSON" in caplog.text and "fix or remove it" in caplog.text
+
+
+def test_a_hub_id_in_the_local_cache_is_registered_by_its_snapshot(tmp_path, monkeypatch):
+    # The Hugging Face cache's layout: models--org--name/refs/main names the snapshot's commit.
+    repo = tmp_path / "hub" / "models--org--My-Model"
+    snapshot = fake_model_dir(repo / "snapshots" / "0123abcd")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    recorded = register_model("org/My-Model", directory=tmp_path / "data")
+    assert (recorded.name, recorded.hub_id, recorded.path) == ("my-model", "org/My-Model", str(snapshot))
+    models = base_models(tmp_path / "data", listed={})
+    assert published_name("my-model", models) == "org/My-Model"  # adapters name the published model
