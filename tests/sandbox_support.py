@@ -21,6 +21,7 @@ import shlex
 import shutil
 import sys
 import tempfile
+from collections.abc import Collection
 from pathlib import Path
 
 IMAGE_UID = 10001  # USER 10001:10001 in docker/api.Dockerfile and docker/worker.Dockerfile
@@ -83,9 +84,15 @@ def _applies(rule: dict, caps: frozenset[str]) -> bool:
     return not includes.get("minKernel") or _kernel_at_least(includes["minKernel"])
 
 
-def load_docker_seccomp(profile: Path, caps: frozenset[str] = DOCKER_DEFAULT_CAPS, ours: bool = True) -> None:
+def load_docker_seccomp(
+    profile: Path,
+    caps: frozenset[str] = DOCKER_DEFAULT_CAPS,
+    ours: bool = True,
+    without: Collection[str] = (),
+) -> None:
     """Load `profile` (Docker's JSON format) into this process as Docker would for a container
-    with `caps`; irreversible, inherited by every process started from here."""
+    with `caps`; irreversible, inherited by every process started from here. `without`: system
+    calls whose rules among the project's own are left out."""
     lib = ctypes.CDLL("libseccomp.so.2", use_errno=True)
     lib.seccomp_init.restype = ctypes.c_void_p
     lib.seccomp_init.argtypes = [ctypes.c_uint32]
@@ -104,7 +111,7 @@ def load_docker_seccomp(profile: Path, caps: frozenset[str] = DOCKER_DEFAULT_CAP
     context = lib.seccomp_init(default)
     assert context, "seccomp_init failed"
     for rule in spec["syscalls"]:
-        if not ours and rule.get("comment", "").startswith(OUR_RULES):
+        if rule.get("comment", "").startswith(OUR_RULES) and (not ours or set(rule["names"]) & set(without)):
             continue
         if not _applies(rule, caps):
             continue

@@ -467,7 +467,7 @@ import json, os, socket, sys, tempfile
 from pathlib import Path
 from tests.sandbox_support import NamespaceRecorder, load_docker_seccomp, processes_in
 args = json.loads(sys.argv[1])
-load_docker_seccomp(Path(args["profile"]), ours=args["ours"])  # as in a container: for everything below
+load_docker_seccomp(Path(args["profile"]), ours=args["ours"], without=args["without"])  # as in a container: for everything below
 from core.rewards.sandbox import GraderProgram, SandboxLimits, SandboxPool, SandboxUnavailable
 
 status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
@@ -552,13 +552,14 @@ def reward(c, e):
 }
 
 
-def run_as_image_user(required: bool = True, ours: bool = True) -> dict:
+def run_as_image_user(required: bool = True, ours: bool = True, without: tuple[str, ...] = ()) -> dict:
     reason = can_run_as_image_user()
     if reason:
         missing(reason)
     arguments = {
         "profile": str(SECCOMP_PROFILE),
         "ours": ours,
+        "without": without,
         "required": required,
         "secret": SECRET,
         "graders": IMAGE_GRADERS,
@@ -616,6 +617,21 @@ def test_under_docker_s_default_seccomp_profile_user_code_is_refused_unless_the_
     opted_out = run_as_image_user(required=False, ours=False)
     assert opted_out["isolation"].startswith("no namespaces"), opted_out
     assert opted_out["good"]["score"] == 1.0  # rlimits, the empty environment and time limits only
+
+
+def test_where_mounts_are_refused_user_code_is_refused_unless_the_deployment_opts_out():
+    """Docker's AppArmor profile denies mount (EACCES); here the seccomp profile without its mount
+    rule does the same (EPERM): the namespaces are made, the private root cannot be."""
+    refused = run_as_image_user(without=("mount",))
+    message = refused["refused"]
+    assert message.startswith("cannot build the sandbox's filesystem ("), message
+    assert "Operation not permitted" in message and "AppArmor" in message and "good" not in refused
+
+    opted_out = run_as_image_user(required=False, without=("mount",))
+    assert opted_out["isolation"].startswith("namespaces user,net,pid,ipc,uts; host filesystem"), opted_out
+    assert opted_out["good"]["score"] == 1.0
+    assert "loopback Network is unreachable" in opted_out["network"]["output"]  # still no network
+    assert opted_out["fork_bomb"]["score"] is None and opted_out["left"] == {}  # nor strays
 
 
 def test_as_root_the_grader_still_gets_a_host_user_id_of_its_own(pool):
