@@ -1212,7 +1212,7 @@ def test_a_cancelled_job_frees_its_file(api: ApiClient, env: Env):
 
 @pytest.mark.parametrize(
     "path",
-    ["/v1/nothing", "/v1/datasets", "/v1/jobs", "/v1/rewards", "/v2/fine_tuning/jobs", f"{JOBS}/x/y/z", "/"],
+    ["/v1/nothing", "/v1/datasets", "/v1/jobs", "/v1/rewards", "/v2/fine_tuning/jobs", f"{JOBS}/x/y/z", "/x"],
 )
 def test_unknown_route_is_a_json_404(api: ApiClient, path: str):
     assert_error(api.http.get(path), 404, "not_found")
