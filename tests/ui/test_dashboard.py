@@ -1,6 +1,6 @@
 """The web dashboard in a real browser: Debian's chromium, headless, driven by playwright, against
 the real parts (the API under uvicorn on PostgreSQL, a Celery worker process training the tiny
-model, the model server process for the chat).
+model, the model server answering the chat).
 
 Screenshots of each page are kept under test-artifacts/ui/. Every page is checked for console
 errors (a script error, a refused script or style, a 5xx) and for controls without a label.
@@ -11,10 +11,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
-import subprocess
-import sys
 import tarfile
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,21 +20,12 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
-import uvicorn
 
 from service.db import make_engine, make_sessionmaker, transaction
 from service.keys import create_key
 from service.settings import Settings
 from service.storage import open_storage
-from tests.conftest import (
-    REPO,
-    WorkerProcess,
-    free_port,
-    job_request,
-    missing,
-    settings_env,
-    user_namespace_refusal,
-)
+from tests.conftest import WorkerProcess, job_request, missing, served, user_namespace_refusal
 
 pytestmark = pytest.mark.slow
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "ui"
@@ -71,32 +59,19 @@ class Stack:
     settings: Settings
 
 
-def wait_until_up(url: str, process: subprocess.Popen | None = None, log: Path | None = None) -> None:
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(f"{url}/health").status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        if process is not None:
-            assert process.poll() is None, log.read_text() if log else "exited"
-        assert time.monotonic() < deadline, f"{url} did not start"
-        time.sleep(0.2)
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, migrated_postgres: str, redis_url: str) -> Iterator[Stack]:
     refusal = user_namespace_refusal()
     if refusal:
         missing(f"the python grader's sandbox needs user namespaces, refused here ({refusal})")
+    from api.app import create_app
+    from inference.server import create_model_server
+
     root = tmp_path_factory.mktemp("dashboard")
-    model_server = f"http://127.0.0.1:{free_port()}"
     settings = Settings(
         data_dir=root / "data",
         database_url=migrated_postgres,
         broker_url=redis_url,
-        inference_url=model_server,
         reaper_seconds=0,
         heartbeat_seconds=1,
         lease_seconds=30,
@@ -107,33 +82,12 @@ def stack(tmp_path_factory, migrated_postgres: str, redis_url: str) -> Iterator[
     with transaction(make_sessionmaker(make_engine(settings.database_url))) as session:
         _, key = create_key(session, "dashboard")
     worker = WorkerProcess(settings, root / "worker.log")
-    log = root / "model-server.log"
-    with log.open("wb") as out:
-        server_process = subprocess.Popen(
-            [sys.executable, "-m", "cli.main", "model-server", "--port", model_server.rsplit(":", 1)[1]],
-            cwd=REPO,
-            env=settings_env(settings),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    from api.app import create_app
-
-    api = uvicorn.Server(
-        uvicorn.Config(create_app(settings), host="127.0.0.1", port=free_port(), log_level="warning")
-    )
-    thread = threading.Thread(target=api.run, daemon=True)
-    thread.start()
     try:
-        url = f"http://127.0.0.1:{api.config.port}"
-        wait_until_up(url)
-        wait_until_up(model_server, server_process, log)
-        yield Stack(url, key, settings)
+        with served(create_model_server(settings)) as model_server:
+            settings = settings.model_copy(update={"inference_url": model_server})
+            with served(create_app(settings)) as url:
+                yield Stack(url, key, settings)
     finally:
-        api.should_exit = True
-        thread.join(timeout=10)
-        server_process.terminate()
-        server_process.wait(timeout=30)
         worker.stop()
 
 
