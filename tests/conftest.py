@@ -41,7 +41,7 @@ warnings.filterwarnings("ignore", message=".*generation flags.*")
 
 PG_ADMIN_URL = os.environ.get("PREFIX_RFT_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("PREFIX_RFT_TEST_REDIS", "redis://127.0.0.1:6379/11")
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 
 
 def missing(message: str) -> None:

@@ -128,6 +128,7 @@ export async function jobView({ params: [jobId], signal }) {
     try {
       const page = await call(`/v1/fine_tuning/jobs/${jobId}/samples?step=${step}&limit=100`);
       rollouts.replaceChildren(...page.data.map((s) => sampleRow(s.data)));
+      rollouts.dataset.step = String(step);
       if (!page.data.length) rollouts.append(h("tr", {}, h("td", { colspan: 4 }, `No rollouts were kept for step ${step}.`)));
     } catch (error) {
       rollouts.replaceChildren(h("tr", {}, h("td", { colspan: 4 }, errorBox(error))));

@@ -297,7 +297,8 @@ def test_a_job_made_in_the_form_is_followed_live_to_its_adapter_and_chat(page, s
     page.get_by_label("Step", exact=True).select_option(str(step))
     rows = page.locator("table.rollouts tbody tr")
     expected = [s["data"] for s in samples if s["step"] == step]
-    wait_until(lambda: rows.count() == len(expected))
+    page.locator(f'table.rollouts tbody[data-step="{step}"]').wait_for(state="attached")
+    assert rows.count() == len(expected)
     assert (
         page.locator("table.rollouts mark").count() == sum(s["demo_prefix_tokens"] > 0 for s in expected) > 0
     )
