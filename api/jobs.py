@@ -63,10 +63,12 @@ def job_config(
     served_judges: frozenset[str],
     limits: JobLimits | None = None,
     services: Services | None = None,
+    count_prompts: bool = True,
 ) -> tuple[dict, Dataset, Dataset | None]:
     """The job's checked trainer config, and its training and held-out files. With `services`,
     the base model is one of the deployment's (built in or registered, trainable, small enough
-    for its workers) and every prompt fits (api/prompt_lengths.py); without, a built-in one."""
+    for its workers) and, with `count_prompts`, every prompt fits (api/prompt_lengths.py, which
+    reads the files); without, a built-in one."""
     # Shared locks: a concurrent delete of these datasets waits for this job (or wins before it).
     train = _locked_dataset(session, project_id, body.training_dataset, "training_dataset")
     heldout = (
@@ -84,8 +86,9 @@ def job_config(
     config = build_config(
         body, reward, train, heldout, served_judges, limits, models, settings.worker_memory_bytes
     )
-    files = [(train, "training_dataset")] + ([(heldout, "validation_dataset")] if heldout else [])
-    check_prompt_lengths(services.storage, config, models[body.model], settings.data_dir, files)
+    if count_prompts:
+        files = [(train, "training_dataset")] + ([(heldout, "validation_dataset")] if heldout else [])
+        check_prompt_lengths(services.storage, config, models[body.model], settings.data_dir, files)
     return config, train, heldout
 
 

@@ -1,7 +1,9 @@
 """Prompt lengths checked when a job is created: every prompt of its files, counted with the base
 model's own tokenizer and chat template as the trainer counts it (core/prompt_tokens.py, no
 torch), against the job's max_prompt_tokens and the model's context length. A job that a worker
-would fail on its first line is refused with the line and the field instead.
+would fail on its first line is refused with the line and the field instead. The context check is
+this API's own: the trainer does not stop a sequence that runs past the context, which the model
+would then decode beyond the positions it was trained on.
 """
 
 from __future__ import annotations

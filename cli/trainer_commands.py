@@ -13,6 +13,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import warnings
@@ -222,10 +223,15 @@ def _models_add(args: argparse.Namespace) -> int:
         _quiet_libraries()
         from core.models import convert_gguf
 
-        target = data_dir() / "models" / name
-        if not (target / "config.json").is_file():
+        # Under models/gguf/: no name can land on the registry file or a built-in model's directory.
+        target = data_dir() / "models" / "gguf" / name
+        stamp_file, stamp = target / "converted-from.json", _file_stamp(gguf)
+        if not (target / "config.json").is_file() or _read_stamp(stamp_file) != stamp:
+            # A conversion of another file (or of this one before it changed) is not reused.
+            shutil.rmtree(target, ignore_errors=True)
             print(f"converting {gguf} into {target} (once)")
             convert_gguf(gguf.parent, gguf.name, target)
+            stamp_file.write_text(json.dumps(stamp))
         source = str(target)
     info = register_model(source, name)
     print(
@@ -233,6 +239,18 @@ def _models_add(args: argparse.Namespace) -> int:
         f"{info.context_length} tokens of context, chat template, at {info.path}"
     )
     return 0
+
+
+def _file_stamp(file: Path) -> dict:
+    stat = file.stat()
+    return {"file": str(file.resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def _read_stamp(file: Path) -> dict | None:
+    try:
+        return json.loads(file.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _models_remove(args: argparse.Namespace) -> int:

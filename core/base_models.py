@@ -99,12 +99,15 @@ def safetensors_parameters(directory: Path) -> int:
         raise ModelDirectoryError(f"{directory} has no *.safetensors weights (save it with save_pretrained)")
     total = 0
     for file in files:
-        with file.open("rb") as handle:
-            (length,) = struct.unpack("<Q", handle.read(8))
-            header = json.loads(handle.read(length))
-        for name, tensor in header.items():
-            if name != "__metadata__":
-                total += functools.reduce(lambda a, b: a * b, tensor["shape"], 1)
+        try:
+            with file.open("rb") as handle:
+                (length,) = struct.unpack("<Q", handle.read(8))
+                header = json.loads(handle.read(length))
+            for name, tensor in header.items():
+                if name != "__metadata__":
+                    total += functools.reduce(lambda a, b: a * b, tensor["shape"], 1)
+        except (struct.error, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ModelDirectoryError(f"{file} is no readable safetensors file ({exc!r})") from None
     return total
 
 
@@ -201,6 +204,8 @@ def read_registry(directory: Path | None = None) -> dict[str, dict[str, str | No
         entries = json.loads(file.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ModelDirectoryError(f"{file} is not valid JSON ({exc}); fix or remove it") from None
+    if not isinstance(entries, dict):
+        raise ModelDirectoryError(f"{file} must hold an object of model names; fix or remove it")
     return {name: entry for name, entry in entries.items() if isinstance(entry, dict) and entry.get("path")}
 
 

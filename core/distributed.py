@@ -105,17 +105,21 @@ class Ranks:
         """Replace each parameter's gradient by its sum over the ranks (a missing one counts as zero).
 
         Each rank's loss was divided by the whole step's normaliser, so the sum is the gradient
-        one process gets from the whole batch. The adapters are small: one flat all-reduce.
+        one process gets from the whole batch. A parameter that no rank has a gradient for keeps
+        none, so the optimizer skips it as it would in one process. The adapters are small: one
+        flat all-reduce, with a has-gradient flag per parameter at its end.
         """
         if not self.distributed:
             return
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.reshape(-1).float() for g in grads])
+        has_grad = torch.tensor([float(p.grad is not None) for p in params], device=self._device())
+        flat = torch.cat([*(g.reshape(-1).float() for g in grads), has_grad])
         dist.all_reduce(flat)
         offset = 0
-        for p, g in zip(params, grads, strict=True):
+        for i, (p, g) in enumerate(zip(params, grads, strict=True)):
             n = g.numel()
-            p.grad = flat[offset : offset + n].view_as(g).to(g.dtype)
+            summed = flat[-len(params) + i] > 0
+            p.grad = flat[offset : offset + n].view_as(g).to(g.dtype) if summed else None
             offset += n
 
     @contextlib.contextmanager

@@ -22,6 +22,9 @@ class JobLimits(BaseModel):
     updates_per_batch: int = Field(32, ge=1, description="Optimizer passes over a rollout batch.")
     psft_minibatches: int = Field(256, ge=1, description="psft's mini-batches per batch.")
     eval_samples: int = Field(100_000, ge=1, description="Held-out examples scored per evaluation.")
+    processes: int = Field(
+        1, ge=1, description="Training processes (ranks) one job may ask its worker for (training.processes)."
+    )
     file_examples: int = Field(
         10_000_000, ge=1, description="Examples in a training or validation file a job may use."
     )
@@ -45,6 +48,7 @@ class JobLimits(BaseModel):
             ("training.generation_batch_size", training["generation_batch_size"], self.generation_batch_size),
             ("training.updates_per_batch", training["updates_per_batch"], self.updates_per_batch),
             ("training.psft_minibatches", training["psft_minibatches"], self.psft_minibatches),
+            ("training.processes", training.get("processes"), self.processes),
             ("eval.max_examples", evaluation["max_examples"], self.eval_samples),
             ("eval.batch_size", evaluation["batch_size"], self.generation_batch_size),
             (

@@ -176,12 +176,22 @@ def test_config_data_and_rewards_load_without_torch():
 
 
 def test_the_api_process_never_imports_torch(tmp_path):
-    # The API image has no torch: building the app and answering a request must not need it.
+    # The API image has no torch: building the app, listing models, uploading, estimating and
+    # creating a job must not need it.
     loaded = modules_loaded_by(
         f"import os; os.environ['PREFIX_RFT_DATA_DIR'] = {str(tmp_path)!r}; "
         "from fastapi.testclient import TestClient; from api.app import create_app; "
         "from cli.launcher import initialise; from service.settings import Settings; "
-        "s = Settings(); initialise(s); TestClient(create_app(s)).get('/v1/models')"
+        "s = Settings(); initialise(s); c = TestClient(create_app(s)); "
+        "from service.db import make_engine, make_sessionmaker, transaction; from service.keys import create_key; "
+        "t = transaction(make_sessionmaker(make_engine(s.database_url))); session = t.__enter__(); "
+        "key = create_key(session, 'p')[1]; t.__exit__(None, None, None); "
+        "c.headers['Authorization'] = 'Bearer ' + key; assert c.get('/v1/models').status_code == 200; "
+        "f = c.post('/v1/files', files={'file': ('a.jsonl', b'{\"prompt\": \"x\", \"demonstration\": \"y\"}\\n' * 8)}, "
+        "data={'purpose': 'fine-tune'}).json()['id']; "
+        "body = {'model': 'tiny-random', 'training_file': f}; "
+        "assert c.post('/v1/fine_tuning/estimates', json=body).status_code == 200; "
+        "assert c.post('/v1/fine_tuning/jobs', json=body).status_code == 200"
     )
     assert "api.app" in loaded
     assert not tops(loaded) & MODEL_CODE, tops(loaded) & MODEL_CODE

@@ -121,16 +121,21 @@ export async function jobView({ params: [jobId], signal }) {
   const trainSteps = [];
   let shownStep = null;
   let latestTimer = null;
+  let asked = 0; // the newest request wins, whatever order the answers come in
   const showRollouts = async () => {
     const step = Number(stepChoice.value) || trainSteps[trainSteps.length - 1];
     if (!step || step === shownStep) return;
     shownStep = step;
+    const ask = ++asked;
     try {
       const page = await call(`/v1/fine_tuning/jobs/${jobId}/samples?step=${step}&limit=100`);
+      if (ask !== asked) return;
       rollouts.replaceChildren(...page.data.map((s) => sampleRow(s.data)));
       rollouts.dataset.step = String(step);
       if (!page.data.length) rollouts.append(h("tr", {}, h("td", { colspan: 4 }, `No rollouts were kept for step ${step}.`)));
     } catch (error) {
+      if (ask !== asked) return;
+      shownStep = null; // asked again on the next change
       rollouts.replaceChildren(h("tr", {}, h("td", { colspan: 4 }, errorBox(error))));
     }
   };
@@ -202,7 +207,10 @@ export async function jobView({ params: [jobId], signal }) {
       })
       .catch((error) => signal.aborted || problem.replaceChildren(errorBox(error)));
   };
-  signal.addEventListener("abort", () => clearTimeout(trailing));
+  signal.addEventListener("abort", () => {
+    clearTimeout(trailing);
+    clearTimeout(latestTimer);
+  });
   const onEvent = (type, event) => {
     if (type === "metrics") {
       const data = event.data || {};

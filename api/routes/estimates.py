@@ -28,13 +28,15 @@ def estimate_fine_tuning_job(
 ) -> FineTuningJobEstimate:
     """How long the job would take here, before it is made: the request is checked as create
     checks it, then priced at the step and evaluation times this deployment measured on the same
-    base model and adapter type (service/duration.py). Null where nothing was measured yet."""
+    base model and adapter type (service/duration.py). Null where nothing was measured yet.
+    The prompts are not counted here (create does): a form asks this on every change, and
+    counting reads the whole files."""
     with transaction(services.sessions) as session:
         resolved, ours = job_spec(session, body, project_id)
         try:
             judges = frozenset(services.judge.endpoints)
             raw, train, heldout = job_config(
-                session, ours, project_id, judges, services.settings.job_limits, services
+                session, ours, project_id, judges, services.settings.job_limits, services, count_prompts=False
             )
         except APIError as exc:
             raise in_openai_terms(exc, resolved.echo["type"]) from exc

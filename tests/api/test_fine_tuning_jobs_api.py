@@ -344,6 +344,8 @@ def test_every_size_has_a_limit_checked_at_creation(pg_settings, monkeypatch):
                 f"{where}.rollouts_per_prompt",
                 f"{where}.generation_batch_size",
             }
+            # More training processes than the deployment allows (1 by default) are no job's to take.
+            assert refused({"processes": 8}).param == f"{where}.processes"
             bigger = upload(client, RFT_LINES + RFT_LINES[:4])  # 16 examples
             assert refused({"steps": 5}, training_file=bigger).param == "training_file"
 

@@ -59,11 +59,18 @@ def test_a_gguf_file_is_converted_once_then_registered(data_dir, tmp_path, monke
 
     monkeypatch.setattr("core.models.convert_gguf", convert)
     assert main(["models", "add", str(gguf)]) == 0
-    target = data_dir / "models" / "my-model.q4_1"
+    target = data_dir / "models" / "gguf" / "my-model.q4_1"
     assert conversions == [(tmp_path, gguf.name, target)]
     assert read_registry(data_dir)["my-model.q4_1"]["path"] == str(target)
     assert main(["models", "add", str(gguf)]) == 0 and len(conversions) == 1  # converted once
     assert "registered my-model.q4_1" in capsys.readouterr().out
+
+    # Another file under the same name is converted anew, not served the old weights.
+    other = tmp_path / "other" / "My-Model.Q4_1.gguf"
+    other.parent.mkdir()
+    other.write_bytes(b"GGUF, another")
+    assert main(["models", "add", str(other)]) == 0 and len(conversions) == 2
+    assert conversions[-1] == (other.parent, other.name, target)
 
 
 @pytest.mark.slow

@@ -12,6 +12,7 @@ from core.base_models import (
     BUILT_IN,
     TRAINING_BYTES_PER_PARAMETER,
     BaseModelInfo,
+    ModelDirectoryError,
     base_models,
     chat_template_of,
     check_name,
@@ -153,13 +154,27 @@ def test_listed_models_come_from_the_environment_and_unreadable_ones_are_left_ou
     assert "registered model 'gone'" in caplog.text
 
 
-def test_a_corrupt_registry_leaves_the_built_in_models(tmp_path, caplog):
+@pytest.mark.parametrize(
+    ("content", "complaint"),
+    [("{not json", "is not valid JSON"), ('["a list"]', "must hold an object of model names")],
+)
+def test_a_corrupt_registry_leaves_the_built_in_models(tmp_path, caplog, content, complaint):
     registry = tmp_path / "data" / "models" / "registry.json"
     registry.parent.mkdir(parents=True)
-    registry.write_text("{not json")
+    registry.write_text(content)
     with caplog.at_level(logging.WARNING):
         assert base_models(tmp_path / "data", listed={}) == BUILT_IN
-    assert "registry.json is not valid JSON" in caplog.text and "fix or remove it" in caplog.text
+    assert f"registry.json {complaint}" in caplog.text and "fix or remove it" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "weights", [b"\x01", b"\x08" + bytes(7) + b"[1, 2]  ", b"\x08" + bytes(7) + b'{"w": 1}']
+)
+def test_weights_that_are_no_safetensors_file_are_the_model_s_problem(tmp_path, weights):
+    directory = fake_model_dir(tmp_path / "m")
+    (directory / "model.safetensors").write_bytes(weights)
+    with pytest.raises(ModelDirectoryError, match="is no readable safetensors file"):
+        safetensors_parameters(directory)
 
 
 def test_a_hub_id_in_the_local_cache_is_registered_by_its_snapshot(tmp_path, monkeypatch):
