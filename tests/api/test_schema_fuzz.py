@@ -46,7 +46,9 @@ from service.settings import Settings
 from tests.api.test_project_isolation import ProjectA, make_project_a, release
 from tests.conftest import ApiClient, temporary_database
 
-MAX_EXAMPLES = 200  # generated cases per operation; examples and boundary cases come on top
+MAX_EXAMPLES = (
+    100  # generated cases per operation (the suite's time); examples and boundary cases come on top
+)
 
 
 def served_schema() -> dict[str, Any]:

@@ -120,24 +120,6 @@ def test_a_worker_that_wakes_up_past_its_lease_still_retries_a_lost_connection(s
     assert len(calls) == 3
 
 
-def test_a_job_trains_in_two_processes_when_the_worker_asks_for_them(api, services, monkeypatch):
-    """PREFIX_RFT_TRAIN_PROCESSES=2: torchrun's ranks (gloo on CPU) train the job; rank 0 reports
-    its steps, evaluations and checkpoints, and the worker stores the adapter."""
-    two = dataclasses.replace(services, settings=services.settings.model_copy(update={"train_processes": 2}))
-    monkeypatch.setenv("PREFIX_RFT_DISTRIBUTED_BACKEND", "gloo")
-    job_id = new_job(api)
-    run_job(job_id, two)
-
-    job = api.http.get(f"{JOBS}/{job_id}").json()
-    assert (job["status"], job["step"], job["error"]) == ("succeeded", 3, None), events(api, job_id)
-    metrics = api.http.get(f"{JOBS}/{job_id}/metrics", params={"kind": "train"}).json()["data"]
-    assert [m["step"] for m in metrics] == [1, 2, 3]  # once each: only rank 0 reports
-    checkpoints = api.http.get(f"{JOBS}/{job_id}/checkpoints").json()["data"]
-    assert [c["step_number"] for c in checkpoints] == [3, 2, 1]
-    assert api.http.get(f"{JOBS}/{job_id}/adapter").status_code == 200
-    assert any(e.startswith("succeeded after 3 steps") for e in events(api, job_id))
-
-
 def test_a_failing_rank_fails_the_attempt_with_its_error(api, services, monkeypatch):
     """An error raised in the ranks is the attempt's: what the user must fix fails the job at once."""
     # As where the API holds no tokenizer (compose): the prompts are first counted by the ranks.
@@ -152,12 +134,13 @@ def test_a_failing_rank_fails_the_attempt_with_its_error(api, services, monkeypa
     assert "over training.max_prompt_tokens=4" in job["error"]["message"]
 
 
-def test_sigterm_stops_every_rank_at_a_checkpoint_and_the_next_attempt_resumes(api, services):
-    """SIGTERM to the worker (here: its flag) reaches the ranks as a stop request: rank 0
+def test_two_ranks_train_a_job_and_sigterm_stops_them_at_a_checkpoint_to_resume(api, services):
+    """PREFIX_RFT_TRAIN_PROCESSES=2: torchrun's ranks (gloo on CPU) train the job, rank 0 alone
+    reporting. SIGTERM to the worker (here: its flag) reaches the ranks as a stop request: rank 0
     checkpoints, the job goes back to the queue, and the next attempt resumes from there."""
     two = dataclasses.replace(services, settings=services.settings.model_copy(update={"train_processes": 2}))
     file_id = api.upload(addition_lines()).json()["id"]
-    job_id = api.http.post(JOBS, json=job_body(file_id, steps=8, checkpoint_every=100)).json()["id"]
+    job_id = api.http.post(JOBS, json=job_body(file_id, steps=5, checkpoint_every=100)).json()["id"]
 
     def terminate_after_the_first_step() -> None:
         deadline = time.monotonic() + 120
@@ -174,13 +157,17 @@ def test_sigterm_stops_every_rank_at_a_checkpoint_and_the_next_attempt_resumes(a
         shutdown.requested.clear()
     job = api.http.get(f"{JOBS}/{job_id}").json()
     stopped_at = job["step"]
-    assert job["status"] == "queued" and 1 <= stopped_at < 8, events(api, job_id)
+    assert job["status"] == "queued" and 1 <= stopped_at < 5, events(api, job_id)
     released = f"released for another worker: worker shutting down; checkpoint at step {stopped_at}"
     assert released in events(api, job_id)
 
     run_job(job_id, two)
     job = api.http.get(f"{JOBS}/{job_id}").json()
-    assert (job["status"], job["step"], attempt_of(api, job_id)) == ("succeeded", 8, 2)
+    assert (job["status"], job["step"], attempt_of(api, job_id)) == ("succeeded", 5, 2)
     assert f"resuming from the checkpoint of step {stopped_at}" in events(api, job_id)
     metrics = api.http.get(f"{JOBS}/{job_id}/metrics", params={"kind": "train"}).json()["data"]
-    assert [m["step"] for m in metrics] == list(range(1, 9))
+    assert [m["step"] for m in metrics] == list(range(1, 6))  # once each: only rank 0 reports
+    checkpoints = api.http.get(f"{JOBS}/{job_id}/checkpoints").json()["data"]
+    assert [c["step_number"] for c in checkpoints] == [stopped_at]  # every 100 steps, and the stop
+    assert api.http.get(f"{JOBS}/{job_id}/adapter").status_code == 200
+    assert any(e.startswith("succeeded after 5 steps") for e in events(api, job_id))
