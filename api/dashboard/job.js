@@ -7,7 +7,6 @@ import { StepChart } from "./charts.js";
 import { age, duration, errorBox, field, h, methodType, number, select } from "./dom.js";
 
 const ACTIVE = new Set(["validating_files", "queued", "running"]);
-const ENDED = new Set(["succeeded", "failed", "cancelled"]);
 const REFRESH_MS = 2000; // the job's state is read again at most this often while events arrive
 
 // The curves of a job: names are the metrics events' (train_<ours>, valid_<ours>).

@@ -56,7 +56,6 @@ GOOD_LINES = "".join(
 class Stack:
     url: str
     key: str
-    settings: Settings
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +85,7 @@ def stack(tmp_path_factory, migrated_postgres: str, redis_url: str) -> Iterator[
         with served(create_model_server(settings)) as model_server:
             settings = settings.model_copy(update={"inference_url": model_server})
             with served(create_app(settings)) as url:
-                yield Stack(url, key, settings)
+                yield Stack(url, key)
     finally:
         worker.stop()
 
@@ -153,8 +152,13 @@ def sign_in(page, key: str) -> None:
     page.get_by_role("heading", name="Jobs").wait_for()
 
 
-def api(stack: Stack) -> httpx.Client:
-    return httpx.Client(base_url=stack.url, headers={"Authorization": f"Bearer {stack.key}"}, timeout=30)
+@pytest.fixture
+def client(stack: Stack) -> Iterator[httpx.Client]:
+    """The API as the signed-in user, to check what the pages show against."""
+    with httpx.Client(
+        base_url=stack.url, headers={"Authorization": f"Bearer {stack.key}"}, timeout=30
+    ) as http:
+        yield http
 
 
 def wait_for_status(client: httpx.Client, job_id: str, statuses: set[str], seconds: float = 120) -> dict:
@@ -233,7 +237,7 @@ def test_a_bad_upload_is_reported_at_its_line(page, stack):
     shot(page, "bad-upload")
 
 
-def test_a_job_made_in_the_form_is_followed_live_to_its_adapter_and_chat(page, stack):
+def test_a_job_made_in_the_form_is_followed_live_to_its_adapter_and_chat(page, stack, client):
     sign_in(page, stack.key)
     page.goto("/ui/#/jobs/new")
     page.get_by_label("Upload a training file (JSONL)").set_input_files(
@@ -278,7 +282,6 @@ def test_a_job_made_in_the_form_is_followed_live_to_its_adapter_and_chat(page, s
     shot(page, "job-paused")
     page.get_by_role("button", name="Resume").click()
     page.locator("[data-status=succeeded]").wait_for()
-    client = api(stack)
     metrics = client.get(f"/v1/fine_tuning/jobs/{job_id}/metrics").json()["data"]
     train_steps = {m["step"] for m in metrics if m["kind"] == "train"}
     all_steps = train_steps | {m["step"] for m in metrics if m["kind"] == "eval"}  # 0: before training
@@ -349,8 +352,7 @@ def test_a_job_made_in_the_form_is_followed_live_to_its_adapter_and_chat(page, s
     shot(page, "playground")
 
 
-def test_jobs_are_compared_on_one_set_of_curves(page, stack):
-    client = api(stack)
+def test_jobs_are_compared_on_one_set_of_curves(page, stack, client):
     file_id = client.post(
         "/v1/files", files={"file": ("sft.jsonl", GOOD_LINES.encode())}, data={"purpose": "fine-tune"}
     ).json()["id"]
