@@ -34,6 +34,7 @@ import logging
 import multiprocessing
 import os
 import shlex
+import signal
 import statistics
 import sys
 import time
@@ -348,6 +349,9 @@ def run_all(jobs: list[tuple], out: Path, parallel: int) -> None:
     if not pending:
         return
     if parallel > 1:
+        # SIGTERM ends the pool's runs too (leaving the pool terminates it): orphaned runs would
+        # go on writing the run folders a restarted runner resumes from.
+        signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
         # A fresh process per run: its memory goes back to the system when it ends.
         context = multiprocessing.get_context("spawn")
         with context.Pool(parallel, maxtasksperchild=1) as pool:

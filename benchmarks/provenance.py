@@ -29,14 +29,15 @@ def provenance(command: str, out: Path | None) -> dict[str, Any]:
 
 
 def machine() -> dict[str, Any]:
-    cpu = platform.processor()
+    cpu, flags = platform.processor(), []
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
-        names = [
-            line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if "model name" in line
-        ]
-        cpu = names[0] if names else cpu
-    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform()}
+        fields = [line.split(":", 1) for line in cpuinfo.read_text().splitlines() if ":" in line]
+        cpu = next((value.strip() for key, value in fields if key.strip() == "model name"), cpu)
+        flags = next((value.split() for key, value in fields if key.strip() == "flags"), [])
+    # bfloat16's speed, and its kernels' rounding, depend on these more than on the model name.
+    native_bf16 = [flag for flag in ("amx_bf16", "avx512_bf16") if flag in flags]
+    return {"cpu": cpu, "cores": os.cpu_count(), "native_bf16": native_bf16, "platform": platform.platform()}
 
 
 def write_report(out: Path, report: dict[str, Any]) -> None:
