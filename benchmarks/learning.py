@@ -426,12 +426,45 @@ def summarise(out: Path, rates: dict[tuple[str, str], float]) -> dict[str, Any]:
             }
             for task in TASKS
         },
+        "sweep": sweep_rows(out, rates),
         "rows": rows,
     }
 
 
+def sweep_rows(out: Path, rates: dict[tuple[str, str], float]) -> list[dict[str, Any]]:
+    """Each swept method's validation accuracy at the start and after SWEEP_STEPS, per rate."""
+    rows = []
+    for (adapter, family), (methods, tried) in SWEEP.items():
+        for method in methods:
+            results = {lr: read_result(out, f"sweep-A-{method}-{adapter}-lr{lr:g}") for lr in tried}
+            rows.append(
+                {
+                    "adapter": adapter,
+                    "family": family,
+                    "method": method,
+                    "start": results[tried[0]]["validation"][0]["accuracy"],
+                    "final": {f"{lr:g}": r["validation"][-1]["accuracy"] for lr, r in results.items()},
+                    "chosen": rates[(adapter, family)],
+                    "commits": sorted({r["commit"][:7] for r in results.values()}),
+                }
+            )
+    return rows
+
+
 def table(summary: dict[str, Any]) -> str:
-    lines = []
+    lines = [
+        f"### Learning rates: task A's validation accuracy after {SWEEP_STEPS} steps (one seed)",
+        "",
+        "| adapter | family | method | start | rates tried: accuracy | chosen | commits |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in summary["sweep"]:
+        tried = ", ".join(f"{lr}: {_pct(accuracy)}" for lr, accuracy in r["final"].items())
+        lines.append(
+            f"| {r['adapter']} | {r['family']} | {r['method']} | {_pct(r['start'])} | {tried} | "
+            f"{r['chosen']:g} | {', '.join(r['commits'])} |"
+        )
+    lines.append("")
     for task, spec in TASKS.items():
         base = summary["base_test_accuracy"][task]
         lines += [
