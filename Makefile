@@ -43,7 +43,7 @@ browser:
 	  || echo "note: chromium could not be installed; the dashboard tests need it"
 
 test: lint browser
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 benchmark-throughput: setup
 	$(PY) -m benchmarks.throughput_vs_trl --steps 4 --repeats 3 --out docs/benchmarks/throughput.json
