@@ -14,7 +14,11 @@ unordered pairs, training prompts in one phrasing and validation and test prompt
    latter chosen on the mean of rft and prefix_rft.
 2. runs: every method on both tasks, the prefix adapter (the product default) on three seeds and
    LoRA on one, with the same number of training sequences per run, validated every 10 steps.
-3. report: test accuracy of each run's checkpoint chosen on validation (never the test peak),
+3. ablations: prefix_rft with the prefix adapter on task B's validation split, one seed, one
+   setting changed at a time (hybrid rollouts per group, entropy keep fraction, the prefix
+   schedule's length, the learning rate): what the product default leaves on the table where the
+   base model solves almost nothing. They run after seed 0 of the main runs.
+4. report: test accuracy of each run's checkpoint chosen on validation (never the test peak),
    mean and sd over seeds, the base model's test accuracy, table.md, curves.png, study.json.
 
 The runner resumes: a finished run (its JSON under runs/) is skipped, a partial one continues
@@ -61,15 +65,36 @@ SWEEP = {  # (adapter, family) -> (methods it is chosen on, learning rates tried
 # 20 steps: a step of 32 sequences costs about a CPU-minute on one core (measured in the sweep),
 # so a run stays within 30 CPU-minutes with its evaluations.
 TASKS = {  # name -> digits, steps, max completion tokens
-    "A": {"digits": 2, "steps": 20, "max_completion_tokens": 64, "title": "two-digit addition"},
-    "B": {"digits": 3, "steps": 20, "max_completion_tokens": 96, "title": "three-digit addition"},
+    "A": {
+        "digits": 2,
+        "steps": 20,
+        "max_completion_tokens": 64,
+        "title": "two-digit addition",
+    },
+    "B": {
+        "digits": 3,
+        "steps": 20,
+        "max_completion_tokens": 96,
+        "title": "three-digit addition",
+    },
 }
-SIZES = {"train": 2000, "validation": 100, "test": 100}  # problems; the split is drawn with these
+SIZES = {
+    "train": 2000,
+    "validation": 100,
+    "test": 100,
+}  # problems; the split is drawn with these
 TEST_PROBLEMS = 50  # of the test split, each in all four phrasings: 200 prompts per run
 SWEEP_STEPS = 10
 EVAL_EVERY = 10
 PROMPTS_PER_STEP, ROLLOUTS_PER_PROMPT = 4, 8
 PREFIX_SEEDS, LORA_SEEDS = (0, 1, 2), (0,)
+ABLATIONS = {  # name -> the training settings it changes from prefix_rft's defaults (task B)
+    "hybrids-2": {"hybrid_rollouts_per_prompt": 2},
+    "hybrids-4": {"hybrid_rollouts_per_prompt": 4},
+    "keep-every-prefix-token": {"entropy_keep_fraction": 1.0},
+    "prefix-decay-10-steps": {"demo_prefix_decay_steps": 10},
+    "lr-3e-2": {"learning_rate": 3e-2},
+}
 DTYPES = ("bfloat16", "float32")
 
 
@@ -78,21 +103,36 @@ DTYPES = ("bfloat16", "float32")
 
 def write_task_data(task: str, directory: Path) -> dict[str, Path]:
     """train.jsonl (phrasing 0), validation.jsonl (phrasings in turn), test.jsonl (every phrasing)."""
-    from examples.addition.make_data import PHRASINGS, addition_example, unordered_pair_splits, write_jsonl
+    from examples.addition.make_data import (
+        PHRASINGS,
+        addition_example,
+        unordered_pair_splits,
+        write_jsonl,
+    )
 
     directory.mkdir(parents=True, exist_ok=True)
-    files = {name: directory / f"{name}.jsonl" for name in ("train", "validation", "test")}
+    files = {
+        name: directory / f"{name}.jsonl" for name in ("train", "validation", "test")
+    }
     if all(f.is_file() for f in files.values()):
         return files
     validation, test, train = unordered_pair_splits(
-        TASKS[task]["digits"], (SIZES["validation"], SIZES["test"], SIZES["train"]), seed=0
+        TASKS[task]["digits"],
+        (SIZES["validation"], SIZES["test"], SIZES["train"]),
+        seed=0,
     )
     write_jsonl(files["train"], [addition_example(a, b) for a, b in train])
     write_jsonl(
         files["validation"],
-        [addition_example(a, b, i % len(PHRASINGS)) for i, (a, b) in enumerate(validation)],
+        [
+            addition_example(a, b, i % len(PHRASINGS))
+            for i, (a, b) in enumerate(validation)
+        ],
     )
-    write_jsonl(files["test"], [addition_example(a, b, p) for a, b in test for p in range(len(PHRASINGS))])
+    write_jsonl(
+        files["test"],
+        [addition_example(a, b, p) for a, b in test for p in range(len(PHRASINGS))],
+    )
     return files
 
 
@@ -121,6 +161,28 @@ def sweep_plan(dtype: str) -> list[dict[str, Any]]:
     return runs
 
 
+def ablation_plan(
+    rates: dict[tuple[str, str], float], dtype: str
+) -> list[dict[str, Any]]:
+    return [
+        {
+            "key": f"ablation-B-prefix_rft-prefix-{name}",
+            "task": "B",
+            "method": "prefix_rft",
+            "adapter": "prefix",
+            "seed": 0,
+            "lr": changes.get("learning_rate", rates[("prefix", "reinforcement")]),
+            "rft_lr": None,
+            "steps": TASKS["B"]["steps"],
+            "test": False,
+            "dtype": dtype,
+            "ablation": name,
+            "changes": {k: v for k, v in changes.items() if k != "learning_rate"},
+        }
+        for name, changes in ABLATIONS.items()
+    ]
+
+
 def chosen_rates(out: Path) -> dict[tuple[str, str], float]:
     """Per (adapter, family): the swept rate with the best mean final validation accuracy."""
     chosen = {}
@@ -131,10 +193,14 @@ def chosen_rates(out: Path) -> dict[tuple[str, str], float]:
             for method in methods:
                 result = read_result(out, f"sweep-A-{method}-{adapter}-lr{lr:g}")
                 if result is None:
-                    raise RuntimeError(f"the sweep is not finished: no result for {method} {adapter} {lr:g}")
+                    raise RuntimeError(
+                        f"the sweep is not finished: no result for {method} {adapter} {lr:g}"
+                    )
                 finals.append(result["validation"][-1]["accuracy"])
             score[lr] = statistics.mean(finals)
-        chosen[(adapter, family)] = max(rates, key=lambda lr: (score[lr], -rates.index(lr)))
+        chosen[(adapter, family)] = max(
+            rates, key=lambda lr: (score[lr], -rates.index(lr))
+        )
     return chosen
 
 
@@ -146,7 +212,11 @@ def main_plan(rates: dict[tuple[str, str], float], dtype: str) -> list[dict[str,
                 for method in METHODS:
                     supervised = rates[(adapter, "supervised")]
                     reinforcement = rates[(adapter, "reinforcement")]
-                    lr = supervised if method in TWO_PHASE else rates[(adapter, FAMILY[method])]
+                    lr = (
+                        supervised
+                        if method in TWO_PHASE
+                        else rates[(adapter, FAMILY[method])]
+                    )
                     runs.append(
                         {
                             "key": f"{task}-{method}-{adapter}-s{seed}",
@@ -168,7 +238,12 @@ def main_plan(rates: dict[tuple[str, str], float], dtype: str) -> list[dict[str,
 # ----- one run -----------------------------------------------------------------------------------
 
 
-def run_config(run: dict[str, Any], files: dict[str, Path], work: Path, eval_file: Path | None = None):
+def run_config(
+    run: dict[str, Any],
+    files: dict[str, Path],
+    work: Path,
+    eval_file: Path | None = None,
+):
     from core.config import parse_config
 
     task = TASKS[run["task"]]
@@ -179,7 +254,11 @@ def run_config(run: dict[str, Any], files: dict[str, Path], work: Path, eval_fil
             "method": run["method"],
             "adapter": {"type": run["adapter"]},
             "data": {"train": str(files["train"]), "eval": str(eval_path)},
-            "reward": {"graders": [{"type": "numeric", "name": "correct", "extract": "last_number"}]},
+            "reward": {
+                "graders": [
+                    {"type": "numeric", "name": "correct", "extract": "last_number"}
+                ]
+            },
             "training": {
                 "steps": run["steps"],
                 "prompts_per_step": PROMPTS_PER_STEP,
@@ -187,11 +266,15 @@ def run_config(run: dict[str, Any], files: dict[str, Path], work: Path, eval_fil
                 "max_completion_tokens": task["max_completion_tokens"],
                 "learning_rate": run["lr"],
                 **({"rft_learning_rate": run["rft_lr"]} if run["rft_lr"] else {}),
+                **run.get("changes", {}),
                 "samples_per_step": 0,
                 "dtype": run["dtype"],
             },
             # The test file lists each problem in its four phrasings, one after the other.
-            "eval": {"every": EVAL_EVERY, "max_examples": 4 * TEST_PROBLEMS if eval_file else 10_000},
+            "eval": {
+                "every": EVAL_EVERY,
+                "max_examples": 4 * TEST_PROBLEMS if eval_file else 10_000,
+            },
             "checkpoint": {"every": EVAL_EVERY, "keep": run["steps"] // EVAL_EVERY + 1},
             "seed": run["seed"],
             "output_dir": str(work / run["key"]),
@@ -216,7 +299,9 @@ def execute(run: dict[str, Any], out: Path) -> dict[str, Any]:
     config = run_config(run, files, work)
     run_dir = Path(config.output_dir)
     cpu_file = run_dir / "cpu_seconds.json"
-    cpu_before = json.loads(cpu_file.read_text())["train"] if cpu_file.is_file() else 0.0
+    cpu_before = (
+        json.loads(cpu_file.read_text())["train"] if cpu_file.is_file() else 0.0
+    )
     started_cpu, started = time.process_time(), time.perf_counter()
     resume = latest_checkpoint(run_dir)
     trainer = Trainer(config)
@@ -226,10 +311,17 @@ def execute(run: dict[str, Any], out: Path) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     cpu_file.write_text(json.dumps({"train": train_cpu}))
     by_step = {  # a run resumed after its last step evaluates that step again: keep one
-        e["step"]: e["accuracy"] for e in map(json.loads, (run_dir / "eval.jsonl").read_text().splitlines())
+        e["step"]: e["accuracy"]
+        for e in map(json.loads, (run_dir / "eval.jsonl").read_text().splitlines())
     }
-    validation = [{"step": step, "accuracy": accuracy} for step, accuracy in sorted(by_step.items())]
-    steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    validation = [
+        {"step": step, "accuracy": accuracy}
+        for step, accuracy in sorted(by_step.items())
+    ]
+    steps = [
+        json.loads(line)
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+    ]
     rft_steps = sum(1 for m in steps if m["phase"] == "rft")
     report: dict[str, Any] = {
         **run,
@@ -253,7 +345,9 @@ def execute(run: dict[str, Any], out: Path) -> dict[str, Any]:
         report["test_cpu_minutes"] = (time.process_time() - test_started) / 60
     report["wall_minutes_this_process"] = (time.perf_counter() - started) / 60
     write_result(out, run["key"], report)
-    log.info("[%s] done: validation %s", run["key"], [e["accuracy"] for e in validation])
+    log.info(
+        "[%s] done: validation %s", run["key"], [e["accuracy"] for e in validation]
+    )
     return report
 
 
@@ -261,7 +355,10 @@ def provenance_of_run(run: dict[str, Any]) -> dict[str, Any]:
     """Commit, uncommitted paths, date and machine, for one run's result file."""
     from benchmarks.provenance import provenance
 
-    return provenance(f"python -m benchmarks.learning (run {run['key']})", Path("docs/benchmarks/learning"))
+    return provenance(
+        f"python -m benchmarks.learning (run {run['key']})",
+        Path("docs/benchmarks/learning"),
+    )
 
 
 def test_summary(completions: list[dict[str, Any]], test_file: Path) -> dict[str, Any]:
@@ -411,7 +508,8 @@ def summarise(out: Path, rates: dict[tuple[str, str], float]) -> dict[str, Any]:
                         "training_sequences": results[0]["training_sequences"],
                         "rollouts": results[0]["rollouts"],
                         "cpu_minutes": statistics.mean(
-                            r["train_cpu_minutes"] + r["test_cpu_minutes"] for r in results
+                            r["train_cpu_minutes"] + r["test_cpu_minutes"]
+                            for r in results
                         ),
                     }
                 )
@@ -428,7 +526,32 @@ def summarise(out: Path, rates: dict[tuple[str, str], float]) -> dict[str, Any]:
         },
         "sweep": sweep_rows(out, rates),
         "rows": rows,
+        "ablations": ablation_rows(out, rates),
     }
+
+
+def ablation_rows(
+    out: Path, rates: dict[tuple[str, str], float]
+) -> list[dict[str, Any]]:
+    """Task B's validation curve of prefix_rft (prefix adapter, seed 0) as is, and per ablation."""
+    default = read_result(out, "B-prefix_rft-prefix-s0")
+    rows = (
+        [{"ablation": "default", "changes": {}, "validation": default["validation"]}]
+        if default
+        else []
+    )
+    for run in ablation_plan(rates, "-"):
+        result = read_result(out, run["key"])
+        if result is not None:
+            changes = {**result["changes"], "learning_rate": result["lr"]}
+            rows.append(
+                {
+                    "ablation": result["ablation"],
+                    "changes": changes,
+                    "validation": result["validation"],
+                }
+            )
+    return rows
 
 
 def sweep_rows(out: Path, rates: dict[tuple[str, str], float]) -> list[dict[str, Any]]:
@@ -436,14 +559,20 @@ def sweep_rows(out: Path, rates: dict[tuple[str, str], float]) -> list[dict[str,
     rows = []
     for (adapter, family), (methods, tried) in SWEEP.items():
         for method in methods:
-            results = {lr: read_result(out, f"sweep-A-{method}-{adapter}-lr{lr:g}") for lr in tried}
+            results = {
+                lr: read_result(out, f"sweep-A-{method}-{adapter}-lr{lr:g}")
+                for lr in tried
+            }
             rows.append(
                 {
                     "adapter": adapter,
                     "family": family,
                     "method": method,
                     "start": results[tried[0]]["validation"][0]["accuracy"],
-                    "final": {f"{lr:g}": r["validation"][-1]["accuracy"] for lr, r in results.items()},
+                    "final": {
+                        f"{lr:g}": r["validation"][-1]["accuracy"]
+                        for lr, r in results.items()
+                    },
                     "chosen": rates[(adapter, family)],
                     "commits": sorted({r["commit"][:7] for r in results.values()}),
                 }
@@ -459,7 +588,9 @@ def table(summary: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for r in summary["sweep"]:
-        tried = ", ".join(f"{lr}: {_pct(accuracy)}" for lr, accuracy in r["final"].items())
+        tried = ", ".join(
+            f"{lr}: {_pct(accuracy)}" for lr, accuracy in r["final"].items()
+        )
         lines.append(
             f"| {r['adapter']} | {r['family']} | {r['method']} | {_pct(r['start'])} | {tried} | "
             f"{r['chosen']:g} | {', '.join(r['commits'])} |"
@@ -477,13 +608,36 @@ def table(summary: dict[str, Any]) -> str:
         ]
         for r in (r for r in summary["rows"] if r["task"] == task):
             lr = f"{r['lr']:g}" + (f" / {r['rft_lr']:g}" if r["rft_lr"] else "")
-            gain = f"{100 * r['gain_over_base']:+.1f}" if r["gain_over_base"] is not None else "-"
+            gain = (
+                f"{100 * r['gain_over_base']:+.1f}"
+                if r["gain_over_base"] is not None
+                else "-"
+            )
             lines.append(
                 f"| {r['method']} | {r['adapter']} | {len(r['seeds'])} | {lr} | "
                 f"{100 * r['test_mean']:.1f}% ± {100 * r['test_sd']:.1f} | {gain} | "
                 f"{','.join(map(str, r['chosen_steps']))} | {r['training_sequences']} | {r['rollouts']} | "
                 f"{r['cpu_minutes']:.1f} |"
             )
+        lines.append("")
+    if summary["ablations"]:
+        lines += [
+            "### Ablations: prefix_rft, prefix adapter, task B, seed 0, validation accuracy",
+            "",
+            "| setting | changes | "
+            + " | ".join(
+                f"step {e['step']}" for e in summary["ablations"][0]["validation"]
+            )
+            + " |",
+            "|---|---|" + "---|" * len(summary["ablations"][0]["validation"]),
+        ]
+        for r in summary["ablations"]:
+            changes = (
+                ", ".join(f"{k}={v}" for k, v in r["changes"].items())
+                or "the product's defaults"
+            )
+            curve = " | ".join(_pct(e["accuracy"]) for e in r["validation"])
+            lines.append(f"| {r['ablation']} | {changes} | {curve} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -499,14 +653,21 @@ def plot(out: Path, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     colours = dict(
-        zip(METHODS, ("tab:blue", "tab:cyan", "tab:orange", "tab:green", "tab:olive", "tab:red"), strict=True)
+        zip(
+            METHODS,
+            ("tab:blue", "tab:cyan", "tab:orange", "tab:green", "tab:olive", "tab:red"),
+            strict=True,
+        )
     )
     fig, axes = plt.subplots(1, len(TASKS), figsize=(12, 4.5), sharey=True)
     for ax, (task, spec) in zip(axes, TASKS.items(), strict=True):
         for method in METHODS:
             curves = [
                 r["validation"]
-                for r in (read_result(out, f"{task}-{method}-prefix-s{s}") for s in PREFIX_SEEDS)
+                for r in (
+                    read_result(out, f"{task}-{method}-prefix-s{s}")
+                    for s in PREFIX_SEEDS
+                )
                 if r
             ]
             if not curves:
@@ -515,7 +676,13 @@ def plot(out: Path, path: Path) -> None:
             accuracy = [[c[i]["accuracy"] for c in curves] for i in range(len(steps))]
             mean = [100 * statistics.mean(a) for a in accuracy]
             sd = [100 * (statistics.stdev(a) if len(a) > 1 else 0.0) for a in accuracy]
-            ax.plot(steps, mean, marker="o", color=colours[method], label=f"{method} ({len(curves)} seeds)")
+            ax.plot(
+                steps,
+                mean,
+                marker="o",
+                color=colours[method],
+                label=f"{method} ({len(curves)} seeds)",
+            )
             ax.fill_between(
                 steps,
                 [m - s for m, s in zip(mean, sd, strict=True)],
@@ -539,7 +706,9 @@ def _native_bf16() -> bool:
 
 
 def _configure_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout, force=True)
+    logging.basicConfig(
+        level=logging.INFO, format="%(message)s", stream=sys.stdout, force=True
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -548,11 +717,20 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks/learning"))
-    parser.add_argument("--jobs", type=int, default=2, help="runs at a time (one core each)")
-    parser.add_argument("--phase", choices=("sweep", "runs", "report", "all"), default="all")
+    parser.add_argument(
+        "--jobs", type=int, default=2, help="runs at a time (one core each)"
+    )
+    parser.add_argument(
+        "--phase",
+        choices=("sweep", "runs", "ablations", "report", "all"),
+        default="all",
+    )
     parser.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS))
     parser.add_argument(
-        "--dtype", choices=DTYPES, default="bfloat16", help="base weights' dtype of every run"
+        "--dtype",
+        choices=DTYPES,
+        default="bfloat16",
+        help="base weights' dtype of every run",
     )
     args = parser.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -561,28 +739,55 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = sys.argv[1:] if argv is None else argv
     out = args.out / args.dtype
-    origin = provenance(shlex.join(["python", "-m", "benchmarks.learning", *argv]), args.out)
+    origin = provenance(
+        shlex.join(["python", "-m", "benchmarks.learning", *argv]), args.out
+    )
     resolve_model_dir(MODEL)  # convert once, before the runs start
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if args.dtype == "bfloat16" and not _native_bf16():
-        log.warning("this CPU has no native bf16 (AMX or AVX512-BF16): bfloat16 runs are emulated and slow")
+        log.warning(
+            "this CPU has no native bf16 (AMX or AVX512-BF16): bfloat16 runs are emulated and slow"
+        )
     if args.phase in ("sweep", "all"):
         run_all([("run", r) for r in sweep_plan(args.dtype)], out, args.jobs)
     rates = chosen_rates(out)
     log.info("learning rates chosen on validation: %s", rates)
     if args.phase in ("runs", "all"):
         base = [
-            ("base", (task, adapter, args.dtype)) for task in args.tasks for adapter in ("lora", "prefix")
+            ("base", (task, adapter, args.dtype))
+            for task in args.tasks
+            for adapter in ("lora", "prefix")
         ]
-        runs = [("run", r) for r in main_plan(rates, args.dtype) if r["task"] in args.tasks]
+        runs = [
+            ("run", r) for r in main_plan(rates, args.dtype) if r["task"] in args.tasks
+        ]
+        ablations = (
+            [("run", r) for r in ablation_plan(rates, args.dtype)]
+            if "B" in args.tasks
+            else []
+        )
+        if (
+            args.phase == "all"
+        ):  # seed 0 of every method, then the ablations, then the other seeds
+            first = [job for job in runs if job[1]["seed"] == PREFIX_SEEDS[0]]
+            runs = (
+                first
+                + ablations
+                + [job for job in runs if job[1]["seed"] != PREFIX_SEEDS[0]]
+            )
         run_all(base + runs, out, args.jobs)
+    if args.phase == "ablations":
+        run_all([("run", r) for r in ablation_plan(rates, args.dtype)], out, args.jobs)
     summary = summarise(out, rates)
     report = {
         **origin,
         "settings": {
             "tasks": TASKS,
             "sizes": SIZES,
-            "sweep": {f"{a}/{f}": {"methods": m, "rates": r} for (a, f), (m, r) in SWEEP.items()},
+            "sweep": {
+                f"{a}/{f}": {"methods": m, "rates": r}
+                for (a, f), (m, r) in SWEEP.items()
+            },
             "sweep_steps": SWEEP_STEPS,
             "eval_every": EVAL_EVERY,
             "prompts_per_step": PROMPTS_PER_STEP,
