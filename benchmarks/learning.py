@@ -17,7 +17,10 @@ unordered pairs, training prompts in one phrasing and validation and test prompt
 3. ablations: prefix_rft with the prefix adapter on task B's validation split, one seed, one
    setting changed at a time (hybrid rollouts per group, entropy keep fraction, the prefix
    schedule's length, the learning rate): what the product default leaves on the table where the
-   base model solves almost nothing. They run after seed 0 of the main runs.
+   base model solves almost nothing.
+With --phase all the runs go in the order of what they answer: the product default (the prefix
+adapter) on seed 0, the ablations, its other seeds, then LoRA; a study cut short answers the main
+question first.
 4. report: test accuracy of each run's checkpoint chosen on validation (never the test peak),
    mean and sd over seeds, the base model's test accuracy, table.md, curves.png, study.json.
 
@@ -111,9 +114,7 @@ def write_task_data(task: str, directory: Path) -> dict[str, Path]:
     )
 
     directory.mkdir(parents=True, exist_ok=True)
-    files = {
-        name: directory / f"{name}.jsonl" for name in ("train", "validation", "test")
-    }
+    files = {name: directory / f"{name}.jsonl" for name in ("train", "validation", "test")}
     if all(f.is_file() for f in files.values()):
         return files
     validation, test, train = unordered_pair_splits(
@@ -124,10 +125,7 @@ def write_task_data(task: str, directory: Path) -> dict[str, Path]:
     write_jsonl(files["train"], [addition_example(a, b) for a, b in train])
     write_jsonl(
         files["validation"],
-        [
-            addition_example(a, b, i % len(PHRASINGS))
-            for i, (a, b) in enumerate(validation)
-        ],
+        [addition_example(a, b, i % len(PHRASINGS)) for i, (a, b) in enumerate(validation)],
     )
     write_jsonl(
         files["test"],
@@ -161,9 +159,7 @@ def sweep_plan(dtype: str) -> list[dict[str, Any]]:
     return runs
 
 
-def ablation_plan(
-    rates: dict[tuple[str, str], float], dtype: str
-) -> list[dict[str, Any]]:
+def ablation_plan(rates: dict[tuple[str, str], float], dtype: str) -> list[dict[str, Any]]:
     return [
         {
             "key": f"ablation-B-prefix_rft-prefix-{name}",
@@ -193,14 +189,10 @@ def chosen_rates(out: Path) -> dict[tuple[str, str], float]:
             for method in methods:
                 result = read_result(out, f"sweep-A-{method}-{adapter}-lr{lr:g}")
                 if result is None:
-                    raise RuntimeError(
-                        f"the sweep is not finished: no result for {method} {adapter} {lr:g}"
-                    )
+                    raise RuntimeError(f"the sweep is not finished: no result for {method} {adapter} {lr:g}")
                 finals.append(result["validation"][-1]["accuracy"])
             score[lr] = statistics.mean(finals)
-        chosen[(adapter, family)] = max(
-            rates, key=lambda lr: (score[lr], -rates.index(lr))
-        )
+        chosen[(adapter, family)] = max(rates, key=lambda lr: (score[lr], -rates.index(lr)))
     return chosen
 
 
@@ -212,11 +204,7 @@ def main_plan(rates: dict[tuple[str, str], float], dtype: str) -> list[dict[str,
                 for method in METHODS:
                     supervised = rates[(adapter, "supervised")]
                     reinforcement = rates[(adapter, "reinforcement")]
-                    lr = (
-                        supervised
-                        if method in TWO_PHASE
-                        else rates[(adapter, FAMILY[method])]
-                    )
+                    lr = supervised if method in TWO_PHASE else rates[(adapter, FAMILY[method])]
                     runs.append(
                         {
                             "key": f"{task}-{method}-{adapter}-s{seed}",
@@ -254,11 +242,7 @@ def run_config(
             "method": run["method"],
             "adapter": {"type": run["adapter"]},
             "data": {"train": str(files["train"]), "eval": str(eval_path)},
-            "reward": {
-                "graders": [
-                    {"type": "numeric", "name": "correct", "extract": "last_number"}
-                ]
-            },
+            "reward": {"graders": [{"type": "numeric", "name": "correct", "extract": "last_number"}]},
             "training": {
                 "steps": run["steps"],
                 "prompts_per_step": PROMPTS_PER_STEP,
@@ -299,9 +283,7 @@ def execute(run: dict[str, Any], out: Path) -> dict[str, Any]:
     config = run_config(run, files, work)
     run_dir = Path(config.output_dir)
     cpu_file = run_dir / "cpu_seconds.json"
-    cpu_before = (
-        json.loads(cpu_file.read_text())["train"] if cpu_file.is_file() else 0.0
-    )
+    cpu_before = json.loads(cpu_file.read_text())["train"] if cpu_file.is_file() else 0.0
     started_cpu, started = time.process_time(), time.perf_counter()
     resume = latest_checkpoint(run_dir)
     trainer = Trainer(config)
@@ -311,17 +293,10 @@ def execute(run: dict[str, Any], out: Path) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     cpu_file.write_text(json.dumps({"train": train_cpu}))
     by_step = {  # a run resumed after its last step evaluates that step again: keep one
-        e["step"]: e["accuracy"]
-        for e in map(json.loads, (run_dir / "eval.jsonl").read_text().splitlines())
+        e["step"]: e["accuracy"] for e in map(json.loads, (run_dir / "eval.jsonl").read_text().splitlines())
     }
-    validation = [
-        {"step": step, "accuracy": accuracy}
-        for step, accuracy in sorted(by_step.items())
-    ]
-    steps = [
-        json.loads(line)
-        for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-    ]
+    validation = [{"step": step, "accuracy": accuracy} for step, accuracy in sorted(by_step.items())]
+    steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     rft_steps = sum(1 for m in steps if m["phase"] == "rft")
     report: dict[str, Any] = {
         **run,
@@ -345,9 +320,7 @@ def execute(run: dict[str, Any], out: Path) -> dict[str, Any]:
         report["test_cpu_minutes"] = (time.process_time() - test_started) / 60
     report["wall_minutes_this_process"] = (time.perf_counter() - started) / 60
     write_result(out, run["key"], report)
-    log.info(
-        "[%s] done: validation %s", run["key"], [e["accuracy"] for e in validation]
-    )
+    log.info("[%s] done: validation %s", run["key"], [e["accuracy"] for e in validation])
     return report
 
 
@@ -508,8 +481,7 @@ def summarise(out: Path, rates: dict[tuple[str, str], float]) -> dict[str, Any]:
                         "training_sequences": results[0]["training_sequences"],
                         "rollouts": results[0]["rollouts"],
                         "cpu_minutes": statistics.mean(
-                            r["train_cpu_minutes"] + r["test_cpu_minutes"]
-                            for r in results
+                            r["train_cpu_minutes"] + r["test_cpu_minutes"] for r in results
                         ),
                     }
                 )
@@ -530,16 +502,10 @@ def summarise(out: Path, rates: dict[tuple[str, str], float]) -> dict[str, Any]:
     }
 
 
-def ablation_rows(
-    out: Path, rates: dict[tuple[str, str], float]
-) -> list[dict[str, Any]]:
+def ablation_rows(out: Path, rates: dict[tuple[str, str], float]) -> list[dict[str, Any]]:
     """Task B's validation curve of prefix_rft (prefix adapter, seed 0) as is, and per ablation."""
     default = read_result(out, "B-prefix_rft-prefix-s0")
-    rows = (
-        [{"ablation": "default", "changes": {}, "validation": default["validation"]}]
-        if default
-        else []
-    )
+    rows = [{"ablation": "default", "changes": {}, "validation": default["validation"]}] if default else []
     for run in ablation_plan(rates, "-"):
         result = read_result(out, run["key"])
         if result is not None:
@@ -559,20 +525,14 @@ def sweep_rows(out: Path, rates: dict[tuple[str, str], float]) -> list[dict[str,
     rows = []
     for (adapter, family), (methods, tried) in SWEEP.items():
         for method in methods:
-            results = {
-                lr: read_result(out, f"sweep-A-{method}-{adapter}-lr{lr:g}")
-                for lr in tried
-            }
+            results = {lr: read_result(out, f"sweep-A-{method}-{adapter}-lr{lr:g}") for lr in tried}
             rows.append(
                 {
                     "adapter": adapter,
                     "family": family,
                     "method": method,
                     "start": results[tried[0]]["validation"][0]["accuracy"],
-                    "final": {
-                        f"{lr:g}": r["validation"][-1]["accuracy"]
-                        for lr, r in results.items()
-                    },
+                    "final": {f"{lr:g}": r["validation"][-1]["accuracy"] for lr, r in results.items()},
                     "chosen": rates[(adapter, family)],
                     "commits": sorted({r["commit"][:7] for r in results.values()}),
                 }
@@ -588,9 +548,7 @@ def table(summary: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for r in summary["sweep"]:
-        tried = ", ".join(
-            f"{lr}: {_pct(accuracy)}" for lr, accuracy in r["final"].items()
-        )
+        tried = ", ".join(f"{lr}: {_pct(accuracy)}" for lr, accuracy in r["final"].items())
         lines.append(
             f"| {r['adapter']} | {r['family']} | {r['method']} | {_pct(r['start'])} | {tried} | "
             f"{r['chosen']:g} | {', '.join(r['commits'])} |"
@@ -608,11 +566,7 @@ def table(summary: dict[str, Any]) -> str:
         ]
         for r in (r for r in summary["rows"] if r["task"] == task):
             lr = f"{r['lr']:g}" + (f" / {r['rft_lr']:g}" if r["rft_lr"] else "")
-            gain = (
-                f"{100 * r['gain_over_base']:+.1f}"
-                if r["gain_over_base"] is not None
-                else "-"
-            )
+            gain = f"{100 * r['gain_over_base']:+.1f}" if r["gain_over_base"] is not None else "-"
             lines.append(
                 f"| {r['method']} | {r['adapter']} | {len(r['seeds'])} | {lr} | "
                 f"{100 * r['test_mean']:.1f}% ± {100 * r['test_sd']:.1f} | {gain} | "
@@ -625,17 +579,12 @@ def table(summary: dict[str, Any]) -> str:
             "### Ablations: prefix_rft, prefix adapter, task B, seed 0, validation accuracy",
             "",
             "| setting | changes | "
-            + " | ".join(
-                f"step {e['step']}" for e in summary["ablations"][0]["validation"]
-            )
+            + " | ".join(f"step {e['step']}" for e in summary["ablations"][0]["validation"])
             + " |",
             "|---|---|" + "---|" * len(summary["ablations"][0]["validation"]),
         ]
         for r in summary["ablations"]:
-            changes = (
-                ", ".join(f"{k}={v}" for k, v in r["changes"].items())
-                or "the product's defaults"
-            )
+            changes = ", ".join(f"{k}={v}" for k, v in r["changes"].items()) or "the product's defaults"
             curve = " | ".join(_pct(e["accuracy"]) for e in r["validation"])
             lines.append(f"| {r['ablation']} | {changes} | {curve} |")
         lines.append("")
@@ -664,10 +613,7 @@ def plot(out: Path, path: Path) -> None:
         for method in METHODS:
             curves = [
                 r["validation"]
-                for r in (
-                    read_result(out, f"{task}-{method}-prefix-s{s}")
-                    for s in PREFIX_SEEDS
-                )
+                for r in (read_result(out, f"{task}-{method}-prefix-s{s}") for s in PREFIX_SEEDS)
                 if r
             ]
             if not curves:
@@ -706,9 +652,7 @@ def _native_bf16() -> bool:
 
 
 def _configure_logging() -> None:
-    logging.basicConfig(
-        level=logging.INFO, format="%(message)s", stream=sys.stdout, force=True
-    )
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout, force=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -717,9 +661,7 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks/learning"))
-    parser.add_argument(
-        "--jobs", type=int, default=2, help="runs at a time (one core each)"
-    )
+    parser.add_argument("--jobs", type=int, default=2, help="runs at a time (one core each)")
     parser.add_argument(
         "--phase",
         choices=("sweep", "runs", "ablations", "report", "all"),
@@ -739,42 +681,28 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = sys.argv[1:] if argv is None else argv
     out = args.out / args.dtype
-    origin = provenance(
-        shlex.join(["python", "-m", "benchmarks.learning", *argv]), args.out
-    )
+    origin = provenance(shlex.join(["python", "-m", "benchmarks.learning", *argv]), args.out)
     resolve_model_dir(MODEL)  # convert once, before the runs start
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if args.dtype == "bfloat16" and not _native_bf16():
-        log.warning(
-            "this CPU has no native bf16 (AMX or AVX512-BF16): bfloat16 runs are emulated and slow"
-        )
+        log.warning("this CPU has no native bf16 (AMX or AVX512-BF16): bfloat16 runs are emulated and slow")
     if args.phase in ("sweep", "all"):
         run_all([("run", r) for r in sweep_plan(args.dtype)], out, args.jobs)
     rates = chosen_rates(out)
     log.info("learning rates chosen on validation: %s", rates)
     if args.phase in ("runs", "all"):
         base = [
-            ("base", (task, adapter, args.dtype))
-            for task in args.tasks
-            for adapter in ("lora", "prefix")
+            ("base", (task, adapter, args.dtype)) for task in args.tasks for adapter in ("lora", "prefix")
         ]
-        runs = [
-            ("run", r) for r in main_plan(rates, args.dtype) if r["task"] in args.tasks
-        ]
-        ablations = (
-            [("run", r) for r in ablation_plan(rates, args.dtype)]
-            if "B" in args.tasks
-            else []
-        )
-        if (
-            args.phase == "all"
-        ):  # seed 0 of every method, then the ablations, then the other seeds
-            first = [job for job in runs if job[1]["seed"] == PREFIX_SEEDS[0]]
-            runs = (
-                first
-                + ablations
-                + [job for job in runs if job[1]["seed"] != PREFIX_SEEDS[0]]
-            )
+        runs = [("run", r) for r in main_plan(rates, args.dtype) if r["task"] in args.tasks]
+        ablations = [("run", r) for r in ablation_plan(rates, args.dtype)] if "B" in args.tasks else []
+        if args.phase == "all":
+            first = [
+                job for job in runs if job[1]["adapter"] == "prefix" and job[1]["seed"] == PREFIX_SEEDS[0]
+            ]
+            others = [job for job in runs if job[1]["adapter"] == "prefix" and job not in first]
+            lora = [job for job in runs if job[1]["adapter"] == "lora"]
+            runs = first + ablations + others + lora
         run_all(base + runs, out, args.jobs)
     if args.phase == "ablations":
         run_all([("run", r) for r in ablation_plan(rates, args.dtype)], out, args.jobs)
@@ -784,10 +712,7 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {
             "tasks": TASKS,
             "sizes": SIZES,
-            "sweep": {
-                f"{a}/{f}": {"methods": m, "rates": r}
-                for (a, f), (m, r) in SWEEP.items()
-            },
+            "sweep": {f"{a}/{f}": {"methods": m, "rates": r} for (a, f), (m, r) in SWEEP.items()},
             "sweep_steps": SWEEP_STEPS,
             "eval_every": EVAL_EVERY,
             "prompts_per_step": PROMPTS_PER_STEP,
