@@ -14,10 +14,10 @@ unordered pairs, training prompts in one phrasing and validation and test prompt
    latter chosen on the mean of rft and prefix_rft.
 2. runs: every method on both tasks, the prefix adapter (the product default) on three seeds and
    LoRA on one, with the same number of training sequences per run, validated every 10 steps.
-3. ablations: prefix_rft with the prefix adapter on task B's validation split, one seed, one
-   setting changed at a time (hybrid rollouts per group, entropy keep fraction, the prefix
-   schedule's length, the learning rate): what the product default leaves on the table where the
-   base model solves almost nothing.
+3. ablations, one seed, validation only, one setting changed at a time: prefix_rft with the
+   prefix adapter on task B (hybrid rollouts per group, entropy keep fraction, the prefix
+   schedule's length, the learning rate), where the base model solves almost nothing; and psft
+   without its clip on both tasks (it takes 8 optimizer steps per batch where sft takes one).
 With --phase all the runs go in the order of what they answer: the product default (the prefix
 adapter) on seed 0, the ablations, its other seeds, then LoRA; a study cut short answers the main
 question first.
@@ -91,12 +91,15 @@ SWEEP_STEPS = 10
 EVAL_EVERY = 10
 PROMPTS_PER_STEP, ROLLOUTS_PER_PROMPT = 4, 8
 PREFIX_SEEDS, LORA_SEEDS = (0, 1, 2), (0,)
-ABLATIONS = {  # name -> the training settings it changes from prefix_rft's defaults (task B)
-    "hybrids-2": {"hybrid_rollouts_per_prompt": 2},
-    "hybrids-4": {"hybrid_rollouts_per_prompt": 4},
-    "keep-every-prefix-token": {"entropy_keep_fraction": 1.0},
-    "prefix-decay-10-steps": {"demo_prefix_decay_steps": 10},
-    "lr-3e-2": {"learning_rate": 3e-2},
+ABLATIONS = {  # (task, method, name) -> the training settings changed from the method's defaults
+    ("B", "prefix_rft", "hybrids-2"): {"hybrid_rollouts_per_prompt": 2},
+    ("B", "prefix_rft", "hybrids-4"): {"hybrid_rollouts_per_prompt": 4},
+    ("B", "prefix_rft", "keep-every-prefix-token"): {"entropy_keep_fraction": 1.0},
+    ("B", "prefix_rft", "prefix-decay-10-steps"): {"demo_prefix_decay_steps": 10},
+    ("B", "prefix_rft", "lr-3e-2"): {"learning_rate": 3e-2},
+    # psft takes K=8 optimizer steps per batch where sft takes one: without its clip, is it sft?
+    ("A", "psft", "unclipped"): {"psft_epsilon_high": 1e9},
+    ("B", "psft", "unclipped"): {"psft_epsilon_high": 1e9},
 }
 DTYPES = ("bfloat16", "float32")
 
@@ -162,20 +165,20 @@ def sweep_plan(dtype: str) -> list[dict[str, Any]]:
 def ablation_plan(rates: dict[tuple[str, str], float], dtype: str) -> list[dict[str, Any]]:
     return [
         {
-            "key": f"ablation-B-prefix_rft-prefix-{name}",
-            "task": "B",
-            "method": "prefix_rft",
+            "key": f"ablation-{task}-{method}-prefix-{name}",
+            "task": task,
+            "method": method,
             "adapter": "prefix",
             "seed": 0,
-            "lr": changes.get("learning_rate", rates[("prefix", "reinforcement")]),
+            "lr": changes.get("learning_rate", rates[("prefix", FAMILY[method])]),
             "rft_lr": None,
-            "steps": TASKS["B"]["steps"],
+            "steps": TASKS[task]["steps"],
             "test": False,
             "dtype": dtype,
             "ablation": name,
             "changes": {k: v for k, v in changes.items() if k != "learning_rate"},
         }
-        for name, changes in ABLATIONS.items()
+        for (task, method, name), changes in ABLATIONS.items()
     ]
 
 
@@ -503,21 +506,24 @@ def summarise(out: Path, rates: dict[tuple[str, str], float]) -> dict[str, Any]:
 
 
 def ablation_rows(out: Path, rates: dict[tuple[str, str], float]) -> list[dict[str, Any]]:
-    """Task B's validation curve of prefix_rft (prefix adapter, seed 0) as is, and per ablation."""
-    default = read_result(out, "B-prefix_rft-prefix-s0")
-    rows = [{"ablation": "default", "changes": {}, "validation": default["validation"]}] if default else []
+    """Per ablated method and task: its seed-0 validation curve as is, then each ablation's."""
+    rows = []
     for run in ablation_plan(rates, "-"):
         result = read_result(out, run["key"])
-        if result is not None:
-            changes = {**result["changes"], "learning_rate": result["lr"]}
-            rows.append(
-                {
-                    "ablation": result["ablation"],
-                    "changes": changes,
-                    "validation": result["validation"],
-                }
-            )
+        default = read_result(out, f"{run['task']}-{run['method']}-prefix-s0")
+        if result is None:
+            continue
+        if default and not any(r["key"] == default["key"] for r in rows):
+            rows.append({**_ablation_row(default), "ablation": "default", "changes": {}})
+        rows.append(
+            {**_ablation_row(result), "changes": {**result["changes"], "learning_rate": result["lr"]}}
+        )
     return rows
+
+
+def _ablation_row(result: dict[str, Any]) -> dict[str, Any]:
+    keys = ("key", "task", "method", "ablation", "validation")
+    return {k: result.get(k) for k in keys}
 
 
 def sweep_rows(out: Path, rates: dict[tuple[str, str], float]) -> list[dict[str, Any]]:
@@ -576,17 +582,17 @@ def table(summary: dict[str, Any]) -> str:
         lines.append("")
     if summary["ablations"]:
         lines += [
-            "### Ablations: prefix_rft, prefix adapter, task B, seed 0, validation accuracy",
+            "### Ablations: prefix adapter, seed 0, validation accuracy",
             "",
-            "| setting | changes | "
+            "| task | method | setting | changes | "
             + " | ".join(f"step {e['step']}" for e in summary["ablations"][0]["validation"])
             + " |",
-            "|---|---|" + "---|" * len(summary["ablations"][0]["validation"]),
+            "|---|---|---|---|" + "---|" * len(summary["ablations"][0]["validation"]),
         ]
         for r in summary["ablations"]:
             changes = ", ".join(f"{k}={v}" for k, v in r["changes"].items()) or "the product's defaults"
             curve = " | ".join(_pct(e["accuracy"]) for e in r["validation"])
-            lines.append(f"| {r['ablation']} | {changes} | {curve} |")
+            lines.append(f"| {r['task']} | {r['method']} | {r['ablation']} | {changes} | {curve} |")
         lines.append("")
     return "\n".join(lines)
 
