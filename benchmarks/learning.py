@@ -306,6 +306,7 @@ def execute(run: dict[str, Any], out: Path) -> dict[str, Any]:
         **origin,
         "validation": validation,
         "final_train_metrics": steps[-1],
+        "train_metrics": steps,  # every step's, to read a run's course without its work folder
         "training_sequences": run["steps"] * PROMPTS_PER_STEP * ROLLOUTS_PER_PROMPT,
         "rollouts": rft_steps * PROMPTS_PER_STEP * ROLLOUTS_PER_PROMPT,
         "train_cpu_minutes": train_cpu / 60,
