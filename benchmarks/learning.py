@@ -68,24 +68,10 @@ SWEEP = {  # (adapter, family) -> (methods it is chosen on, learning rates tried
 # 20 steps: a step of 32 sequences costs about a CPU-minute on one core (measured in the sweep),
 # so a run stays within 30 CPU-minutes with its evaluations.
 TASKS = {  # name -> digits, steps, max completion tokens
-    "A": {
-        "digits": 2,
-        "steps": 20,
-        "max_completion_tokens": 64,
-        "title": "two-digit addition",
-    },
-    "B": {
-        "digits": 3,
-        "steps": 20,
-        "max_completion_tokens": 96,
-        "title": "three-digit addition",
-    },
+    "A": {"digits": 2, "steps": 20, "max_completion_tokens": 64, "title": "two-digit addition"},
+    "B": {"digits": 3, "steps": 20, "max_completion_tokens": 96, "title": "three-digit addition"},
 }
-SIZES = {
-    "train": 2000,
-    "validation": 100,
-    "test": 100,
-}  # problems; the split is drawn with these
+SIZES = {"train": 2000, "validation": 100, "test": 100}  # problems; the split is drawn with these
 TEST_PROBLEMS = 50  # of the test split, each in all four phrasings: 200 prompts per run
 SWEEP_STEPS = 10
 EVAL_EVERY = 10
@@ -109,31 +95,21 @@ DTYPES = ("bfloat16", "float32")
 
 def write_task_data(task: str, directory: Path) -> dict[str, Path]:
     """train.jsonl (phrasing 0), validation.jsonl (phrasings in turn), test.jsonl (every phrasing)."""
-    from examples.addition.make_data import (
-        PHRASINGS,
-        addition_example,
-        unordered_pair_splits,
-        write_jsonl,
-    )
+    from examples.addition.make_data import PHRASINGS, addition_example, unordered_pair_splits, write_jsonl
 
     directory.mkdir(parents=True, exist_ok=True)
     files = {name: directory / f"{name}.jsonl" for name in ("train", "validation", "test")}
     if all(f.is_file() for f in files.values()):
         return files
     validation, test, train = unordered_pair_splits(
-        TASKS[task]["digits"],
-        (SIZES["validation"], SIZES["test"], SIZES["train"]),
-        seed=0,
+        TASKS[task]["digits"], (SIZES["validation"], SIZES["test"], SIZES["train"]), seed=0
     )
     write_jsonl(files["train"], [addition_example(a, b) for a, b in train])
     write_jsonl(
         files["validation"],
         [addition_example(a, b, i % len(PHRASINGS)) for i, (a, b) in enumerate(validation)],
     )
-    write_jsonl(
-        files["test"],
-        [addition_example(a, b, p) for a, b in test for p in range(len(PHRASINGS))],
-    )
+    write_jsonl(files["test"], [addition_example(a, b, p) for a, b in test for p in range(len(PHRASINGS))])
     return files
 
 
@@ -229,12 +205,7 @@ def main_plan(rates: dict[tuple[str, str], float], dtype: str) -> list[dict[str,
 # ----- one run -----------------------------------------------------------------------------------
 
 
-def run_config(
-    run: dict[str, Any],
-    files: dict[str, Path],
-    work: Path,
-    eval_file: Path | None = None,
-):
+def run_config(run: dict[str, Any], files: dict[str, Path], work: Path, eval_file: Path | None = None):
     from core.config import parse_config
 
     task = TASKS[run["task"]]
@@ -258,10 +229,7 @@ def run_config(
                 "dtype": run["dtype"],
             },
             # The test file lists each problem in its four phrasings, one after the other.
-            "eval": {
-                "every": EVAL_EVERY,
-                "max_examples": 4 * TEST_PROBLEMS if eval_file else 10_000,
-            },
+            "eval": {"every": EVAL_EVERY, "max_examples": 4 * TEST_PROBLEMS if eval_file else 10_000},
             "checkpoint": {"every": EVAL_EVERY, "keep": run["steps"] // EVAL_EVERY + 1},
             "seed": run["seed"],
             "output_dir": str(work / run["key"]),
@@ -332,10 +300,7 @@ def provenance_of_run(run: dict[str, Any]) -> dict[str, Any]:
     """Commit, uncommitted paths, date and machine, for one run's result file."""
     from benchmarks.provenance import provenance
 
-    return provenance(
-        f"python -m benchmarks.learning (run {run['key']})",
-        Path("docs/benchmarks/learning"),
-    )
+    return provenance(f"python -m benchmarks.learning (run {run['key']})", Path("docs/benchmarks/learning"))
 
 
 def test_summary(completions: list[dict[str, Any]], test_file: Path) -> dict[str, Any]:
@@ -508,13 +473,15 @@ def summarise(out: Path, rates: dict[tuple[str, str], float]) -> dict[str, Any]:
 
 def ablation_rows(out: Path, rates: dict[tuple[str, str], float]) -> list[dict[str, Any]]:
     """Per ablated method and task: its seed-0 validation curve as is, then each ablation's."""
-    rows = []
+    rows, defaults_shown = [], set()
     for run in ablation_plan(rates, "-"):
         result = read_result(out, run["key"])
-        default = read_result(out, f"{run['task']}-{run['method']}-prefix-s0")
         if result is None:
             continue
-        if default and not any(r["key"] == default["key"] for r in rows):
+        default_key = f"{run['task']}-{run['method']}-prefix-s0"
+        default = read_result(out, default_key) if default_key not in defaults_shown else None
+        if default:
+            defaults_shown.add(default_key)
             rows.append({**_ablation_row(default), "ablation": "default", "changes": {}})
         rows.append(
             {**_ablation_row(result), "changes": {**result["changes"], "learning_rate": result["lr"]}}
@@ -609,11 +576,7 @@ def plot(out: Path, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     colours = dict(
-        zip(
-            METHODS,
-            ("tab:blue", "tab:cyan", "tab:orange", "tab:green", "tab:olive", "tab:red"),
-            strict=True,
-        )
+        zip(METHODS, ("tab:blue", "tab:cyan", "tab:orange", "tab:green", "tab:olive", "tab:red"), strict=True)
     )
     fig, axes = plt.subplots(1, len(TASKS), figsize=(12, 4.5), sharey=True)
     for ax, (task, spec) in zip(axes, TASKS.items(), strict=True):
@@ -629,13 +592,7 @@ def plot(out: Path, path: Path) -> None:
             accuracy = [[c[i]["accuracy"] for c in curves] for i in range(len(steps))]
             mean = [100 * statistics.mean(a) for a in accuracy]
             sd = [100 * (statistics.stdev(a) if len(a) > 1 else 0.0) for a in accuracy]
-            ax.plot(
-                steps,
-                mean,
-                marker="o",
-                color=colours[method],
-                label=f"{method} ({len(curves)} seeds)",
-            )
+            ax.plot(steps, mean, marker="o", color=colours[method], label=f"{method} ({len(curves)} seeds)")
             ax.fill_between(
                 steps,
                 [m - s for m, s in zip(mean, sd, strict=True)],
@@ -669,17 +626,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks/learning"))
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (one core each)")
-    parser.add_argument(
-        "--phase",
-        choices=("sweep", "runs", "ablations", "report", "all"),
-        default="all",
-    )
+    parser.add_argument("--phase", choices=("sweep", "runs", "ablations", "report", "all"), default="all")
     parser.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS))
     parser.add_argument(
-        "--dtype",
-        choices=DTYPES,
-        default="bfloat16",
-        help="base weights' dtype of every run",
+        "--dtype", choices=DTYPES, default="bfloat16", help="base weights' dtype of every run"
     )
     args = parser.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
