@@ -140,7 +140,10 @@ def test_two_ranks_train_a_job_and_sigterm_stops_them_at_a_checkpoint_to_resume(
     checkpoints, the job goes back to the queue, and the next attempt resumes from there."""
     two = dataclasses.replace(services, settings=services.settings.model_copy(update={"train_processes": 2}))
     file_id = api.upload(addition_lines()).json()["id"]
-    job_id = api.http.post(JOBS, json=job_body(file_id, steps=5, checkpoint_every=100)).json()["id"]
+    # Enough steps that the stop (polled every 0.1 s here and 0.2 s by the runner) lands before the
+    # last one on a fast machine too: 5 once ran to the end first.
+    steps = 30
+    job_id = api.http.post(JOBS, json=job_body(file_id, steps=steps, checkpoint_every=100)).json()["id"]
 
     def terminate_after_the_first_step() -> None:
         deadline = time.monotonic() + 120
@@ -157,17 +160,17 @@ def test_two_ranks_train_a_job_and_sigterm_stops_them_at_a_checkpoint_to_resume(
         shutdown.requested.clear()
     job = api.http.get(f"{JOBS}/{job_id}").json()
     stopped_at = job["step"]
-    assert job["status"] == "queued" and 1 <= stopped_at < 5, events(api, job_id)
+    assert job["status"] == "queued" and 1 <= stopped_at < steps, events(api, job_id)
     released = f"released for another worker: worker shutting down; checkpoint at step {stopped_at}"
     assert released in events(api, job_id)
 
     run_job(job_id, two)
     job = api.http.get(f"{JOBS}/{job_id}").json()
-    assert (job["status"], job["step"], attempt_of(api, job_id)) == ("succeeded", 5, 2)
+    assert (job["status"], job["step"], attempt_of(api, job_id)) == ("succeeded", steps, 2)
     assert f"resuming from the checkpoint of step {stopped_at}" in events(api, job_id)
     metrics = api.http.get(f"{JOBS}/{job_id}/metrics", params={"kind": "train"}).json()["data"]
-    assert [m["step"] for m in metrics] == list(range(1, 6))  # once each: only rank 0 reports
+    assert [m["step"] for m in metrics] == list(range(1, steps + 1))  # once each: only rank 0 reports
     checkpoints = api.http.get(f"{JOBS}/{job_id}/checkpoints").json()["data"]
     assert [c["step_number"] for c in checkpoints] == [stopped_at]  # every 100 steps, and the stop
     assert api.http.get(f"{JOBS}/{job_id}/adapter").status_code == 200
-    assert any(e.startswith("succeeded after 5 steps") for e in events(api, job_id))
+    assert any(e.startswith(f"succeeded after {steps} steps") for e in events(api, job_id))
