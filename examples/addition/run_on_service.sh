@@ -20,8 +20,8 @@ job=$(curl -sf -H "$AUTH" -H "Content-Type: application/json" "$API/v1/fine_tuni
   "validation_file": "$heldout",
   "method": {"type": "prefix_rft", "prefix_rft": {
     "grader": {"type": "numeric", "name": "correct", "extract": "last_number"},
-    "hyperparameters": {"steps": 12, "prompts_per_step": 4, "rollouts_per_prompt": 8,
-                        "max_completion_tokens": 64, "eval_interval": 6, "eval_samples": 100}
+    "hyperparameters": {"steps": 20, "prompts_per_step": 4, "rollouts_per_prompt": 8,
+                        "max_completion_tokens": 64, "eval_interval": 10, "eval_samples": 100}
   }},
   "suffix": "addition"
 }
@@ -33,7 +33,7 @@ while true; do
   state=$(curl -sf -H "$AUTH" "$API/v1/fine_tuning/jobs/$job")
   status=$(field "['status']" <<<"$state")
   step=$(field "['step']" <<<"$state")
-  echo "$(date +%T) $status, step $step/12"
+  echo "$(date +%T) $status, step $step/20"
   case "$status" in succeeded|failed|cancelled) break ;; esac
   sleep 15
 done
