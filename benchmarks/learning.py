@@ -452,6 +452,11 @@ def summarise(out: Path, rates: dict[tuple[str, str], float]) -> dict[str, Any]:
                         "cpu_minutes": statistics.mean(
                             r["train_cpu_minutes"] + r["test_cpu_minutes"] for r in results
                         ),
+                        # Seeds may have run on different CPUs: their minutes and rounding differ.
+                        "cpu_minutes_by_seed": [
+                            r["train_cpu_minutes"] + r["test_cpu_minutes"] for r in results
+                        ],
+                        "bf16_matmuls_by_seed": [bf16_matmuls(r) for r in results],
                     }
                 )
     return {
@@ -535,8 +540,8 @@ def table(summary: dict[str, Any]) -> str:
             f"fresh prefix adapter {_pct(base['prefix'])})",
             "",
             "| method | adapter | seeds | lr | test accuracy (mean ± sd) | gain (points) | chosen steps "
-            "| sequences | rollouts | CPU-min/run |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "| sequences | rollouts | CPU-min/run | bf16 matmuls |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in (r for r in summary["rows"] if r["task"] == task):
             lr = f"{r['lr']:g}" + (f" / {r['rft_lr']:g}" if r["rft_lr"] else "")
@@ -545,7 +550,8 @@ def table(summary: dict[str, Any]) -> str:
                 f"| {r['method']} | {r['adapter']} | {len(r['seeds'])} | {lr} | "
                 f"{100 * r['test_mean']:.1f}% ± {100 * r['test_sd']:.1f} | {gain} | "
                 f"{','.join(map(str, r['chosen_steps']))} | {r['training_sequences']} | {r['rollouts']} | "
-                f"{r['cpu_minutes']:.1f} |"
+                f"{', '.join(f'{m:.1f}' for m in r['cpu_minutes_by_seed'])} | "
+                f"{_by_seed(r['seeds'], r['bf16_matmuls_by_seed'])} |"
             )
         lines.append("")
     if summary["ablations"]:
@@ -563,6 +569,23 @@ def table(summary: dict[str, Any]) -> str:
             lines.append(f"| {r['task']} | {r['method']} | {r['ablation']} | {changes} | {curve} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def bf16_matmuls(result: dict[str, Any]) -> str:
+    """Which bf16 matrix units the run's CPU had: AMX tiles, AVX512-BF16 vectors, or neither."""
+    flags = result["machine"].get("native_bf16", [])
+    return "AMX" if "amx_bf16" in flags else "AVX512-BF16" if "avx512_bf16" in flags else "emulated"
+
+
+def _by_seed(seeds: list[int], values: list[str]) -> str:
+    """'s0 AVX512-BF16, s1-2 AMX': runs of seeds that share a value, grouped."""
+    groups: list[tuple[list[int], str]] = []
+    for seed, value in zip(seeds, values, strict=True):
+        if groups and groups[-1][1] == value and groups[-1][0][-1] == seed - 1:
+            groups[-1][0].append(seed)
+        else:
+            groups.append(([seed], value))
+    return ", ".join(f"s{g[0]}" + (f"-{g[-1]}" if len(g) > 1 else "") + f" {value}" for g, value in groups)
 
 
 def _pct(value: float | None) -> str:
