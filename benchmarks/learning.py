@@ -16,8 +16,10 @@ unordered pairs, training prompts in one phrasing and validation and test prompt
    LoRA on one, with the same number of training sequences per run, validated every 10 steps.
 3. ablations, one seed, validation only, one setting changed at a time: prefix_rft with the
    prefix adapter on task B (hybrid rollouts per group, entropy keep fraction, the prefix
-   schedule's length, the learning rate), where the base model solves almost nothing; and psft
-   without its clip on both tasks (it takes 8 optimizer steps per batch where sft takes one).
+   schedule's length, the learning rate, and the ones that helped together), where the base
+   model solves almost nothing; and psft without its clip on both tasks (it takes 8 optimizer
+   steps per batch where sft takes one). Then the setting examples/addition3 ships as its recipe,
+   on every seed, tested.
 With --phase all the runs go in the order of what they answer: the product default (the prefix
 adapter) on seed 0, the ablations, its other seeds, then LoRA; a study cut short answers the main
 question first.
@@ -86,7 +88,16 @@ ABLATIONS = {  # (task, method, name) -> the training settings changed from the 
     # psft takes K=8 optimizer steps per batch where sft takes one: without its clip, is it sft?
     ("A", "psft", "unclipped"): {"psft_epsilon_high": 1e9},
     ("B", "psft", "unclipped"): {"psft_epsilon_high": 1e9},
+    # The settings that helped at step 10 or 20, together.
+    ("B", "prefix_rft", "decay-10-steps-every-token-2-hybrids"): {
+        "demo_prefix_decay_steps": 10,
+        "entropy_keep_fraction": 1.0,
+        "hybrid_rollouts_per_prompt": 2,
+    },
 }
+# The ablation examples/addition3 ships as its recipe, run again on every seed and tested (it was
+# chosen on seed 0's validation split; the test split only reports it).
+RECIPE_ABLATION = ("B", "prefix_rft", "prefix-decay-10-steps")
 DTYPES = ("bfloat16", "float32")
 
 
@@ -139,23 +150,36 @@ def sweep_plan(dtype: str) -> list[dict[str, Any]]:
 
 
 def ablation_plan(rates: dict[tuple[str, str], float], dtype: str) -> list[dict[str, Any]]:
-    return [
-        {
-            "key": f"ablation-{task}-{method}-prefix-{name}",
+    """Every ablation on seed 0, validation only; then the examples' recipe on every seed, tested."""
+
+    def ablation_run(ablation: tuple[str, str, str], seed: int, key: str, test: bool) -> dict[str, Any]:
+        task, method, name = ablation
+        changes = ABLATIONS[ablation]
+        return {
+            "key": key,
             "task": task,
             "method": method,
             "adapter": "prefix",
-            "seed": 0,
+            "seed": seed,
             "lr": changes.get("learning_rate", rates[("prefix", FAMILY[method])]),
             "rft_lr": None,
             "steps": TASKS[task]["steps"],
-            "test": False,
+            "test": test,
             "dtype": dtype,
             "ablation": name,
             "changes": {k: v for k, v in changes.items() if k != "learning_rate"},
         }
-        for (task, method, name), changes in ABLATIONS.items()
+
+    ablations = [
+        ablation_run((task, method, name), 0, f"ablation-{task}-{method}-prefix-{name}", test=False)
+        for task, method, name in ABLATIONS
     ]
+    task, method, name = RECIPE_ABLATION
+    recipe = [
+        ablation_run(RECIPE_ABLATION, seed, f"recipe-{task}-{method}-prefix-{name}-s{seed}", test=True)
+        for seed in PREFIX_SEEDS
+    ]
+    return ablations + recipe
 
 
 def chosen_rates(out: Path) -> dict[tuple[str, str], float]:
@@ -477,13 +501,13 @@ def summarise(out: Path, rates: dict[tuple[str, str], float]) -> dict[str, Any]:
 
 
 def ablation_rows(out: Path, rates: dict[tuple[str, str], float]) -> list[dict[str, Any]]:
-    """Per ablated method and task: its seed-0 validation curve as is, then each ablation's."""
+    """Per ablated method, task and seed: its validation curve as is, then each ablation's."""
     rows, defaults_shown = [], set()
     for run in ablation_plan(rates, "-"):
         result = read_result(out, run["key"])
         if result is None:
             continue
-        default_key = f"{run['task']}-{run['method']}-prefix-s0"
+        default_key = f"{run['task']}-{run['method']}-prefix-s{run['seed']}"
         default = read_result(out, default_key) if default_key not in defaults_shown else None
         if default:
             defaults_shown.add(default_key)
@@ -495,8 +519,12 @@ def ablation_rows(out: Path, rates: dict[tuple[str, str], float]) -> list[dict[s
 
 
 def _ablation_row(result: dict[str, Any]) -> dict[str, Any]:
-    keys = ("key", "task", "method", "ablation", "validation")
-    return {k: result.get(k) for k in keys}
+    keys = ("key", "task", "method", "seed", "ablation", "validation")
+    return {
+        **{k: result.get(k) for k in keys},
+        "test_accuracy": result["test"]["accuracy"] if result.get("test") else None,
+        "bf16_matmuls": bf16_matmuls(result),
+    }
 
 
 def sweep_rows(out: Path, rates: dict[tuple[str, str], float]) -> list[dict[str, Any]]:
@@ -555,18 +583,22 @@ def table(summary: dict[str, Any]) -> str:
             )
         lines.append("")
     if summary["ablations"]:
+        steps = [e["step"] for e in summary["ablations"][0]["validation"]]
         lines += [
-            "### Ablations: prefix adapter, seed 0, validation accuracy",
+            "### Ablations: prefix adapter, validation accuracy (and test, for the examples' recipe)",
             "",
-            "| task | method | setting | changes | "
-            + " | ".join(f"step {e['step']}" for e in summary["ablations"][0]["validation"])
-            + " |",
-            "|---|---|---|---|" + "---|" * len(summary["ablations"][0]["validation"]),
+            "| task | method | seed | setting | changes | "
+            + " | ".join(f"step {step}" for step in steps)
+            + " | test | bf16 matmuls |",
+            "|---|---|---|---|---|" + "---|" * (len(steps) + 2),
         ]
         for r in summary["ablations"]:
             changes = ", ".join(f"{k}={v}" for k, v in r["changes"].items()) or "the product's defaults"
             curve = " | ".join(_pct(e["accuracy"]) for e in r["validation"])
-            lines.append(f"| {r['task']} | {r['method']} | {r['ablation']} | {changes} | {curve} |")
+            lines.append(
+                f"| {r['task']} | {r['method']} | {r['seed']} | {r['ablation']} | {changes} | {curve} | "
+                f"{_pct(r['test_accuracy'])} | {r['bf16_matmuls']} |"
+            )
         lines.append("")
     return "\n".join(lines)
 
