@@ -353,7 +353,7 @@ def base_accuracy(task: str, adapter: str, dtype: str, out: Path) -> dict[str, A
     from core.trainer import Trainer
 
     _quiet_libraries()
-    key = untrained_key(task, adapter)
+    key = untrained_key(task, adapter, local_bf16_matmuls())
     files = write_task_data(task, out / "work" / "data" / task)
     run = {
         "key": key,
@@ -427,12 +427,29 @@ def run_all(jobs: list[tuple], out: Path, parallel: int) -> None:
 
 def _key(job: tuple) -> str:
     kind, payload = job
-    return untrained_key(*payload[:2]) if kind == "base" else payload["key"]
+    return untrained_key(*payload[:2], local_bf16_matmuls()) if kind == "base" else payload["key"]
 
 
-def untrained_key(task: str, adapter: str) -> str:
-    """The result name of a task's test accuracy before training, with that adapter."""
-    return f"{task}-untrained-{adapter}"
+def untrained_key(task: str, adapter: str, matmuls: str) -> str:
+    """The result name of a task's test accuracy before training, with that adapter, on CPUs with
+    those bf16 matmul units: greedy decoding follows their rounding, so each kind has its own."""
+    return f"{task}-untrained-{adapter}-{matmuls}"
+
+
+def base_accuracies(out: Path, task: str, adapter: str) -> dict[str, float]:
+    """Test accuracy before training, per kind of CPU (bf16 matmul units) it was measured on."""
+    results = (
+        read_result(out, path.stem)
+        for path in sorted((out / "runs").glob(f"{task}-untrained-{adapter}-*.json"))
+    )
+    return {bf16_matmuls(r): r["test"]["accuracy"] for r in results}
+
+
+def gain_over_base(results: list[dict[str, Any]], bases: dict[str, float]) -> float | None:
+    """Mean over seeds of test accuracy minus the base model's on the same kind of CPU."""
+    if any(bf16_matmuls(r) not in bases for r in results):
+        return None
+    return statistics.mean(r["test"]["accuracy"] - bases[bf16_matmuls(r)] for r in results)
 
 
 # ----- the report --------------------------------------------------------------------------------
@@ -441,8 +458,7 @@ def untrained_key(task: str, adapter: str) -> str:
 def summarise(out: Path, rates: dict[tuple[str, str], float]) -> dict[str, Any]:
     rows = []
     for task in TASKS:
-        base = read_result(out, untrained_key(task, "lora"))
-        base_test = base["test"]["accuracy"] if base else None
+        bases = base_accuracies(out, task, "lora")  # LoRA starts as the base model exactly
         for adapter in ("prefix", "lora"):
             for method in METHODS:
                 results = [
@@ -467,9 +483,7 @@ def summarise(out: Path, rates: dict[tuple[str, str], float]) -> dict[str, Any]:
                         "test_accuracy": tests,
                         "test_mean": statistics.mean(tests),
                         "test_sd": statistics.stdev(tests) if len(tests) > 1 else 0.0,
-                        "gain_over_base": statistics.mean(tests) - base_test
-                        if base_test is not None
-                        else None,
+                        "gain_over_base": gain_over_base(results, bases),
                         "chosen_steps": [r["chosen_step"] for r in results],
                         "training_sequences": results[0]["training_sequences"],
                         "rollouts": results[0]["rollouts"],
@@ -485,13 +499,8 @@ def summarise(out: Path, rates: dict[tuple[str, str], float]) -> dict[str, Any]:
                 )
     return {
         "learning_rates": {f"{a}/{f}": lr for (a, f), lr in rates.items()},
-        "base_test_accuracy": {
-            task: {
-                adapter: (read_result(out, untrained_key(task, adapter)) or {})
-                .get("test", {})
-                .get("accuracy")
-                for adapter in ("lora", "prefix")
-            }
+        "base_test_accuracy": {  # task -> adapter -> bf16 matmul units -> accuracy
+            task: {adapter: base_accuracies(out, task, adapter) for adapter in ("lora", "prefix")}
             for task in TASKS
         },
         "sweep": sweep_rows(out, rates),
@@ -564,8 +573,9 @@ def table(summary: dict[str, Any]) -> str:
     for task, spec in TASKS.items():
         base = summary["base_test_accuracy"][task]
         lines += [
-            f"### Task {task}: {spec['title']} (base model {_pct(base['lora'])} on test; "
-            f"fresh prefix adapter {_pct(base['prefix'])})",
+            f"### Task {task}: {spec['title']} (base model on test: {_per_cpu(base['lora'])}; "
+            f"fresh prefix adapter: {_per_cpu(base['prefix'])}; gains are over the base model on the "
+            "same kind of CPU)",
             "",
             "| method | adapter | seeds | lr | test accuracy (mean ± sd) | gain (points) | chosen steps "
             "| sequences | rollouts | CPU-min/run | bf16 matmuls |",
@@ -618,6 +628,16 @@ def _by_seed(seeds: list[int], values: list[str]) -> str:
         else:
             groups.append(([seed], value))
     return ", ".join(f"s{g[0]}" + (f"-{g[-1]}" if len(g) > 1 else "") + f" {value}" for g, value in groups)
+
+
+def _per_cpu(accuracies: dict[str, float]) -> str:
+    return ", ".join(f"{_pct(a)} on {matmuls}" for matmuls, a in accuracies.items()) or "-"
+
+
+def local_bf16_matmuls() -> str:
+    from benchmarks.provenance import machine
+
+    return bf16_matmuls({"machine": machine()})
 
 
 def _pct(value: float | None) -> str:
