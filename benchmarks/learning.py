@@ -16,10 +16,10 @@ unordered pairs, training prompts in one phrasing and validation and test prompt
    LoRA on one, with the same number of training sequences per run, validated every 10 steps.
 3. ablations, one seed, validation only, one setting changed at a time: prefix_rft with the
    prefix adapter on task B (hybrid rollouts per group, entropy keep fraction, the prefix
-   schedule's length, the learning rate, and the ones that helped together), where the base
-   model solves almost nothing; and psft without its clip on both tasks (it takes 8 optimizer
-   steps per batch where sft takes one). Then the setting examples/addition3 ships as its recipe,
-   on every seed, tested.
+   schedule's length, the learning rate, the sampling temperature, and the ones that helped
+   together), where the base model solves almost nothing; and psft without its clip on both
+   tasks (it takes 8 optimizer steps per batch where sft takes one). Then the setting
+   examples/addition3 ships as its recipe, on every seed, tested.
 With --phase all the runs go in the order of what they answer: the product default (the prefix
 adapter) on seed 0, the ablations, its other seeds, then LoRA; a study cut short answers the main
 question first.
@@ -88,6 +88,8 @@ ABLATIONS = {  # (task, method, name) -> the training settings changed from the 
     # psft takes K=8 optimizer steps per batch where sft takes one: without its clip, is it sft?
     ("A", "psft", "unclipped"): {"psft_epsilon_high": 1e9},
     ("B", "psft", "unclipped"): {"psft_epsilon_high": 1e9},
+    # Hybrids given 95% of a demonstration often miscopy the sum at temperature 1: sample cooler.
+    ("B", "prefix_rft", "temperature-0.7"): {"temperature": 0.7},
     # The settings that helped at step 10 or 20, together.
     ("B", "prefix_rft", "decay-10-steps-every-token-2-hybrids"): {
         "demo_prefix_decay_steps": 10,
