@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.learning import ABLATIONS, RECIPE_ABLATION, SIZES, chosen_rates, main_plan, run_config
+from benchmarks.learning import ABLATIONS, SIZES, chosen_rates, main_plan, run_config
 from core.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -14,7 +14,7 @@ STUDY = ROOT / "docs/benchmarks/learning/bfloat16"
 # Example -> (the study's task, the settings it changes from prefix_rft's defaults there).
 RECIPES = {
     "addition": ("A", {}),
-    "addition3": ("B", ABLATIONS[RECIPE_ABLATION]),  # the study's recipe for task B
+    "addition3": ("B", ABLATIONS[("B", "prefix_rft", "prefix-decay-10-steps")]),
 }
 NOT_THE_RECIPE = {"dtype", "samples_per_step"}  # how the study runs, not what it trains
 
