@@ -426,14 +426,14 @@ def base_accuracies(out: Path, task: str, adapter: str) -> dict[str, float]:
         read_result(out, path.stem)
         for path in sorted((out / "runs").glob(f"{task}-untrained-{adapter}-*.json"))
     )
-    return {bf16_matmuls(r): r["test"]["accuracy"] for r in results}
+    return {bf16_matmuls(r["machine"]): r["test"]["accuracy"] for r in results}
 
 
 def gain_over_base(results: list[dict[str, Any]], bases: dict[str, float]) -> float | None:
     """Mean over seeds of test accuracy minus the base model's on the same kind of CPU."""
-    if any(bf16_matmuls(r) not in bases for r in results):
+    if any(bf16_matmuls(r["machine"]) not in bases for r in results):
         return None
-    return statistics.mean(r["test"]["accuracy"] - bases[bf16_matmuls(r)] for r in results)
+    return statistics.mean(r["test"]["accuracy"] - bases[bf16_matmuls(r["machine"])] for r in results)
 
 
 # ----- the report --------------------------------------------------------------------------------
@@ -470,14 +470,11 @@ def summarise(out: Path, rates: dict[tuple[str, str], float]) -> dict[str, Any]:
                         "chosen_steps": [r["chosen_step"] for r in results],
                         "training_sequences": results[0]["training_sequences"],
                         "rollouts": results[0]["rollouts"],
-                        "cpu_minutes": statistics.mean(
-                            r["train_cpu_minutes"] + r["test_cpu_minutes"] for r in results
-                        ),
                         # Seeds may have run on different CPUs: their minutes and rounding differ.
                         "cpu_minutes_by_seed": [
                             r["train_cpu_minutes"] + r["test_cpu_minutes"] for r in results
                         ],
-                        "bf16_matmuls_by_seed": [bf16_matmuls(r) for r in results],
+                        "bf16_matmuls_by_seed": [bf16_matmuls(r["machine"]) for r in results],
                     }
                 )
     return {
@@ -493,13 +490,13 @@ def summarise(out: Path, rates: dict[tuple[str, str], float]) -> dict[str, Any]:
 
 
 def ablation_rows(out: Path, rates: dict[tuple[str, str], float]) -> list[dict[str, Any]]:
-    """Per ablated method, task and seed: its validation curve as is, then each ablation's."""
+    """Per ablated method and task: its seed-0 validation curve as is, then each ablation's."""
     rows, defaults_shown = [], set()
     for run in ablation_plan(rates, "-"):
         result = read_result(out, run["key"])
         if result is None:
             continue
-        default_key = f"{run['task']}-{run['method']}-prefix-s{run['seed']}"
+        default_key = f"{run['task']}-{run['method']}-prefix-s0"
         default = read_result(out, default_key) if default_key not in defaults_shown else None
         if default:
             defaults_shown.add(default_key)
@@ -511,11 +508,11 @@ def ablation_rows(out: Path, rates: dict[tuple[str, str], float]) -> list[dict[s
 
 
 def _ablation_row(result: dict[str, Any]) -> dict[str, Any]:
-    keys = ("key", "task", "method", "seed", "ablation", "validation")
+    keys = ("key", "task", "method", "ablation", "validation")
     return {
         **{k: result.get(k) for k in keys},
         "test_accuracy": result["test"]["accuracy"] if result.get("test") else None,
-        "bf16_matmuls": bf16_matmuls(result),
+        "bf16_matmuls": bf16_matmuls(result["machine"]),
     }
 
 
@@ -580,25 +577,26 @@ def table(summary: dict[str, Any]) -> str:
         lines += [
             "### Ablations: prefix adapter, seed 0, validation accuracy (test: the default runs' only)",
             "",
-            "| task | method | seed | setting | changes | "
+            "| task | method | setting | changes | "
             + " | ".join(f"step {step}" for step in steps)
             + " | test | bf16 matmuls |",
-            "|---|---|---|---|---|" + "---|" * (len(steps) + 2),
+            "|---|---|---|---|" + "---|" * (len(steps) + 2),
         ]
         for r in summary["ablations"]:
             changes = ", ".join(f"{k}={v}" for k, v in r["changes"].items()) or "the product's defaults"
             curve = " | ".join(_pct(e["accuracy"]) for e in r["validation"])
             lines.append(
-                f"| {r['task']} | {r['method']} | {r['seed']} | {r['ablation']} | {changes} | {curve} | "
+                f"| {r['task']} | {r['method']} | {r['ablation']} | {changes} | {curve} | "
                 f"{_pct(r['test_accuracy'])} | {r['bf16_matmuls']} |"
             )
         lines.append("")
     return "\n".join(lines)
 
 
-def bf16_matmuls(result: dict[str, Any]) -> str:
-    """Which bf16 matrix units the run's CPU had: AMX tiles, AVX512-BF16 vectors, or neither."""
-    flags = result["machine"].get("native_bf16", [])
+def bf16_matmuls(machine: dict[str, Any]) -> str:
+    """Which bf16 matrix units a CPU (as provenance records it) has: AMX tiles, AVX512-BF16 vectors,
+    or neither."""
+    flags = machine.get("native_bf16", [])
     return "AMX" if "amx_bf16" in flags else "AVX512-BF16" if "avx512_bf16" in flags else "emulated"
 
 
@@ -620,7 +618,7 @@ def _per_cpu(accuracies: dict[str, float]) -> str:
 def local_bf16_matmuls() -> str:
     from benchmarks.provenance import machine
 
-    return bf16_matmuls({"machine": machine()})
+    return bf16_matmuls(machine())
 
 
 def _pct(value: float | None) -> str:
@@ -667,12 +665,6 @@ def plot(out: Path, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def _native_bf16() -> bool:
-    import torch
-
-    return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
-
-
 def _configure_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout, force=True)
 
@@ -699,7 +691,7 @@ def main(argv: list[str] | None = None) -> int:
     origin = provenance(shlex.join(["python", "-m", "benchmarks.learning", *argv]), args.out)
     resolve_model_dir(MODEL)  # convert once, before the runs start
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if args.dtype == "bfloat16" and not _native_bf16():
+    if args.dtype == "bfloat16" and local_bf16_matmuls() == "emulated":
         log.warning("this CPU has no native bf16 (AMX or AVX512-BF16): bfloat16 runs are emulated and slow")
     if args.phase in ("sweep", "all"):
         run_all([("run", r) for r in sweep_plan(args.dtype)], out, args.jobs)

@@ -5,10 +5,10 @@
 Each run is `make example`'s job (`examples/addition/config.yaml`: prefix_rft with a prefix
 adapter on SmolLM2-135M-Instruct, greedy held-out accuracy on 100 problems before, during and
 after training; the committed results ran its 12-step form of the time) with `training.dtype` set
-to float32 or bfloat16 and `seed` set. Only the base weights'
-dtype differs. The seeds change the steps' examples and the sampling, so float32's spread over
-seeds is the band a bfloat16 run is held to. Runs go `--jobs` at a time, the cores split among
-them: wall-clock minutes are not the point here.
+to float32 or bfloat16 and `seed` set. Only the base weights' dtype differs. The seeds change the
+steps' examples and the sampling, so float32's spread over seeds is the band a bfloat16 run is
+held to. Runs go `--jobs` at a time, the cores split among them: wall-clock minutes are not the
+point here.
 """
 
 from __future__ import annotations
